@@ -1,0 +1,2 @@
+"""Version of synthpipe. Kept free of imports so setup.py can read it without torch."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The `synthpipe` command, its configuration, and the torchrun entry point."""
