@@ -1,0 +1,319 @@
+"""Synthetic-gradient models ("synthesizers", M_r in DESIGN.md).
+
+A synthesizer predicts the gradient of the loss with respect to a stage's output,
+``g_r ~ dL/dh_r``, from the output itself and, for cDNI, the labels.
+
+Normalisation (one rule everywhere): when the loss is a batch mean, ``dL/dh`` scales
+like ``1/B``. Synthesizers therefore regress the *per-example* gradient
+``B * dL/dh`` (B = ``h.shape[0]``) and the stage divides the prediction by ``B`` when
+it applies it. :func:`per_example` and :func:`per_batch` implement the two directions.
+
+:class:`Synthesizer` is a recipe; :meth:`Synthesizer.build` makes one
+:class:`BoundarySynthesizer` per stage boundary from the first activation seen there.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensors = tuple  # tuple[Tensor | None, ...]; kept loose for the optional entries
+
+KINDS = ("auto", "linear", "lowrank", "mlp", "conv", "token")
+
+
+def per_example(grad: torch.Tensor) -> torch.Tensor:
+    """Batch-mean gradient -> per-example regression target (times the batch size)."""
+    return grad * grad.shape[0]
+
+
+def per_batch(pred: torch.Tensor) -> torch.Tensor:
+    """Per-example prediction -> gradient of the batch-mean loss (divided by batch size)."""
+    return pred / pred.shape[0]
+
+
+def one_hot_labels(y: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """One-hot labels as float of ``like``'s dtype and device; (B,) -> (B, C), (B, T) -> (B, T, C)."""
+    if y.dtype.is_floating_point:
+        raise TypeError(f"conditional synthesizer needs integer class labels, got dtype {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for a conditional synthesizer, "
+            f"got min {int(y.min())} and max {int(y.max())}")
+    return F.one_hot(y.long().to(like.device), num_classes).to(like.dtype)
+
+
+class _BatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm that falls back to running statistics for a batch of one example.
+
+    A last batch of size 1 must not crash a stage (training-mode BatchNorm needs more
+    than one value per channel); the running statistics are the best estimate then.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class _BatchNorm2d(nn.BatchNorm2d):
+    """2-D version of :class:`_BatchNorm1d` (one value per channel: batch 1 and a 1x1 map)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+def _zero_(layer: nn.Module) -> nn.Module:
+    """Zero a layer's weight and bias so the first synthetic gradients are exactly zero."""
+    nn.init.zeros_(layer.weight)
+    if getattr(layer, "bias", None) is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class _Conditioned(nn.Module):
+    """Base: holds whether labels are concatenated to the input and how many classes."""
+
+    def __init__(self, num_classes: int | None):
+        super().__init__()
+        self.num_classes = num_classes
+
+    @property
+    def label_dim(self) -> int:
+        return self.num_classes or 0
+
+    per_token_labels = False  # only the token synthesizer takes (B, T) labels
+
+    def _labels(self, y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        if not self.num_classes:
+            return None
+        if y is None:
+            raise ValueError("a conditional synthesizer needs the labels, but none were given")
+        if y.dim() != 1 and not (self.per_token_labels and y.dim() == 2):
+            raise ValueError(
+                f"{type(self).__name__} takes one label per example, shape (B,), got labels of shape "
+                f"{tuple(y.shape)}; per-token labels (B, T) need the 'token' synthesizer")
+        if y.shape[0] != like.shape[0]:
+            raise ValueError(f"labels have batch size {y.shape[0]} but the activation has {like.shape[0]}")
+        return one_hot_labels(y, self.num_classes, like)
+
+
+class LinearSynth(_Conditioned):
+    """(B, *S) -> (B, *S): one linear map of the flattened activation (+ one-hot labels)."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int | None = None):
+        super().__init__(num_classes)
+        self.shape = tuple(shape)
+        features = int(torch.Size(self.shape).numel())
+        self.out = _zero_(nn.Linear(features + self.label_dim, features))
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        z = h.flatten(1)
+        labels = self._labels(y, h)
+        if labels is not None:
+            z = torch.cat([z, labels.reshape(len(h), -1)], dim=1)
+        return self.out(z).view_as(h)
+
+
+class LowRankSynth(_Conditioned):
+    """(B, *S) -> (B, *S) through a rank-``rank`` bottleneck; cheap on wide layers."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int | None = None, rank: int = 32):
+        super().__init__(num_classes)
+        features = int(torch.Size(tuple(shape)).numel())
+        self.down = nn.Linear(features + self.label_dim, rank, bias=False)
+        self.up = _zero_(nn.Linear(rank, features))
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        z = h.flatten(1)
+        labels = self._labels(y, h)
+        if labels is not None:
+            z = torch.cat([z, labels.reshape(len(h), -1)], dim=1)
+        return self.up(self.down(z)).view_as(h)
+
+
+class MLPSynth(_Conditioned):
+    """(B, *S) -> (B, *S): ``depth`` hidden layers of ``hidden`` units with BN+ReLU."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int | None = None,
+                 hidden: int = 1024, depth: int = 2):
+        super().__init__(num_classes)
+        features = int(torch.Size(tuple(shape)).numel())
+        layers: list[nn.Module] = []
+        width = features + self.label_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), _BatchNorm1d(hidden), nn.ReLU()]
+            width = hidden
+        self.hidden = nn.Sequential(*layers)
+        self.out = _zero_(nn.Linear(width, features))
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        z = h.flatten(1)
+        labels = self._labels(y, h)
+        if labels is not None:
+            z = torch.cat([z, labels.reshape(len(h), -1)], dim=1)
+        return self.out(self.hidden(z)).view_as(h)
+
+
+class ConvSynth(_Conditioned):
+    """(B, C, H, W) -> (B, C, H, W): shape-preserving convolutions with BN+ReLU.
+
+    Labels are one-hot and broadcast over space as extra input channels.
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: int | None = None,
+                 hidden: int = 64, depth: int = 2, kernel_size: int = 5):
+        super().__init__(num_classes)
+        if len(shape) != 3:
+            raise ValueError(f"the conv synthesizer needs 4-D (B, C, H, W) activations, got a per-example shape {tuple(shape)}")
+        channels = shape[0]
+        pad = kernel_size // 2
+        layers: list[nn.Module] = []
+        width = channels + self.label_dim
+        for _ in range(depth):
+            layers += [nn.Conv2d(width, hidden, kernel_size, padding=pad),
+                       _BatchNorm2d(hidden), nn.ReLU()]
+            width = hidden
+        self.hidden = nn.Sequential(*layers)
+        self.out = _zero_(nn.Conv2d(width, channels, kernel_size, padding=pad))
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        z = h
+        labels = self._labels(y, h)
+        if labels is not None:
+            planes = labels.reshape(len(h), -1, 1, 1).expand(-1, -1, h.shape[2], h.shape[3])
+            z = torch.cat([z, planes], dim=1)
+        return self.out(self.hidden(z))
+
+
+class TokenSynth(_Conditioned):
+    """(B, T, D) -> (B, T, D): the same MLP at every position (T may change per step).
+
+    Labels may be per sequence, (B,), broadcast over T, or per token, (B, T).
+    """
+
+    per_token_labels = True
+
+    def __init__(self, shape: Sequence[int], num_classes: int | None = None,
+                 hidden: int = 256, depth: int = 1):
+        super().__init__(num_classes)
+        if len(shape) != 2:
+            raise ValueError(f"the token synthesizer needs 3-D (B, T, D) activations, got a per-example shape {tuple(shape)}")
+        dim = shape[-1]
+        layers: list[nn.Module] = []
+        width = dim + self.label_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.hidden = nn.Sequential(*layers)
+        self.out = _zero_(nn.Linear(width, dim))
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        z = h
+        labels = self._labels(y, h)
+        if labels is not None:
+            if labels.dim() == 2:  # per sequence: broadcast over positions
+                labels = labels[:, None, :].expand(-1, h.shape[1], -1)
+            z = torch.cat([z, labels], dim=-1)
+        return self.out(self.hidden(z))
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "linear": LinearSynth, "lowrank": LowRankSynth, "mlp": MLPSynth,
+    "conv": ConvSynth, "token": TokenSynth,
+}
+
+
+def _auto_kind(ndim: int) -> str:
+    return {4: "conv", 3: "token"}.get(ndim, "linear")
+
+
+class BoundarySynthesizer(nn.Module):
+    """The synthesizer of one stage boundary: one sub-model per tensor of the boundary.
+
+    ``forward(h, y)`` takes the boundary's tensors as a tuple and returns a tuple of the
+    same length with a per-example gradient prediction for every floating-point tensor
+    and ``None`` for the others (integer masks, indices), which get no gradient.
+    """
+
+    def __init__(self, parts: Sequence[nn.Module | None], shapes: Sequence[tuple[int, ...] | None]):
+        super().__init__()
+        self.parts = nn.ModuleList([p if p is not None else nn.Identity() for p in parts])
+        self.has_part = [p is not None for p in parts]
+        self.shapes = [tuple(s) if s is not None else None for s in shapes]
+
+    def forward(self, h: Sequence[torch.Tensor], y: torch.Tensor | None = None) -> Tensors:
+        if len(h) != len(self.parts):
+            raise ValueError(f"synthesizer was built for {len(self.parts)} boundary tensors, got {len(h)}")
+        return tuple(part(t, y) if has else None
+                     for part, has, t in zip(self.parts, self.has_part, h))
+
+
+class Synthesizer:
+    """Recipe for the synthetic-gradient model of every stage boundary.
+
+    Args:
+        kind: ``"linear"``, ``"lowrank"`` (option ``rank``), ``"mlp"`` (options ``hidden``,
+            ``depth``), ``"conv"`` (4-D activations; ``hidden``, ``depth``, ``kernel_size``),
+            ``"token"`` (3-D activations; ``hidden``, ``depth``), ``"auto"`` (conv for 4-D,
+            token for 3-D, linear otherwise), or a callable
+            ``(boundary_index, example_activation) -> nn.Module`` for a custom model whose
+            ``forward(h, y)`` returns the per-example gradient of one tensor.
+        conditional: cDNI; condition on one-hot labels (needs ``num_classes``).
+        num_classes: number of label classes for the one-hot encoding.
+        **options: passed to the model's constructor (``rank``, ``hidden``, ``depth``, ...).
+
+    Every model's output layer starts at zero, so the first synthetic gradients are zero.
+    """
+
+    def __init__(self, kind: Union[str, Callable[[int, torch.Tensor], nn.Module]] = "linear",
+                 conditional: bool = False, num_classes: int | None = None, **options: Any):
+        if not (isinstance(kind, str) or callable(kind)) or (isinstance(kind, str) and kind not in KINDS):
+            raise ValueError(f"unknown synthesizer kind {kind!r}; choose one of {', '.join(KINDS)} or pass a callable")
+        if conditional and not num_classes:
+            raise ValueError("a conditional synthesizer (cDNI) needs num_classes")
+        self.kind = kind
+        self.conditional = conditional
+        self.num_classes = num_classes if conditional else None
+        self.options = options
+
+    def __repr__(self) -> str:
+        kind = self.kind if isinstance(self.kind, str) else getattr(self.kind, "__name__", "custom")
+        return (f"Synthesizer({kind!r}, conditional={self.conditional}, "
+                f"num_classes={self.num_classes}, **{self.options})")
+
+    def build(self, boundary: int, example: Sequence[torch.Tensor]) -> BoundarySynthesizer:
+        """Make the synthesizer for boundary ``boundary`` from an example of its tensors.
+
+        Only per-example shapes are used: batch size (and, for "token", sequence length)
+        may change afterwards. The module is created on ``example``'s device and dtype.
+        """
+        parts: list[nn.Module | None] = []
+        shapes: list[tuple[int, ...] | None] = []
+        for t in example:
+            if not (torch.is_tensor(t) and t.dtype.is_floating_point):
+                parts.append(None)
+                shapes.append(None)
+                continue
+            if t.dim() < 2:
+                raise ValueError(
+                    f"boundary {boundary}: a synthesizer needs batched activations (B, ...), "
+                    f"got shape {tuple(t.shape)}")
+            if callable(self.kind):
+                part = self.kind(boundary, t)
+            else:
+                kind = _auto_kind(t.dim()) if self.kind == "auto" else self.kind
+                builder = _BUILDERS[kind]
+                options = self.options
+                if self.kind == "auto":  # options of the other kinds do not apply
+                    accepted = inspect.signature(builder).parameters
+                    options = {k: v for k, v in options.items() if k in accepted}
+                part = builder(tuple(t.shape[1:]), self.num_classes, **options)
+            parts.append(part.to(device=t.device, dtype=t.dtype))
+            shapes.append(tuple(t.shape[1:]))
+        return BoundarySynthesizer(parts, shapes)

@@ -1,0 +1,343 @@
+"""Tests for synthpipe.stages.synthesizer (the synthetic-gradient models M_r)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from synthpipe.stages.synthesizer import (
+    KINDS,
+    BoundarySynthesizer,
+    Synthesizer,
+    one_hot_labels,
+    per_batch,
+    per_example,
+)
+
+NUM_CLASSES = 10
+
+# An example activation of a natural shape for every kind (batch first).
+EXAMPLE_SHAPES = {
+    "linear": (6, 12),
+    "lowrank": (6, 12),
+    "mlp": (6, 12),
+    "conv": (6, 3, 5, 4),
+    "token": (6, 7, 12),
+}
+# (kind, example shape) pairs: every concrete kind, and "auto" on 2-D, 3-D and 4-D.
+KIND_CASES = [(k, s) for k, s in EXAMPLE_SHAPES.items()] + [
+    ("auto", (6, 12)), ("auto", (6, 7, 12)), ("auto", (6, 3, 5, 4))]
+# Small options so the tests stay fast.
+OPTIONS = {"lowrank": {"rank": 4}, "mlp": {"hidden": 32}, "conv": {"hidden": 8},
+           "token": {"hidden": 16}}
+
+
+def make(kind, conditional=False, **extra):
+    options = {**OPTIONS.get(kind, {}), **extra}
+    return Synthesizer(kind, conditional=conditional,
+                       num_classes=NUM_CLASSES if conditional else None, **options)
+
+
+def labels(batch, gen=None):
+    return torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    # These models are tiny: one intra-op thread is fastest and is not slowed down by
+    # other processes competing for the cores (OpenMP spin-waits under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_kinds_listed():
+    assert set(KINDS) == {"auto", "linear", "lowrank", "mlp", "conv", "token"}
+
+
+# --------------------------------------------------------------------------- init
+@pytest.mark.parametrize("conditional", [False, True], ids=["dni", "cdni"])
+@pytest.mark.parametrize("kind,shape", KIND_CASES, ids=[f"{k}-{len(s)}d" for k, s in KIND_CASES])
+def test_zero_output_at_initialisation(kind, shape, conditional):
+    h = torch.randn(shape)
+    synth = make(kind, conditional).build(0, (h,))
+    assert isinstance(synth, BoundarySynthesizer)
+    y = labels(shape[0]) if conditional else None
+    (g,) = synth((torch.randn(shape),), y)
+    assert g.shape == h.shape
+    assert g.dtype == h.dtype
+    assert torch.count_nonzero(g) == 0
+    # the model itself is not degenerate: it has trainable parameters
+    assert any(p.requires_grad for p in synth.parameters())
+
+
+# --------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp", "auto"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["dni", "cdni"])
+def test_shape_2d_batch_may_change(kind, conditional):
+    synth = make(kind, conditional).build(0, (torch.randn(8, 12),))
+    for batch in (8, 3, 17):
+        y = labels(batch) if conditional else None
+        (g,) = synth((torch.randn(batch, 12),), y)
+        assert g.shape == (batch, 12)
+
+
+@pytest.mark.parametrize("kind", ["token", "auto"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["dni", "cdni"])
+def test_shape_3d_token_sequence_length_may_change(kind, conditional):
+    synth = make(kind, conditional).build(1, (torch.randn(4, 7, 12),))
+    for batch, seq in ((4, 7), (2, 3), (5, 11)):
+        y = labels(batch) if conditional else None
+        (g,) = synth((torch.randn(batch, seq, 12),), y)
+        assert g.shape == (batch, seq, 12)
+
+
+def test_token_per_token_labels():
+    synth = make("token", conditional=True).build(0, (torch.randn(4, 7, 12),))
+    y = torch.randint(0, NUM_CLASSES, (3, 5))  # (B, T): one label per position
+    (g,) = synth((torch.randn(3, 5, 12),), y)
+    assert g.shape == (3, 5, 12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
+def test_shape_3d_flattened_kinds(kind):
+    synth = make(kind).build(0, (torch.randn(4, 7, 12),))
+    (g,) = synth((torch.randn(2, 7, 12),))
+    assert g.shape == (2, 7, 12)
+
+
+@pytest.mark.parametrize("kind", ["conv", "auto", "linear", "lowrank", "mlp"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["dni", "cdni"])
+def test_shape_4d(kind, conditional):
+    synth = make(kind, conditional).build(0, (torch.randn(4, 3, 5, 4),))
+    y = labels(2) if conditional else None
+    (g,) = synth((torch.randn(2, 3, 5, 4),), y)
+    assert g.shape == (2, 3, 5, 4)
+
+
+def test_conv_spatial_size_may_change():
+    synth = make("conv").build(0, (torch.randn(4, 3, 5, 4),))
+    (g,) = synth((torch.randn(2, 3, 9, 6),))
+    assert g.shape == (2, 3, 9, 6)
+
+
+def test_auto_picks_kind_by_rank():
+    h2, h3, h4 = torch.randn(4, 12), torch.randn(4, 7, 12), torch.randn(4, 3, 5, 4)
+    synth = make("auto").build(0, (h2, h3, h4))
+    names = [type(p).__name__ for p in synth.parts]
+    assert names == ["LinearSynth", "TokenSynth", "ConvSynth"]
+
+
+# --------------------------------------------------------------------------- tuples
+@pytest.mark.parametrize("conditional", [False, True], ids=["dni", "cdni"])
+def test_tuple_boundary_integer_tensor_gets_none(conditional):
+    h = torch.randn(4, 12)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    other = torch.randn(4, 7, 12)
+    synth = make("auto", conditional).build(2, (h, mask, other))
+    assert synth.has_part == [True, False, True]
+    assert synth.shapes == [(12,), None, (7, 12)]
+    y = labels(4) if conditional else None
+    out = synth((h, mask, other), y)
+    assert isinstance(out, tuple) and len(out) == 3
+    assert out[1] is None
+    assert out[0].shape == h.shape and out[2].shape == other.shape
+
+
+def test_tuple_boundary_bool_tensor_gets_none():
+    synth = make("linear").build(0, (torch.randn(4, 12), torch.zeros(4, dtype=torch.bool)))
+    g, none = synth((torch.randn(4, 12), torch.zeros(4, dtype=torch.bool)))
+    assert none is None and g.shape == (4, 12)
+
+
+def test_tuple_length_mismatch_is_an_error():
+    synth = make("linear").build(0, (torch.randn(4, 12), torch.randn(4, 3)))
+    with pytest.raises(ValueError, match="2 boundary tensors"):
+        synth((torch.randn(4, 12),))
+
+
+# --------------------------------------------------------------------------- errors
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown synthesizer kind"):
+        Synthesizer("quadratic")
+
+
+def test_conditional_without_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        Synthesizer("linear", conditional=True)
+    with pytest.raises(ValueError, match="num_classes"):
+        Synthesizer("linear", conditional=True, num_classes=0)
+
+
+@pytest.mark.parametrize("kind,shape", KIND_CASES, ids=[f"{k}-{len(s)}d" for k, s in KIND_CASES])
+def test_conditional_without_labels_at_call(kind, shape):
+    synth = make(kind, conditional=True).build(0, (torch.randn(shape),))
+    with pytest.raises(ValueError, match="needs the labels"):
+        synth((torch.randn(shape),))
+
+
+@pytest.mark.parametrize("bad", [NUM_CLASSES, 25, -1])
+def test_labels_out_of_range(bad):
+    synth = make("linear", conditional=True).build(0, (torch.randn(4, 12),))
+    y = labels(4)
+    y[2] = bad
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        synth((torch.randn(4, 12),), y)
+
+
+def test_float_labels_rejected():
+    synth = make("linear", conditional=True).build(0, (torch.randn(4, 12),))
+    with pytest.raises(TypeError, match="integer class labels"):
+        synth((torch.randn(4, 12),), torch.zeros(4))
+
+
+def test_unconditional_ignores_labels():
+    synth = make("linear").build(0, (torch.randn(4, 12),))
+    assert synth.parts[0].num_classes is None
+    (g,) = synth((torch.randn(4, 12),), labels(4))  # labels given but not used
+    assert g.shape == (4, 12)
+
+
+def test_conv_on_2d_input_is_an_error():
+    with pytest.raises(ValueError, match="4-D"):
+        make("conv").build(0, (torch.randn(4, 12),))
+
+
+def test_token_on_2d_input_is_an_error():
+    with pytest.raises(ValueError, match="3-D"):
+        make("token").build(0, (torch.randn(4, 12),))
+
+
+def test_unbatched_activation_is_an_error():
+    with pytest.raises(ValueError, match="batched"):
+        make("linear").build(3, (torch.randn(12),))
+
+
+# --------------------------------------------------------------------------- learning
+def _linear_target(h: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """A fixed linear map acting on the feature/channel dimension of h."""
+    if h.dim() == 4:
+        return torch.einsum("bchw,cd->bdhw", h, mix)
+    return h @ mix
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["dni", "cdni"])
+@pytest.mark.parametrize("kind,shape", KIND_CASES, ids=[f"{k}-{len(s)}d" for k, s in KIND_CASES])
+def test_adam_regression_onto_linear_target_learns(kind, shape, conditional):
+    gen = torch.Generator().manual_seed(1)
+    batch = 32
+    shape = (batch,) + tuple(shape[1:])
+    h = torch.randn(shape, generator=gen)
+    channels = shape[1] if len(shape) == 4 else shape[-1]
+    mix = torch.randn(channels, channels, generator=gen) / channels ** 0.5
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    target = _linear_target(h, mix)
+    if conditional:  # plus a label-dependent offset, so the labels carry information
+        offset = torch.randn((NUM_CLASSES,) + tuple(shape[1:]), generator=gen)
+        target = target + offset[y]
+
+    synth = make(kind, conditional).build(0, (h,))
+    opt = torch.optim.Adam(synth.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        (pred,) = synth((h,), y if conditional else None)
+        loss = nn.functional.mse_loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    assert all(p.grad is not None for p in synth.parameters() if p.requires_grad)
+
+
+def test_conditioning_uses_the_labels():
+    """A target that depends only on y: cDNI fits it, plain DNI cannot beat the variance."""
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(64, 8, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (64,), generator=gen)
+    table = torch.randn(NUM_CLASSES, 8, generator=gen)
+    target = table[y]
+    finals = {}
+    for conditional in (False, True):
+        torch.manual_seed(0)
+        synth = make("linear", conditional).build(0, (h,))
+        opt = torch.optim.Adam(synth.parameters(), lr=5e-2)
+        for _ in range(200):
+            (pred,) = synth((h,), y)
+            loss = nn.functional.mse_loss(pred, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        finals[conditional] = loss.item()
+    assert finals[True] < 1e-3
+    assert finals[False] > 10 * finals[True]
+
+
+# --------------------------------------------------------------------------- helpers
+def test_per_example_per_batch_are_inverses():
+    g = torch.randn(5, 3, 4, dtype=torch.float64)
+    assert torch.allclose(per_example(g), g * 5)
+    assert torch.allclose(per_batch(g), g / 5)
+    assert torch.allclose(per_batch(per_example(g)), g)
+    assert torch.allclose(per_example(per_batch(g)), g)
+
+
+def test_one_hot_labels_dtype_and_shapes():
+    like = torch.zeros(1, dtype=torch.float64)
+    y = torch.tensor([0, 3, 9])
+    oh = one_hot_labels(y, 10, like)
+    assert oh.shape == (3, 10) and oh.dtype == torch.float64
+    assert torch.equal(oh.argmax(1), y)
+    assert one_hot_labels(torch.zeros(2, 5, dtype=torch.int32), 10, like).shape == (2, 5, 10)
+
+
+def test_build_follows_example_dtype():
+    h = torch.randn(4, 12, dtype=torch.float64)
+    synth = make("mlp", conditional=True).build(0, (h,))
+    assert all(p.dtype == torch.float64 for p in synth.parameters())
+    (g,) = synth((h,), labels(4))
+    assert g.dtype == torch.float64
+
+
+def test_options_reach_the_model():
+    synth = make("lowrank", rank=3).build(0, (torch.randn(4, 12),))
+    assert synth.parts[0].down.out_features == 3
+    synth = Synthesizer("mlp", hidden=16, depth=3).build(0, (torch.randn(4, 12),))
+    assert sum(isinstance(m, nn.Linear) for m in synth.modules()) == 4
+
+
+def test_repr_mentions_kind():
+    assert "lowrank" in repr(make("lowrank"))
+
+
+# --------------------------------------------------------------------------- custom
+def test_custom_callable_kind():
+    calls = []
+
+    class Scale(nn.Module):
+        def __init__(self, features):
+            super().__init__()
+            self.w = nn.Parameter(torch.full((features,), 2.0))
+
+        def forward(self, h, y=None):
+            return h * self.w + (0 if y is None else y[:, None].to(h.dtype))
+
+    def factory(boundary, example):
+        calls.append((boundary, tuple(example.shape), example.dtype))
+        return Scale(example.shape[-1])
+
+    spec = Synthesizer(factory)
+    assert "factory" in repr(spec)
+    example = torch.randn(4, 6, dtype=torch.float64)
+    synth = spec.build(5, (example, torch.arange(4)))
+    assert calls == [(5, (4, 6), torch.float64)]  # called once, for the float tensor only
+    assert synth.parts[0].w.dtype == torch.float64  # moved to the example's dtype
+    h = torch.randn(3, 6, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3])
+    g, none = synth((h, torch.arange(3)), y)
+    assert none is None
+    assert torch.allclose(g, 2 * h + y[:, None].double())
+    # it is part of the module tree, so an optimizer over synth.parameters() trains it
+    assert any(p is synth.parts[0].w for p in synth.parameters())
