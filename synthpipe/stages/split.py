@@ -1,0 +1,426 @@
+"""Cutting a model into pipeline stages.
+
+:func:`split` returns one ``nn.Module`` per stage. Stage ``i`` is called as
+``stage(*boundary)`` where ``boundary`` is what stage ``i - 1`` returned, as a tuple (a
+single tensor is a 1-tuple; see :func:`as_tuple`), and stage 0 takes the model's own
+positional inputs. :func:`compose` runs the stages in that convention, so for a model
+without randomness ``compose(split(model, ...), x)`` equals ``model(x)``.
+
+Stages never copy anything: they hold the model's own submodules, so parameters *and*
+buffers are the original tensors (``stage_param is model_param``), an optimizer over a
+stage's parameters trains the model, BatchNorm running statistics update in the model,
+and every ``stage.state_dict()`` key is the key the model uses for the same tensor.
+
+Two ways to split:
+
+* ``nn.Sequential`` (torchgpipe style): a *balance* ``[n_0, n_1, ...]`` gives each stage
+  that many consecutive children. Either pass ``balance`` or ``n_stages`` and let
+  :mod:`synthpipe.stages.balance` choose it (``by="params"`` or ``by="time"``). Each
+  stage is a :class:`StageSequential` keyed by the original child names.
+* Any other module: name the submodules where stages begin (``points``) and give an
+  ``example_input``; the model is traced with ``torch.export`` through
+  ``torch.distributed.pipelining.pipeline`` (tracing only: no process group is used).
+  Each stage is a ``torch.fx.GraphModule``. See :func:`split` for what tracing freezes.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import re
+import warnings
+from collections import OrderedDict
+from typing import Any, Hashable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .balance import balance_by_params, balance_by_time
+
+__all__ = ["split", "compose", "as_tuple", "StageSequential"]
+
+_BY = ("params", "time")
+
+
+def as_tuple(x: Any) -> tuple:
+    """A boundary value as a tuple (a tensor becomes a 1-tuple; a list becomes a tuple)."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def compose(stages: Sequence[nn.Module], *inputs: Any) -> Any:
+    """Run ``stages`` in order with the boundary convention ``out = stage(*as_tuple(out))``.
+
+    ``inputs`` are the model's positional inputs. Returns the last stage's output, with a
+    1-tuple unwrapped to its single element.
+    """
+    out: Any = inputs
+    for stage in stages:
+        out = stage(*as_tuple(out))
+    if isinstance(out, tuple) and len(out) == 1:
+        return out[0]
+    return out
+
+
+class StageSequential(nn.Sequential):
+    """Consecutive children of an ``nn.Sequential``, under their original names.
+
+    Built from an ``OrderedDict`` of the original child names and child objects, so
+    ``state_dict()`` keys equal the original model's (stage 1 of a 6-child model split
+    ``[3, 3]`` has keys ``"3.weight"``, ...) and the parameters are the original ones.
+
+    ``forward(*inputs)``: the engine calls every stage as ``stage(*boundary)``. One input
+    is passed on as is; several are passed to the first child as *one* tuple, exactly as
+    the original ``nn.Sequential`` handed the previous child's tuple output to it.
+    """
+
+    def forward(self, *inputs: Any) -> Any:  # type: ignore[override]
+        if not inputs:
+            raise TypeError("StageSequential needs at least one input")
+        x = inputs[0] if len(inputs) == 1 else tuple(inputs)
+        for child in self:
+            x = child(x)
+        return x
+
+
+def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] | None = None,
+          by: str = "params", points: Sequence[str] | None = None,
+          example_input: Any = None) -> list[nn.Module]:
+    """Split ``model`` into pipeline stages that share its submodules.
+
+    Args:
+        model: an ``nn.Sequential`` (split by children) or any module (split by tracing).
+        n_stages: number of stages; for a Sequential, the balance is then chosen ``by``
+            parameter count or measured time.
+        balance: children per stage for a Sequential, e.g. ``[2, 3, 1]``; positive and
+            summing to ``len(model)``. Give exactly one of ``n_stages`` and ``balance``
+            (or ``points``).
+        by: ``"params"`` or ``"time"`` (needs ``example_input``); used with ``n_stages``.
+        points: qualified names of the submodules where stages 1, 2, ... begin, e.g.
+            ``["layer2", "fc"]`` gives 3 stages. Required for a non-Sequential model; for
+            a Sequential they must be child names and are turned into a balance.
+        example_input: the model's input (a tensor, or a tuple of positional inputs for a
+            traced model); needed for tracing and for ``by="time"``.
+
+    Returns:
+        The stages, in order; ``compose(stages, *inputs)`` computes ``model(*inputs)``.
+        A boundary carries a tensor or a tuple of tensors: a traced stage that hands on
+        several values (e.g. a skip connection over a split point) returns a tuple, and
+        values needed two or more stages later are passed through the stages between, so
+        stage ``i + 1`` always takes exactly what stage ``i`` returns.
+
+    Tracing (non-Sequential models): ``torch.export`` turns every submodule into a graph
+    recorded in the train/eval mode the model had when traced, so a traced BatchNorm
+    keeps using batch statistics after ``.eval()``. To undo that, every childless
+    original module (Linear, Conv, BatchNorm, Dropout, activations, ...) that the graph
+    calls with a single tensor, and whose ``forward`` takes a single argument, is put
+    back into the stage as the original object; its train/eval behaviour and in-place
+    buffer updates are then the model's. What cannot be put back stays frozen to the
+    tracing mode (with a warning where that matters): a leaf called with several or
+    constant arguments, a module called more than once with buffers, and functional
+    code such as ``F.dropout(x, self.training)`` in a ``forward`` that has children.
+    Tracing also needs ``example_input`` shapes representative of training (export
+    specialises on them) and a model that ``torch.export`` can capture.
+
+    Raises:
+        ValueError: inconsistent or missing arguments; the message names the numbers.
+    """
+    if by not in _BY:
+        raise ValueError(f"unknown by={by!r}; expected one of {list(_BY)}")
+    if _is_plain_sequential(model):
+        return _split_sequential(model, n_stages, balance, by, points, example_input)
+    if balance is not None:
+        raise ValueError(f"balance={list(balance)} only applies to nn.Sequential; "
+                         f"{type(model).__name__} is split at named points (points=[...])")
+    if points is None:
+        raise ValueError(f"points are required to split a {type(model).__name__} (not an "
+                         f"nn.Sequential): name the submodules where stages 1.. begin, e.g. "
+                         f"points={_some_names(model, 2)}")
+    points = list(points)
+    if n_stages is not None and n_stages != len(points) + 1:
+        raise ValueError(f"n_stages={n_stages} does not match {len(points)} points "
+                         f"({len(points) + 1} stages)")
+    return _split_traced(model, points, example_input)
+
+
+# -- nn.Sequential -------------------------------------------------------------------
+
+
+def _is_plain_sequential(model: nn.Module) -> bool:
+    # A Sequential subclass with its own forward may not chain its children; trace it.
+    return isinstance(model, nn.Sequential) and (
+        type(model).forward is nn.Sequential.forward or isinstance(model, StageSequential))
+
+
+def _split_sequential(model: nn.Sequential, n_stages: int | None, balance: Sequence[int] | None,
+                      by: str, points: Sequence[str] | None, example_input: Any) -> list[nn.Module]:
+    names = [name for name, _ in model.named_children()]
+    n = len(names)
+    if n == 0:
+        raise ValueError("cannot split an empty nn.Sequential (0 children)")
+
+    if points is not None:
+        if balance is not None:
+            raise ValueError("give either balance or points, not both")
+        balance = _points_to_balance(names, list(points))
+        if n_stages is not None and n_stages != len(balance):
+            raise ValueError(f"n_stages={n_stages} does not match {len(points)} points "
+                             f"({len(balance)} stages)")
+    elif (n_stages is None) == (balance is None):
+        raise ValueError(f"give exactly one of n_stages and balance for an nn.Sequential "
+                         f"(got n_stages={n_stages}, balance={balance})")
+    elif n_stages is not None:
+        if n_stages < 1:
+            raise ValueError(f"n_stages must be at least 1, got {n_stages}")
+        if n_stages > n:
+            raise ValueError(f"cannot split a model with {n} children into {n_stages} stages "
+                             f"(more stages than children)")
+        if by == "time":
+            if example_input is None:
+                raise ValueError('by="time" needs example_input to profile the children')
+            balance = balance_by_time(model, n_stages, example_input)
+        else:
+            balance = balance_by_params(model, n_stages)
+
+    balance = list(balance)  # type: ignore[arg-type]
+    for i, size in enumerate(balance):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"balance {balance} has entry {i} = {size!r}; every stage needs "
+                             f"a positive number of children")
+    if sum(balance) != n:
+        raise ValueError(f"balance {balance} sums to {sum(balance)} but the model has "
+                         f"{n} children")
+
+    children = list(model.named_children())
+    stages: list[nn.Module] = []
+    start = 0
+    for size in balance:
+        # Original names and objects: state_dict keys and parameters stay the model's.
+        stage = StageSequential(OrderedDict(children[start:start + size]))
+        # Only the container's flag: train(mode) would recurse into the model's children.
+        stage.training = model.training
+        stages.append(stage)
+        start += size
+    return stages
+
+
+def _points_to_balance(names: list[str], points: list[str]) -> list[int]:
+    index = {name: i for i, name in enumerate(names)}
+    starts = []
+    for p in points:
+        if p not in index:
+            raise ValueError(f"split point {p!r} is not a child of the nn.Sequential; "
+                             f"children are {names[:12]}{' ...' if len(names) > 12 else ''}")
+        starts.append(index[p])
+    if starts != sorted(set(starts)) or (starts and starts[0] == 0):
+        raise ValueError(f"split points {points} must be distinct children in order, not "
+                         f"the first child {names[0]!r} (stage 0 would be empty)")
+    bounds = [0] + starts + [len(names)]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+# -- tracing -------------------------------------------------------------------------
+
+
+def _some_names(model: nn.Module, k: int = 10) -> list[str]:
+    return [name for name, _ in model.named_modules() if name][:k]
+
+
+def _split_traced(model: nn.Module, points: list[str], example_input: Any) -> list[nn.Module]:
+    if not points:
+        return [model]  # one stage: the model itself
+    if len(set(points)) != len(points):
+        raise ValueError(f"split points {points} contain duplicates")
+    for p in points:
+        try:
+            if not p:
+                raise AttributeError(p)
+            model.get_submodule(p)
+        except AttributeError:
+            names = _some_names(model, 12)
+            raise ValueError(f"unknown split point {p!r}: {type(model).__name__} has no such "
+                             f"submodule; valid names include {names}") from None
+    if example_input is None:
+        raise ValueError(f"split points {points} need example_input to trace "
+                         f"{type(model).__name__}")
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+    # Imported here: only the tracer is used, never a process group.
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    # pipeline() patches forward() of each split-point module in place and never undoes
+    # it; remember what was there to restore the model afterwards.
+    patched = [model.get_submodule(p) for p in points]
+    saved = [{k: m.__dict__[k] for k in ("forward", "_orig_forward") if k in m.__dict__}
+             for m in patched]
+    try:
+        with warnings.catch_warnings():
+            # Tracing emits deprecation noise from torch internals; not the user's concern.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pipe = pipeline(model, args, split_spec={p: SplitPoint.BEGINNING for p in points})
+    finally:
+        for m, before in zip(patched, saved):
+            for k in ("forward", "_orig_forward"):
+                m.__dict__.pop(k, None)
+            m.__dict__.update(before)
+
+    if pipe.num_stages != len(points) + 1:
+        raise ValueError(f"split points {points} gave {pipe.num_stages} stages, expected "
+                         f"{len(points) + 1}; every point must run once in forward(), after "
+                         f"some computation, and on a distinct boundary")
+    stages = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
+    _chain(pipe.split_gm, stages)
+    for i, stage in enumerate(stages):
+        _restore_leaves(stage, model, i)
+        stage.training = model.training
+    return stages
+
+
+Key = Hashable  # ("in", j) for model input j, (stage, index) for a stage output
+
+
+def _output_values(graph: fx.Graph) -> tuple[fx.Node, list[Any]]:
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    value = out.args[0]
+    return out, list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def _chain(split_gm: fx.GraphModule, stages: list[fx.GraphModule]) -> None:
+    """Rewrite traced stages in place into a chain: stage i+1 takes what stage i returns.
+
+    ``pipeline()`` wires stages as a DAG: a value made by stage 0 and used by stage 2 goes
+    straight from 0 to 2. The engine only ever hands stage i's output to stage i+1, so
+    such values are added to the outputs of the stages in between (pass-through), and
+    every stage's placeholders become exactly the previous boundary, in order. Stage 0
+    takes all of the model's positional inputs; the last stage returns the model's
+    (flattened) outputs.
+    """
+    key: dict[fx.Node, Key] = {}
+    calls: list[fx.Node] = []
+    final: list[Any] = []
+    n_in = 0
+    for node in split_gm.graph.nodes:
+        if node.op == "placeholder":
+            key[node] = ("in", n_in)
+            n_in += 1
+        elif node.op == "call_module":
+            key[node] = (len(calls), None)
+            calls.append(node)
+        elif node.op == "call_function" and node.target is operator.getitem \
+                and node.args[0] in key and key[node.args[0]][1] is None:
+            key[node] = (key[node.args[0]][0], node.args[1])
+        elif node.op == "output":
+            final = list(as_tuple(node.args[0]))
+        else:
+            raise RuntimeError(f"unexpected node {node.format_node()} in the traced pipeline")
+    if len(calls) != len(stages) or any(getattr(split_gm, c.target) is not s
+                                        for c, s in zip(calls, stages)):
+        raise RuntimeError("traced pipeline stages are not called in order")
+    for v in final:
+        if not isinstance(v, fx.Node):
+            raise ValueError(f"model output {v!r} is not a tensor; traced stages return tensors")
+    final_keys = [key[v] for v in final]
+    args = [[key[a] for a in c.args] for c in calls]
+
+    own: list[list[Key]] = []
+    for i, stage in enumerate(stages):
+        out, values = _output_values(stage.graph)
+        bare = not isinstance(out.args[0], (tuple, list))
+        own.append([(i, None)] if bare else [(i, k) for k in range(len(values))])
+
+    boundary: list[Key] = [("in", j) for j in range(n_in)]
+    for i, stage in enumerate(stages):
+        if i == len(stages) - 1:
+            out_keys = final_keys
+        else:
+            later = {k for a in args[i + 1:] for k in a} | set(final_keys)
+            out_keys = own[i] + [k for k in boundary if k in later and k not in own[i]]
+        if args[i] != boundary or out_keys != own[i]:
+            _rewrite(stage, args[i], boundary, own[i], out_keys)
+        boundary = out_keys
+
+
+def _rewrite(stage: fx.GraphModule, arg_keys: list[Key], in_keys: list[Key],
+             own_keys: list[Key], out_keys: list[Key]) -> None:
+    """Give ``stage`` placeholders ``in_keys`` and outputs ``out_keys`` (see :func:`_chain`)."""
+    graph = stage.graph
+    old = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(old) != len(arg_keys) or not set(arg_keys) <= set(in_keys):
+        raise RuntimeError("traced stage inputs do not match the pipeline graph")
+    first = next(iter(graph.nodes))
+    new: dict[Key, fx.Node] = {}
+    with graph.inserting_before(first):
+        for pos, k in enumerate(in_keys):
+            new[k] = graph.placeholder(f"boundary_{pos}")
+    for node, k in zip(old, arg_keys):
+        if not new[k].meta:
+            new[k].meta = dict(node.meta)
+        node.replace_all_uses_with(new[k])
+        graph.erase_node(node)
+
+    out, values = _output_values(graph)
+    local = dict(zip(own_keys, values))
+    result = [local[k] if k in local else new[k] for k in out_keys]
+    out.args = (tuple(result) if len(result) != 1 else result[0],)
+    out.meta = {}
+    # The first stage may carry the model's pytree calling convention; plain args now.
+    graph._codegen = fx.graph.CodeGen()
+    graph.lint()
+    stage.recompile()
+
+
+_CALL_SUFFIX = re.compile(r"@\d+$")
+
+
+def _restore_leaves(stage: fx.GraphModule, model: nn.Module, index: int) -> None:
+    """Put the model's own childless modules back in place of their traced graphs.
+
+    A traced submodule is an ``InterpreterModule`` whose graph was recorded in the mode
+    the model had when traced (e.g. BatchNorm with ``training=True`` baked in). For a leaf
+    this is only safe to undo where the call is unambiguous: a single tensor in, a single
+    tensor out, and an original ``forward(input)`` that takes nothing else (the graph
+    drops constant arguments and orders several inputs by creation, not by position).
+    """
+    for name, traced in list(stage.named_modules()):
+        if not name or not hasattr(traced, "graph"):
+            continue
+        # A second call of a shared module is traced as "name@1".
+        orig_name = ".".join(_CALL_SUFFIX.sub("", atom) for atom in name.split("."))
+        try:
+            orig = model.get_submodule(orig_name)
+        except AttributeError:
+            continue
+        if orig is traced or next(orig.children(), None) is not None:
+            continue
+        parent_name, _, atom = name.rpartition(".")
+        parent = stage.get_submodule(parent_name) if parent_name else stage
+        if _restorable(parent, atom, traced, orig):
+            setattr(parent, atom, orig)
+        elif len(list(orig.buffers())) or isinstance(orig, nn.modules.dropout._DropoutNd):
+            warnings.warn(f"stage {index}: {name!r} ({type(orig).__name__}) stays a traced graph "
+                          f"frozen to the train/eval mode the model had when traced",
+                          stacklevel=4)
+
+
+def _restorable(parent: nn.Module, atom: str, traced: nn.Module, orig: nn.Module) -> bool:
+    graph = getattr(parent, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return False
+    sites = [n for n in graph.nodes if n.op == "call_module" and n.target == atom]
+    if not sites:
+        return False
+    for site in sites:
+        if site.kwargs or len(site.args) != 1 or not isinstance(site.args[0], fx.Node):
+            return False
+        val = site.args[0].meta.get("val")
+        if val is not None and not isinstance(val, torch.Tensor):
+            return False
+    # One value out (BatchNorm used twice threads its counter out as a second value).
+    if not isinstance(_output_values(traced.graph)[0].args[0], fx.Node):
+        return False
+    try:
+        params = list(inspect.signature(orig.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
