@@ -1,0 +1,262 @@
+"""One pipeline stage: its layers, their optimizer, and its synthesizer.
+
+This module is pure model math (no torch.distributed). The single-process reference
+trainer and the per-rank worker both drive a :class:`Stage` through the same calls, so
+they apply exactly the same update rule (DESIGN.md, "One training step on rank r"):
+
+    inputs, outputs = stage.forward(inputs)                # h_r = f_r(h_{r-1})
+    grads = stage.synthetic_gradient(outputs, y)           # r < N-1: M_r(h_r, y) / B
+      or  loss = stage.loss(outputs, y)                    # r = N-1
+    stage.backward(outputs, grads or loss); stage.step()   # update-unlocked
+    target = stage.input_gradient(inputs)                  # sent to rank r-1
+    stage.train_synthesizer(h, y, target_from_r_plus_1)    # regress M_r (MSE)
+
+A boundary is always a tuple of tensors (a single tensor is a 1-tuple); gradients are
+tuples of the same length with ``None`` where no gradient flows.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .synthesizer import BoundarySynthesizer, Synthesizer, per_batch, per_example
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def as_tuple(x: Any) -> tuple:
+    """A boundary value as a tuple of tensors."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def describe(tensors: Sequence[Any]) -> str:
+    """Shapes and dtypes of a boundary, for error messages."""
+    return ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" if torch.is_tensor(t) else repr(t)
+                     for t in tensors)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or infinite."""
+
+
+class StageInputError(ValueError):
+    """A stage could not take the tensors it was given."""
+
+
+def default_synth_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-4)
+
+
+class Stage:
+    """Stage ``index`` of ``n_stages``: module, optimizer, and synthesizer (not on the last).
+
+    Args:
+        index, n_stages: position in the pipeline.
+        module: the stage's layers; called as ``module(*inputs)``.
+        optimizer: factory ``params -> Optimizer`` for the stage's parameters.
+        loss_fn: ``loss_fn(output, y)`` (batch mean), used on the last stage.
+        synthesizer: recipe; ``None`` means this stage can only train with true gradients.
+        synth_optimizer: factory for the synthesizer's optimizer (default Adam, lr 1e-4).
+        synthetic_scale: factor on the synthetic gradient before it is applied.
+        device: where the module and its synthesizer live.
+    """
+
+    def __init__(self, index: int, n_stages: int, module: nn.Module, optimizer: OptimizerFactory,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 synthesizer: Synthesizer | None = None,
+                 synth_optimizer: OptimizerFactory | None = None,
+                 synthetic_scale: float = 1.0,
+                 device: torch.device | str | None = None):
+        self.index = index
+        self.n_stages = n_stages
+        self.device = torch.device(device) if device is not None else _module_device(module)
+        self.module = module.to(self.device)
+        self.optimizer = optimizer(list(self.module.parameters())) if any(True for _ in self.module.parameters()) else None
+        self.loss_fn = loss_fn
+        self.recipe = synthesizer
+        self.synth_optimizer_factory = synth_optimizer or default_synth_optimizer
+        self.synthetic_scale = synthetic_scale
+        self.synth: BoundarySynthesizer | None = None
+        self.synth_optimizer: torch.optim.Optimizer | None = None
+        if self.is_last and loss_fn is None:
+            raise ValueError("the last stage needs a loss_fn")
+
+    # -- properties ---------------------------------------------------------------
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.n_stages - 1
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.index}"
+
+    # -- forward ------------------------------------------------------------------
+    def forward(self, inputs: Sequence[Any], requires_grad: bool = True) -> tuple[tuple, tuple]:
+        """Run the layers. Returns ``(inputs, outputs)``, both tuples.
+
+        For stages after the first, floating inputs are detached leaves with
+        ``requires_grad`` (when ``requires_grad``) so their gradient can be sent back.
+        """
+        prepared = []
+        for t in inputs:
+            if torch.is_tensor(t):
+                t = t.to(self.device, non_blocking=True)
+                if not self.is_first and requires_grad and t.dtype.is_floating_point:
+                    t = t.detach().requires_grad_(True)
+            prepared.append(t)
+        inputs = tuple(prepared)
+        try:
+            out = self.module(*inputs)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise StageInputError(
+                f"{self.name} could not take its input ({describe(inputs)}): {e}") from e
+        return inputs, as_tuple(out)
+
+    def loss(self, outputs: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """The training loss on the last stage (``loss_fn(outputs[0], y)``)."""
+        assert self.loss_fn is not None
+        try:
+            return self.loss_fn(outputs[0], y.to(self.device, non_blocking=True))
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise StageInputError(
+                f"{self.name}: loss_fn could not take output {describe(outputs)} "
+                f"and target {describe([y])}: {e}") from e
+
+    # -- synthetic gradients ------------------------------------------------------
+    def ensure_synthesizer(self, example: Sequence[torch.Tensor]) -> BoundarySynthesizer:
+        """Build the synthesizer from the first activation seen (lazily)."""
+        if self.synth is None:
+            if self.recipe is None:
+                raise ValueError(f"{self.name} has no synthesizer; pass synthesizer=sp.Synthesizer(...)")
+            self.synth = self.recipe.build(self.index, [t.detach() for t in example])
+            params = list(self.synth.parameters())
+            self.synth_optimizer = self.synth_optimizer_factory(params) if params else None
+        return self.synth
+
+    def _check_boundary(self, h: Sequence[torch.Tensor]) -> None:
+        """Name the stage and shapes when an activation no longer fits the synthesizer."""
+        assert self.synth is not None and self.recipe is not None
+        if callable(self.recipe.kind):
+            return  # a custom model checks its own input
+        for i, (t, shape) in enumerate(zip(h, self.synth.shapes)):
+            token = shape is not None and len(shape) == 2 and t.dim() == 3 and t.shape[-1] == shape[-1]
+            if shape is not None and tuple(t.shape[1:]) != shape and not token:
+                raise StageInputError(
+                    f"{self.name}: boundary tensor {i} has shape {tuple(t.shape)}, but its "
+                    f"synthesizer was built for (B, {', '.join(map(str, shape))})")
+
+    def synthetic_gradient(self, outputs: Sequence[torch.Tensor], y: torch.Tensor | None) -> tuple:
+        """``scale * M_r(h_r, y) / B`` for every floating output; no gradient into M_r."""
+        h = tuple(t.detach() for t in outputs)
+        synth = self.ensure_synthesizer(h)
+        self._check_boundary(h)
+        with torch.no_grad():
+            pred = synth(h, _labels_on(y, self.device))
+        return tuple(None if p is None else per_batch(p) * self.synthetic_scale for p in pred)
+
+    def train_synthesizer(self, h: Sequence[torch.Tensor], y: torch.Tensor | None,
+                          target: Sequence[torch.Tensor | None]) -> float:
+        """One regression step of M_r: MSE between ``M_r(h, y)`` and ``B * target``.
+
+        ``target`` is the (true or bootstrapped) gradient of the batch-mean loss with
+        respect to ``h``. Returns the MSE (sum over the boundary's tensors).
+        """
+        synth = self.ensure_synthesizer(h)
+        pred = synth(h, _labels_on(y, self.device))
+        losses = [F.mse_loss(p, per_example(g.to(p.device)))
+                  for p, g in zip(pred, target) if p is not None and g is not None]
+        if not losses:
+            return 0.0
+        loss = torch.stack(losses).sum()
+        if self.synth_optimizer is not None:
+            self.synth_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.synth_optimizer.step()
+        return float(loss.detach())
+
+    # -- backward and update ------------------------------------------------------
+    def backward(self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None] | None = None,
+                 loss: torch.Tensor | None = None) -> None:
+        """Accumulate parameter (and input) gradients from ``loss`` or from output ``grads``."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        if loss is not None:
+            loss.backward()
+            return
+        assert grads is not None
+        if len(grads) != len(outputs):
+            raise StageInputError(
+                f"{self.name}: got {len(grads)} gradient tensors for {len(outputs)} outputs")
+        pairs = []
+        for i, (o, g) in enumerate(zip(outputs, grads)):
+            if g is None or not torch.is_tensor(o) or not o.requires_grad:
+                continue
+            if g.shape != o.shape:
+                raise StageInputError(
+                    f"{self.name}: gradient {i} has shape {tuple(g.shape)} but output {i} has shape {tuple(o.shape)}")
+            pairs.append((o, g.to(o.device, o.dtype)))
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+    def step(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+    def input_gradient(self, inputs: Sequence[Any]) -> tuple:
+        """``dL/dh_{r-1}`` for each input (``None`` where none flows): the target sent back."""
+        return tuple(t.grad if torch.is_tensor(t) and t.requires_grad else None for t in inputs)
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "synth_shapes": self.synth.shapes if self.synth is not None else None,
+            "synth_dtype": _synth_dtype(self.synth),
+            "synth": self.synth.state_dict() if self.synth is not None else None,
+            "synth_optimizer": self.synth_optimizer.state_dict() if self.synth_optimizer else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("synth") is not None:
+            example = [torch.zeros((2, *s), device=self.device, dtype=state["synth_dtype"]) if s is not None
+                       else torch.zeros(2, dtype=torch.long, device=self.device)
+                       for s in state["synth_shapes"]]
+            self.synth = None
+            self.ensure_synthesizer(example)
+            assert self.synth is not None
+            self.synth.load_state_dict(state["synth"])
+            if self.synth_optimizer is not None and state["synth_optimizer"] is not None:
+                self.synth_optimizer.load_state_dict(state["synth_optimizer"])
+
+
+def _labels_on(y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return y.to(device, non_blocking=True) if torch.is_tensor(y) else None
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _synth_dtype(synth: BoundarySynthesizer | None) -> torch.dtype:
+    if synth is not None:
+        for p in synth.parameters():
+            return p.dtype
+    return torch.float32
+
+
+def all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """True if every given tensor is free of NaN and infinity."""
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
