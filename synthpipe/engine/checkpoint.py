@@ -1,0 +1,95 @@
+"""Checkpoint files: one per stage plus ``meta.json``, and export to the original model's names.
+
+Layout of a checkpoint directory::
+
+    meta.json        n_stages, step, epoch, step_in_epoch, config, version (written last)
+    stage-<r>.pt     stage r: module, optimizer, synthesizer, its optimizer, the cache of
+                     activations waiting for targets, and the RNG state of its process
+
+A single-process run writes the same files, so a checkpoint moves between a one-process
+run and an N-process run of the same split.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+META = "meta.json"
+
+
+def stage_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"stage-{rank}.pt")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_stage(directory: str, rank: int, state: dict[str, Any]) -> None:
+    os.makedirs(directory, exist_ok=True)
+    _atomic_save(state, stage_file(directory, rank))
+
+
+def write_meta(directory: str, meta: dict[str, Any]) -> None:
+    tmp = os.path.join(directory, META + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(directory, META))
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, META)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} is not a complete synthpipe checkpoint (no {META})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_stage(directory: str, rank: int, n_stages: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    meta = read_meta(directory)
+    if meta["n_stages"] != n_stages:
+        raise ValueError(f"checkpoint {directory} has {meta['n_stages']} stages, this trainer has {n_stages}")
+    return torch.load(stage_file(directory, rank), map_location=device, weights_only=False)
+
+
+def merge_module_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One state_dict from the stages' module state_dicts (their keys are the original names)."""
+    merged: dict[str, torch.Tensor] = {}
+    for r, state in enumerate(states):
+        for key, value in state.items():
+            if key in merged and not torch.equal(merged[key].cpu(), value.cpu()):
+                raise ValueError(f"stage {r} and an earlier stage both hold {key!r} with different values")
+            merged[key] = value.detach().cpu()
+    return merged
+
+
+def export_checkpoint(directory: str, path: str) -> dict[str, torch.Tensor]:
+    """Write the model's state_dict (original names, no synthesizers) from a checkpoint."""
+    meta = read_meta(directory)
+    states = [torch.load(stage_file(directory, r), map_location="cpu", weights_only=False)["stage"]["module"]
+              for r in range(meta["n_stages"])]
+    merged = merge_module_states(states)
+    _atomic_save(merged, path)
+    return merged

@@ -1,0 +1,66 @@
+"""Training options of the engine, as one plain dataclass (torchtitan style)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+GRADIENT_MODES = ("synthetic", "backprop")
+NONFINITE_POLICIES = ("raise", "skip")
+DEFAULT_DELAY = 2  # a target arrives about two steps after its activation left (DESIGN.md)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How stages are trained.
+
+    Attributes:
+        gradients: ``"synthetic"`` (DNI/cDNI: update at once with M_r's prediction) or
+            ``"backprop"`` (wait for the true gradient: exact, locked model parallelism).
+        delay: train the synthesizers at step t on exactly the targets of step t - delay.
+            ``None``: in a multi-process run, use targets as they arrive (fastest, not
+            deterministic); in a single process, model the pipeline with ``DEFAULT_DELAY``.
+        synthetic_scale: factor on the synthetic gradient before it is applied.
+        warmup_steps: the first steps use true gradients (locked) while targets already
+            train the synthesizers.
+        max_inflight: cached activations waiting for their target, per stage; when full,
+            the stage waits for the oldest target (bounds memory and staleness).
+        nonfinite: ``"raise"`` stops on a NaN/inf loss or synthetic gradient; ``"skip"``
+            drops that step's update (and its target) and goes on.
+        failure_timeout: seconds after which a silent rank is declared dead.
+        log_every: steps between progress-bar updates.
+        progress: show a progress bar (rank 0 only).
+        prefetch: batches loaded ahead on rank 0.
+    """
+
+    gradients: str = "synthetic"
+    delay: Optional[int] = None
+    synthetic_scale: float = 1.0
+    warmup_steps: int = 0
+    max_inflight: int = 4
+    nonfinite: str = "raise"
+    failure_timeout: float = 30.0
+    log_every: int = 10
+    progress: bool = True
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        if self.gradients not in GRADIENT_MODES:
+            raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {self.gradients!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        if self.delay is not None and self.delay < 0:
+            raise ValueError(f"delay must be >= 0, got {self.delay}")
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.failure_timeout <= 1:
+            raise ValueError(f"failure_timeout must exceed 1 second, got {self.failure_timeout}")
+
+    @property
+    def trains_synthesizers(self) -> bool:
+        return self.gradients == "synthetic"
+
+    def locked(self, step: int) -> bool:
+        """Does step ``step`` wait for true gradients?"""
+        return self.gradients == "backprop" or step < self.warmup_steps

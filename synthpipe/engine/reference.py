@@ -1,0 +1,145 @@
+"""The single-process reference trainer: every stage in this process, the exact update rule.
+
+It runs the stages of one step in order, 0..N-1, each on the (detached) output of the
+one before, and models the pipeline's asynchrony with a fixed target delay d: the
+synthesizer of stage r is trained at step t on the target of step t - d. A multi-process
+run in fixed-delay mode computes exactly the same numbers (each rank's work at step t
+depends only on its own state, step t's input and the target of step t - d), which is
+what the determinism tests check.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple
+from .config import DEFAULT_DELAY, TrainConfig
+from .history import StepLog
+from .targets import TargetCache, train_due_synthesizer
+
+
+def nonfinite_message(stage: Stage, what: str, step: int, value: Any = None) -> str:
+    shown = f" ({float(value)})" if value is not None else ""
+    return (f"{stage.name}: {what} is not finite{shown} at step {step}; lower the learning rate "
+            f"or the synthetic-gradient scale, or pass nonfinite='skip' to skip such steps")
+
+
+def batch_metrics(output: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> tuple[float, float, int]:
+    """(summed loss, correct predictions, examples) of one batch; accuracy by argmax over the last dim."""
+    n = int(y.shape[0])
+    correct = 0.0
+    if output.dim() >= 2 and not y.dtype.is_floating_point and output.shape[:-1] == y.shape:
+        correct = float((output.argmax(-1) == y.to(output.device)).float().mean()) * n
+    return float(loss.detach()) * n, correct, n
+
+
+class ReferenceRunner:
+    """Runs all ``stages`` in this process with the update rule of :class:`Stage`."""
+
+    drives_data = True
+
+    def __init__(self, stages: Sequence[Stage], config: TrainConfig):
+        self.stages = list(stages)
+        self.config = config
+        self.delay = DEFAULT_DELAY if config.delay is None else config.delay
+        self.caches = [TargetCache() for _ in self.stages[:-1]]
+        self.log = StepLog()
+
+    @property
+    def device(self) -> torch.device:
+        return self.stages[0].device
+
+    def _no_wait(self, step: int) -> None:
+        raise RuntimeError(f"internal error: target of step {step} missing in the reference trainer")
+
+    def train_step(self, step: int, x: Any, y: torch.Tensor) -> float | None:
+        """One training step of every stage. Returns the loss (``None`` if skipped)."""
+        cfg = self.config
+        locked = cfg.locked(step)
+        last = len(self.stages) - 1
+        h = as_tuple(x)
+        saved: list[tuple[tuple, tuple]] = []
+        for r, stage in enumerate(self.stages):
+            inputs, outputs = stage.forward(h)
+            saved.append((inputs, outputs))
+            if r < last and cfg.trains_synthesizers:
+                self.caches[r].add(step, outputs, y)
+            if r < last and not locked:
+                grads = stage.synthetic_gradient(outputs, y)
+                if all_finite(grads):
+                    stage.backward(outputs, grads)
+                    stage.step()
+                    if r > 0:
+                        self._put_target(r - 1, step, stage.input_gradient(inputs))
+                elif cfg.nonfinite == "raise":
+                    raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
+                elif r > 0:
+                    self._put_target(r - 1, step, (), skipped=True)
+            h = tuple(o.detach() if torch.is_tensor(o) else o for o in outputs)
+
+        loss = self.stages[last].loss(saved[last][1], y)
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if not finite and cfg.nonfinite == "raise":
+            raise NonFiniteError(nonfinite_message(self.stages[last], "the loss", step, loss))
+        # Backward from the last stage: one stage when update-unlocked, all when locked.
+        first_backward = 0 if locked else last
+        grad: tuple | None = None
+        for r in range(last, first_backward - 1, -1):
+            stage, (inputs, outputs) = self.stages[r], saved[r]
+            if finite:
+                if r == last:
+                    stage.backward(outputs, loss=loss)
+                else:
+                    stage.backward(outputs, grad)
+                stage.step()
+                grad = stage.input_gradient(inputs)
+            if r > 0:
+                self._put_target(r - 1, step, grad or (), skipped=not finite)
+        if finite:
+            self.log.put(step, "loss", float(loss.detach()))
+        for r, cache in enumerate(self.caches):
+            trained = train_due_synthesizer(self.stages[r], cache, step, self.delay,
+                                            cfg.max_inflight, self._no_wait)
+            if trained is not None:
+                self.log.put(step, f"synth_loss/{r}", trained)
+        return float(loss.detach()) if finite else None
+
+    def _put_target(self, boundary: int, step: int, target: tuple, skipped: bool = False) -> None:
+        if self.config.trains_synthesizers:
+            self.caches[boundary].put_target(step, target, skipped)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> dict[str, float]:
+        """Mean loss and accuracy over ``batches`` (modules in eval mode, restored after)."""
+        modes = [s.module.training for s in self.stages]
+        for s in self.stages:
+            s.module.eval()
+        total = correct = count = 0.0
+        try:
+            for x, y in batches:
+                h = as_tuple(x)
+                for stage in self.stages:
+                    _, h = stage.forward(h, requires_grad=False)
+                loss = self.stages[-1].loss(h, y)
+                t, c, n = batch_metrics(h[0], y, loss)
+                total, correct, count = total + t, correct + c, count + n
+        finally:
+            for s, mode in zip(self.stages, modes):
+                s.module.train(mode)
+        return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1), "samples": int(count)}
+
+    def end_fit(self) -> None:
+        """Nothing is in flight in one process; pending entries stay for the next fit."""
+
+    # -- state ----------------------------------------------------------------------
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """One dict per stage (as a rank would save it)."""
+        return [{"stage": s.state_dict(), "cache": self.caches[r].state_dict() if r < len(self.caches) else []}
+                for r, s in enumerate(self.stages)]
+
+    def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
+        for r, (stage, state) in enumerate(zip(self.stages, states)):
+            stage.load_state_dict(state["stage"])
+            if r < len(self.caches):
+                self.caches[r].load_state_dict(state["cache"], stage.device)

@@ -1,0 +1,341 @@
+"""``sp.Trainer``: the same ``fit``/``evaluate``/``save``/``export`` call in one process or N.
+
+With one process (no torchrun environment) every stage runs here through the reference
+trainer. Under torchrun with ``WORLD_SIZE == len(stages)``, rank r keeps only stage r and
+runs the pipeline worker; rank 0 reads the data. Everything else is identical.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..stages.stage import OptimizerFactory, Stage
+from ..stages.synthesizer import Synthesizer
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import (backend_for, default_device, env_world_size, init_process_group,
+                          is_communication_error)
+from .history import History, merge_logs
+from .prefetch import PrefetchQueue
+from .reference import ReferenceRunner
+from .watchdog import Watchdog, open_store
+from .worker import Channels, PipelineWorker
+
+_VERSION = 1
+
+
+def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class Trainer:
+    """Train a list of stage modules with synthetic (or true) gradients.
+
+    Args:
+        stages: the stage modules, e.g. from :func:`synthpipe.split`; stage r is called as
+            ``stages[r](*boundary)`` where ``boundary`` is the tuple stage r-1 returned.
+        loss_fn: ``loss_fn(output, target)``, a batch mean (e.g. ``nn.CrossEntropyLoss()``).
+        optimizer: ``params -> Optimizer`` for each stage (default Adam, lr 1e-3).
+        synthesizer: recipe for the synthesizers of boundaries 0..N-2 (default ``"linear"``).
+        gradients: ``"synthetic"`` or ``"backprop"``; see :class:`TrainConfig`.
+        synth_optimizer: ``params -> Optimizer`` for each synthesizer (default Adam).
+        synth_lr: learning rate of the default synthesizer optimizer (default 1e-4).
+        device: this process's device (default: ``cuda:LOCAL_RANK`` if CUDA, else CPU).
+        backend: ``"nccl"`` or ``"gloo"`` (default: nccl on CUDA, gloo on CPU).
+        **options: the remaining :class:`TrainConfig` fields (``delay``, ``synthetic_scale``,
+            ``warmup_steps``, ``max_inflight``, ``nonfinite``, ``failure_timeout``, ...).
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 optimizer: OptimizerFactory | None = None, synthesizer: Synthesizer | None = None,
+                 gradients: str = "synthetic", synth_optimizer: OptimizerFactory | None = None,
+                 synth_lr: float = 1e-4, device: torch.device | str | None = None,
+                 backend: str | None = None, **options: Any):
+        if len(stages) < 1:
+            raise ValueError("a Trainer needs at least one stage")
+        self.config = TrainConfig(gradients=gradients, **options)
+        self.n_stages = len(stages)
+        self.device = torch.device(device) if device is not None else default_device()
+        optimizer = optimizer or _default_optimizer
+        synthesizer = synthesizer if synthesizer is not None else Synthesizer("linear")
+        if synth_optimizer is None:
+            def synth_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+                return torch.optim.Adam(params, lr=synth_lr)
+
+        def make(r: int) -> Stage:
+            return Stage(r, self.n_stages, stages[r], optimizer, loss_fn=loss_fn,
+                         synthesizer=synthesizer if r < self.n_stages - 1 else None,
+                         synth_optimizer=synth_optimizer, synthetic_scale=self.config.synthetic_scale,
+                         device=self.device)
+
+        world = env_world_size()
+        self.distributed = world > 1
+        self.watchdog: Watchdog | None = None
+        if self.distributed:
+            if world != self.n_stages:
+                raise ValueError(f"the job has {world} processes but the model has {self.n_stages} stages; "
+                                 f"launch one process per stage (--nproc {self.n_stages}) or split into {world} stages")
+            init_process_group(self.device, backend_for(self.device, backend))
+            self.rank = dist.get_rank()
+            self.runner: ReferenceRunner | PipelineWorker = PipelineWorker(
+                make(self.rank), self.config, Channels(self.rank, world, self._channel_device()))
+            prefix = "synthpipe/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
+                                              os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            self.watchdog = Watchdog(open_store(self.config.failure_timeout), self.rank, world,
+                                     timeout=self.config.failure_timeout, prefix=prefix).start()
+        else:
+            backend_for(self.device, backend)  # validates an explicit nccl request
+            self.rank = 0
+            self.runner = ReferenceRunner([make(r) for r in range(self.n_stages)], self.config)
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+
+    def _channel_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that reads the data and prints (rank 0)."""
+        return self.rank == 0
+
+    # -- failure handling ---------------------------------------------------------------
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``; on error tell the other ranks which rank failed and why."""
+        try:
+            return fn()
+        except BaseException as e:
+            if self.watchdog is not None:
+                if is_communication_error(e):
+                    verdict = self.watchdog.wait_for_verdict()
+                    if verdict:
+                        raise RuntimeError(verdict) from e
+                self.watchdog.report(f"{type(e).__name__}: {e}")
+            raise
+
+    # -- training -----------------------------------------------------------------------
+    def fit(self, train_loader: Iterable[Any], epochs: int = 1, eval_loader: Iterable[Any] | None = None,
+            max_steps: int | None = None, resume: str | None = None) -> History:
+        """Train until ``epochs`` epochs (or ``max_steps`` steps) in total have run.
+
+        Both limits count from the start of the run, so ``fit(..., resume=dir)`` with the
+        same arguments continues where the checkpoint stopped. ``train_loader`` yields
+        ``(input, target)`` batches; it is only read on rank 0 (other ranks may pass the
+        same object or ``None``). Calls ``set_epoch`` on its sampler when it has one.
+        Returns the :class:`History` (the same on every rank).
+        """
+        if resume is not None:
+            self.load(resume)
+        return self._guard(lambda: self._fit(train_loader, epochs, eval_loader, max_steps))
+
+    def _fit(self, loader: Iterable[Any], epochs: int, eval_loader: Iterable[Any] | None,
+             max_steps: int | None) -> History:
+        epoch_rows: list[dict[str, Any]] = []
+        if self.runner.drives_data:
+            epoch_rows = self._drive(loader, epochs, eval_loader, max_steps)
+        else:
+            self._serve_fit()
+        return self._collect(epoch_rows)
+
+    def _drive(self, loader: Iterable[Any], epochs: int, eval_loader: Iterable[Any] | None,
+               max_steps: int | None) -> list[dict[str, Any]]:
+        """Rank 0 (or the single process): the data loop."""
+        from tqdm.auto import tqdm
+
+        cfg, runner = self.config, self.runner
+        rows: list[dict[str, Any]] = []
+        try:
+            per_epoch = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            per_epoch = None
+        total = max_steps if max_steps is not None else (per_epoch * epochs if per_epoch else None)
+        bar = tqdm(total=total, initial=self.step, disable=not cfg.progress, unit="step",
+                   desc=f"synthpipe {cfg.gradients} x{self.n_stages}", dynamic_ncols=True, file=sys.stderr)
+        start = time.perf_counter()
+        done = max_steps is not None and self.step >= max_steps
+        try:
+            while self.epoch < epochs and not done:
+                sampler = getattr(loader, "sampler", None)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(self.epoch)
+                t_epoch, samples, steps = time.perf_counter(), 0, 0
+                batches = itertools.islice(iter(loader), self.step_in_epoch, None)
+                with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as queue:
+                    for x, y in queue:
+                        loss = runner.train_step(self.step, x, y)
+                        runner.log.put(self.step, "time", time.perf_counter() - start)
+                        runner.log.put(self.step, "epoch", self.epoch)
+                        self.step += 1
+                        self.step_in_epoch += 1
+                        samples += int(y.shape[0])
+                        steps += 1
+                        bar.update(1)
+                        if self.step % cfg.log_every == 0:
+                            bar.set_postfix(self._live_stats(loss, samples / max(time.perf_counter() - t_epoch, 1e-9)),
+                                            refresh=False)
+                        if max_steps is not None and self.step >= max_steps:
+                            done = True
+                            break
+                elapsed = time.perf_counter() - t_epoch
+                if done and per_epoch is not None and self.step_in_epoch < per_epoch:
+                    break  # stopped inside an epoch: no epoch record
+                row = {"epoch": self.epoch, "steps": steps, "samples": samples, "time": elapsed,
+                       "samples_per_s": samples / max(elapsed, 1e-9)}
+                if eval_loader is not None:
+                    metrics = self._evaluate(eval_loader)
+                    row.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"])
+                rows.append(row)
+                if cfg.progress:
+                    bar.write(self._epoch_line(row))
+                self.epoch += 1
+                self.step_in_epoch = 0
+        finally:
+            bar.close()
+        runner.end_fit()
+        return rows
+
+    def _live_stats(self, loss: float | None, rate: float) -> dict[str, str]:
+        stats: dict[str, str] = {"samples/s": f"{rate:.0f}"}
+        if isinstance(self.runner, PipelineWorker):
+            s = self.runner.stats
+            loss = s[0]
+            synth = s[2:]
+        else:
+            last = self.runner.log.values.get(self.step - 1, {})
+            synth = [last.get(f"synth_loss/{b}", float("nan")) for b in range(self.n_stages - 1)]
+        if loss is not None and loss == loss:
+            stats["loss"] = f"{loss:.4f}"
+        for b, v in enumerate(synth):
+            if v == v:
+                stats[f"sg{b}"] = f"{v:.3g}"
+        return stats
+
+    @staticmethod
+    def _epoch_line(row: dict[str, Any]) -> str:
+        line = (f"epoch {row['epoch']}: {row['steps']} steps, {row['samples_per_s']:.0f} samples/s, "
+                f"{row['time']:.1f} s")
+        if "eval_accuracy" in row:
+            line += f", eval loss {row['eval_loss']:.4f}, eval accuracy {100 * row['eval_accuracy']:.2f}%"
+        return line
+
+    def _serve_fit(self) -> None:
+        assert isinstance(self.runner, PipelineWorker)
+        self.runner.serve()
+        self.step = self.runner.next_step
+
+    def _collect(self, epoch_rows: list[dict[str, Any]]) -> History:
+        """Merge every rank's step log into one History, on every rank."""
+        logs: list[Any] = [self.runner.log.values]
+        if self.distributed:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.runner.log.values, epoch_rows,
+                                              (self.step, self.epoch, self.step_in_epoch)))
+            logs = [g[0] for g in gathered]
+            epoch_rows = gathered[0][1]
+            self.step, self.epoch, self.step_in_epoch = gathered[0][2]
+        history = History(steps=merge_logs(logs, self.n_stages - 1), epochs=epoch_rows)
+        self.runner.log.clear()
+        return history
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
+        with PrefetchQueue(loader, self.device, depth=self.config.prefetch) as queue:
+            return self.runner.evaluate(queue)
+
+    def evaluate(self, loader: Iterable[Any] | None) -> dict[str, float]:
+        """Forward-only pass over ``loader`` (read on rank 0): ``{"loss", "accuracy", "samples"}`` on every rank."""
+        def run() -> dict[str, float]:
+            if self.runner.drives_data:
+                if loader is None:
+                    raise ValueError("evaluate needs a loader on rank 0")
+                return self._evaluate(loader)
+            assert isinstance(self.runner, PipelineWorker)
+            from .transport import EVAL_END
+            metrics = self.runner.serve(until=EVAL_END)
+            assert metrics is not None
+            return metrics
+        return self._guard(run)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _states(self) -> list[tuple[int, dict[str, Any]]]:
+        if isinstance(self.runner, PipelineWorker):
+            return [(self.rank, self.runner.state_dict())]
+        return list(enumerate(self.runner.state_dicts()))
+
+    def save(self, directory: str) -> None:
+        """Write a checkpoint: every rank its stage file, then rank 0 ``meta.json``."""
+        def run() -> None:
+            rng = ckpt.rng_state()
+            for r, state in self._states():
+                state.update(rng=rng, step=self.step)
+                ckpt.save_stage(directory, r, state)
+            if self.distributed:
+                dist.barrier()
+            if self.is_main:
+                ckpt.write_meta(directory, {
+                    "version": _VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
+                    "step_in_epoch": self.step_in_epoch, "config": vars(self.config)})
+            if self.distributed:
+                dist.barrier()
+        self._guard(run)
+
+    def load(self, directory: str) -> "Trainer":
+        """Restore a checkpoint written by :meth:`save` (same number of stages)."""
+        def run() -> None:
+            meta = ckpt.read_meta(directory)
+            if isinstance(self.runner, PipelineWorker):
+                state = ckpt.load_stage(directory, self.rank, self.n_stages, self.device)
+                self.runner.load_state_dict(state)
+                self.runner.next_step = meta["step"]
+            else:
+                states = [ckpt.load_stage(directory, r, self.n_stages, self.device) for r in range(self.n_stages)]
+                self.runner.load_state_dicts(states)
+                state = states[0]
+            ckpt.set_rng_state(state["rng"])
+            self.step, self.epoch, self.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
+        self._guard(run)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The original model's state_dict (all stages, no synthesizers), on every rank."""
+        if isinstance(self.runner, PipelineWorker):
+            own = {k: v.detach().cpu() for k, v in self.runner.stage.module.state_dict().items()}
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, own)
+            return ckpt.merge_module_states(gathered)
+        return ckpt.merge_module_states([s.module.state_dict() for s in self.runner.stages])
+
+    def export(self, path: str) -> None:
+        """Write the original model's state_dict (for ``model.load_state_dict``); rank 0 writes."""
+        def run() -> None:
+            state = self.state_dict()
+            if self.is_main:
+                parent = os.path.dirname(os.path.abspath(path))
+                os.makedirs(parent, exist_ok=True)
+                torch.save(state, path)
+            if self.distributed:
+                dist.barrier()
+        self._guard(run)
+
+    def close(self) -> None:
+        """Finish cleanly: stop the watchdog and leave the process group (all ranks)."""
+        if self.watchdog is not None:
+            dist.barrier()
+            self.watchdog.close()
+            self.watchdog = None
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()

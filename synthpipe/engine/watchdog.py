@@ -1,0 +1,153 @@
+"""Failure detection: a rank that dies takes the whole job down, quickly and by name.
+
+A pipeline cannot survive the loss of a stage, and a rank blocked in a receive from a
+dead neighbour would otherwise wait for the collective timeout (30 minutes by default).
+Each rank runs a :class:`Watchdog` thread that, through the rendezvous key-value store:
+
+* writes a heartbeat counter every ``interval`` seconds;
+* watches the other ranks' counters: one that has not moved for ``timeout`` seconds
+  belongs to a dead (killed, crashed, out-of-memory) rank;
+* watches an error key that a rank sets when it raises (first error wins).
+
+On either, it prints a message naming the failed rank and ends this process with exit
+code 1 (``os._exit``, because the main thread may be blocked inside a receive). This
+works with and without torchrun's agent; losing the store itself (its host died) counts
+as a failure of the rank that hosts it.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+EXIT_CODE = 1
+
+
+def _default_exit(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(EXIT_CODE)
+
+
+def open_store(timeout: float) -> Any:
+    """A store client of our own (the store is shared with the process group's)."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if host and port:
+        try:
+            return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout),
+                                 wait_for_workers=False)
+        except Exception:  # fall back to the process group's store below
+            pass
+    return dist.distributed_c10d._get_default_store()
+
+
+class Watchdog:
+    """Heartbeats and failure detection for ``rank`` of ``world_size``.
+
+    Args:
+        store: a c10d Store shared by all ranks.
+        rank, world_size: this process's place in the job.
+        timeout: seconds without a heartbeat after which a rank counts as dead.
+        interval: seconds between heartbeats and checks.
+        prefix: key namespace (unique per run and restart).
+        on_failure: called with the message instead of exiting (tests).
+    """
+
+    def __init__(self, store: Any, rank: int, world_size: int, timeout: float = 30.0,
+                 interval: float = 0.5, prefix: str = "synthpipe",
+                 on_failure: Callable[[str], None] | None = None):
+        if timeout <= interval:
+            raise ValueError(f"failure timeout ({timeout} s) must exceed the heartbeat interval ({interval} s)")
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+        self.interval = interval
+        self.prefix = prefix
+        self.on_failure = on_failure or _default_exit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="synthpipe-watchdog", daemon=True)
+        self.failure: str | None = None
+
+    def _key(self, *parts: Any) -> str:
+        return "/".join([self.prefix, *map(str, parts)])
+
+    # -- public ---------------------------------------------------------------------
+    def start(self) -> "Watchdog":
+        self.store.set(self._key("hb", self.rank), "0")
+        self._thread.start()
+        atexit.register(self.close)
+        return self
+
+    def report(self, message: str) -> None:
+        """Tell every rank that this rank failed (first report in the job wins)."""
+        try:
+            self.store.compare_set(self._key("error"), "", f"rank {self.rank}: {message}")
+        except Exception:
+            pass
+
+    def wait_for_verdict(self, seconds: float | None = None) -> str | None:
+        """After a communication error: give the watchdog time to find the dead rank.
+
+        Returns the failure message if one is known (the watchdog normally exits the
+        process first), else ``None`` after ``seconds`` (default: the timeout).
+        """
+        deadline = time.monotonic() + (self.timeout + 2 * self.interval if seconds is None else seconds)
+        while time.monotonic() < deadline and self.failure is None:
+            time.sleep(self.interval / 2)
+        return self.failure
+
+    def close(self) -> None:
+        """Mark this rank as finished (not dead) and stop the thread."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self.store.set(self._key("done", self.rank), "1")
+        except Exception:
+            pass
+
+    # -- thread ---------------------------------------------------------------------
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        self._stop.set()
+        self.on_failure(f"synthpipe (rank {self.rank}): {message}")
+
+    def _run(self) -> None:
+        beats = 0
+        seen: dict[int, tuple[bytes, float]] = {}
+        started = time.monotonic()
+        others = [r for r in range(self.world_size) if r != self.rank]
+        done: set[int] = set()
+        while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            try:
+                beats += 1
+                self.store.set(self._key("hb", self.rank), str(beats))
+                if self.store.check([self._key("error")]):
+                    error = self.store.get(self._key("error")).decode()
+                    if error:
+                        return self._fail(f"stopping because {error}")
+                for r in others:
+                    if r in done or self.store.check([self._key("done", r)]):
+                        done.add(r)
+                        continue
+                    value = self.store.get(self._key("hb", r)) if self.store.check([self._key("hb", r)]) else b""
+                    last_value, since = seen.get(r, (None, started))
+                    if value != last_value:
+                        seen[r] = (value, now)
+                    elif now - since > self.timeout:
+                        return self._fail(
+                            f"rank {r} stopped responding (no heartbeat for {now - since:.0f} s; "
+                            f"it was killed or crashed); stopping")
+            except Exception as e:  # the store is gone: its host died or finished
+                if self._stop.is_set() or 0 in done:
+                    return
+                host = "torchrun's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
+                return self._fail(f"lost the rendezvous store hosted by {host} ({e}); "
+                                  f"{'rank 0' if host == 'rank 0' else 'the job'} failed; stopping")
