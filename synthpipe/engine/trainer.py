@@ -46,7 +46,7 @@ class Trainer:
         synthesizer: recipe for the synthesizers of boundaries 0..N-2 (default ``"linear"``).
         gradients: ``"synthetic"`` or ``"backprop"``; see :class:`TrainConfig`.
         synth_optimizer: ``params -> Optimizer`` for each synthesizer (default Adam).
-        synth_lr: learning rate of the default synthesizer optimizer (default 1e-4).
+        synth_lr: learning rate of the default synthesizer optimizer (default 1e-3).
         device: this process's device (default: ``cuda:LOCAL_RANK`` if CUDA, else CPU).
         backend: ``"nccl"`` or ``"gloo"`` (default: nccl on CUDA, gloo on CPU).
         **options: the remaining :class:`TrainConfig` fields (``delay``, ``synthetic_scale``,
@@ -56,7 +56,7 @@ class Trainer:
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  optimizer: OptimizerFactory | None = None, synthesizer: Synthesizer | None = None,
                  gradients: str = "synthetic", synth_optimizer: OptimizerFactory | None = None,
-                 synth_lr: float = 1e-4, device: torch.device | str | None = None,
+                 synth_lr: float = 1e-3, device: torch.device | str | None = None,
                  backend: str | None = None, **options: Any):
         if len(stages) < 1:
             raise ValueError("a Trainer needs at least one stage")

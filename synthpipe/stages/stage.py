@@ -47,7 +47,7 @@ class StageInputError(ValueError):
 
 
 def default_synth_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=1e-4)
+    return torch.optim.Adam(params, lr=1e-3)
 
 
 class Stage:
@@ -59,7 +59,7 @@ class Stage:
         optimizer: factory ``params -> Optimizer`` for the stage's parameters.
         loss_fn: ``loss_fn(output, y)`` (batch mean), used on the last stage.
         synthesizer: recipe; ``None`` means this stage can only train with true gradients.
-        synth_optimizer: factory for the synthesizer's optimizer (default Adam, lr 1e-4).
+        synth_optimizer: factory for the synthesizer's optimizer (default Adam, lr 1e-3).
         synthetic_scale: factor on the synthetic gradient before it is applied.
         device: where the module and its synthesizer live.
     """
