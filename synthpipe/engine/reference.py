@@ -20,7 +20,7 @@ from .targets import TargetCache, train_due_synthesizer
 
 
 def nonfinite_message(stage: Stage, what: str, step: int, value: Any = None) -> str:
-    shown = f" ({float(value)})" if value is not None else ""
+    shown = f" ({float(value.detach())})" if value is not None else ""
     return (f"{stage.name}: {what} is not finite{shown} at step {step}; lower the learning rate "
             f"or the synthetic-gradient scale, or pass nonfinite='skip' to skip such steps")
 

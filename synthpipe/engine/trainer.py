@@ -35,6 +35,14 @@ def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
+def _input_and_target(batch: Any, step: int) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[1]):
+        return batch[0], batch[1]
+    shown = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise ValueError(f"fit expects (input, target) batches; batch {step} is a {shown}. A conditional "
+                     f"synthesizer and the loss both need the target")
+
+
 class Trainer:
     """Train a list of stage modules with synthetic (or true) gradients.
 
@@ -168,7 +176,8 @@ class Trainer:
                 t_epoch, samples, steps = time.perf_counter(), 0, 0
                 batches = itertools.islice(iter(loader), self.step_in_epoch, None)
                 with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as queue:
-                    for x, y in queue:
+                    for batch in queue:
+                        x, y = _input_and_target(batch, self.step)
                         loss = runner.train_step(self.step, x, y)
                         runner.log.put(self.step, "time", time.perf_counter() - start)
                         runner.log.put(self.step, "epoch", self.epoch)

@@ -1,0 +1,196 @@
+"""The single-process reference trainer (engine/reference.py) through the public Trainer."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import synthpipe as sp
+from synthpipe import data, models
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.BatchNorm1d(32),
+                         nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
+
+
+def make_batches(n: int = 12, batch: int = 32, seed: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 12, generator=g), torch.randint(0, 5, (batch,), generator=g)) for _ in range(n)]
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def plain_backprop(model: nn.Module, batches: list) -> dict:
+    opt = adam(model.parameters())
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.state_dict()
+
+
+def assert_same(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k].float() - b[k].float()).abs().max().item()
+        assert diff <= atol, f"{k} differs by {diff}"
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3, 4])
+def test_backprop_mode_equals_plain_training_of_the_unsplit_model(n_stages):
+    batches = make_batches()
+    trainer = sp.Trainer(sp.split(make_model(), n_stages=n_stages), nn.CrossEntropyLoss(), adam,
+                         gradients="backprop", progress=False)
+    trainer.fit(batches)
+    expected = plain_backprop(make_model(), batches)
+    assert_same(trainer.state_dict(), expected, atol=1e-6)
+    assert not torch.equal(expected["0.weight"], make_model().state_dict()["0.weight"])
+
+
+class TrueGradient(nn.Module):
+    """A 'synthesizer' that returns the true per-example gradient dL/dh by running the rest of the model."""
+
+    def __init__(self, downstream: list[nn.Module]):
+        super().__init__()
+        self.downstream = downstream  # plain list: not registered, so not trained as synthesizer
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            h = h.detach().requires_grad_(True)
+            out = h
+            for stage in self.downstream:
+                out = stage(out)
+            loss = nn.functional.cross_entropy(out, y)
+            (grad,) = torch.autograd.grad(loss, h)
+        return grad * h.shape[0]  # per-example normalisation, as every synthesizer
+
+
+def test_synthetic_mode_with_a_true_gradient_synthesizer_equals_backprop():
+    # BatchNorm's running statistics would see each downstream forward twice; leave it out here.
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                             nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
+    batches = make_batches()
+    stages = sp.split(model(), n_stages=3)
+    oracle = sp.Synthesizer(lambda boundary, example: TrueGradient(stages[boundary + 1:]))
+    trainer = sp.Trainer(stages, nn.CrossEntropyLoss(), adam, synthesizer=oracle, gradients="synthetic",
+                         progress=False)
+    trainer.fit(batches)
+    assert_same(trainer.state_dict(), plain_backprop(model(), batches), atol=1e-6)
+
+
+def test_synthetic_mode_changes_every_stage_and_trains_the_synthesizers():
+    batches = make_batches(n=20)
+    trainer = sp.Trainer(sp.split(make_model(), n_stages=3), nn.CrossEntropyLoss(), adam,
+                         synthesizer=sp.Synthesizer("linear", conditional=True, num_classes=5), progress=False)
+    history = trainer.fit(batches)
+    before = make_model().state_dict()
+    after = trainer.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in ("0.weight", "2.weight", "5.weight", "7.weight"))
+    delay = 2  # the default target delay of a single process
+    trained = [s for s in history.steps if not math.isnan(s["synth_loss"][0])]
+    assert [s["step"] for s in trained] == list(range(delay, 20))
+    assert len(trainer.runner.caches[0]) == delay  # the newest targets wait for the next fit
+
+
+def test_warmup_steps_use_true_gradients():
+    batches = make_batches(n=5)
+    warm = sp.Trainer(sp.split(make_model(), n_stages=3), nn.CrossEntropyLoss(), adam,
+                      synthesizer=sp.Synthesizer("linear"), warmup_steps=5, progress=False)
+    warm.fit(batches)
+    assert_same(warm.state_dict(), plain_backprop(make_model(), batches), atol=1e-6)
+    synth = warm.runner.stages[0].synth
+    assert synth.parts[0].out.weight.abs().sum() > 0, "targets trained the synthesizer during warm-up"
+
+
+def test_nonfinite_loss_raises_by_default_and_can_be_skipped():
+    def model():  # no BatchNorm: its running statistics would take the NaN batch in forward
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
+    batches = make_batches(n=4)
+    x, y = batches[2]
+    batches[2] = (torch.full_like(x, float("nan")), y)
+    for mode, message in [("backprop", r"stage 1: the loss is not finite \(nan\) at step 2"),
+                          ("synthetic", r"stage 0: the synthetic gradient is not finite at step 2")]:
+        trainer = sp.Trainer(sp.split(model(), n_stages=2), nn.CrossEntropyLoss(), adam, gradients=mode,
+                             synthesizer=sp.Synthesizer("linear"), delay=1, progress=False)
+        with pytest.raises(sp.NonFiniteError, match=message):
+            trainer.fit(batches)
+        assert all(torch.isfinite(v).all() for v in trainer.state_dict().values())
+
+    for mode in ("backprop", "synthetic"):
+        skipping = sp.Trainer(sp.split(model(), n_stages=2), nn.CrossEntropyLoss(), adam, gradients=mode,
+                              nonfinite="skip", delay=1, progress=False)
+        history = skipping.fit(batches)
+        assert [s["step"] for s in history.steps if not math.isnan(s["loss"])] == [0, 1, 3]
+        assert all(torch.isfinite(v).all() for v in skipping.state_dict().values())
+        if mode == "synthetic":
+            synth = skipping.runner.stages[0].synth
+            assert all(torch.isfinite(p).all() for p in synth.parameters())
+
+
+def test_shape_a_stage_cannot_take_is_reported_with_stage_and_shapes():
+    trainer = sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), adam, progress=False)
+    bad = [(torch.randn(8, 7), torch.randint(0, 5, (8,)))]
+    with pytest.raises(sp.StageInputError, match=r"stage 0 could not take its input \(\(8, 7\):float32\)"):
+        trainer.fit(bad)
+
+
+def test_history_and_evaluate():
+    batches = make_batches(n=6)
+    trainer = sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), adam, progress=False)
+    history = trainer.fit(batches, epochs=2, eval_loader=batches[:2])
+    assert [e["epoch"] for e in history.epochs] == [0, 1]
+    assert [s["step"] for s in history.steps] == list(range(12))
+    assert all(e["samples"] == 6 * 32 and e["samples_per_s"] > 0 for e in history.epochs)
+    metrics = trainer.evaluate(batches[:2])
+    assert metrics["samples"] == 64 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["loss"] == pytest.approx(history.epochs[-1]["eval_loss"])
+    # A second fit continues the same run: epochs count from its start.
+    assert trainer.fit(batches, epochs=2).steps == []
+    assert [s["step"] for s in trainer.fit(batches, epochs=3).steps] == list(range(12, 18))
+
+
+def test_bad_options_are_named():
+    stages = sp.split(make_model(), n_stages=2)
+    with pytest.raises(ValueError, match="gradients must be one of"):
+        sp.Trainer(stages, nn.CrossEntropyLoss(), gradients="magic")
+    with pytest.raises(RuntimeError, match="nccl backend needs CUDA"):
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        sp.Trainer(stages, nn.CrossEntropyLoss(), backend="nccl")
+    trainer = sp.Trainer(stages, nn.CrossEntropyLoss(), progress=False)
+    with pytest.raises(ValueError, match=r"\(input, target\) batches"):
+        trainer.fit([torch.randn(4, 12)])
+
+
+def test_cdni_on_mnist1d_comes_within_three_points_of_backprop():
+    """The DNI paper's MLP, 3 stages, cDNI with linear synthesizers vs backprop, same steps."""
+    train, test = data.mnist1d(num_samples=5000)
+    results = {}
+    for mode in ("backprop", "synthetic"):
+        torch.manual_seed(0)
+        trainer = sp.Trainer(sp.split(models.paper_mlp(depth=3), n_stages=3), nn.CrossEntropyLoss(),
+                             lambda p: torch.optim.Adam(p, lr=1e-3),
+                             synthesizer=sp.Synthesizer("linear", conditional=True, num_classes=10),
+                             gradients=mode, progress=False)
+        history = trainer.fit(data.loader(train, 64, shuffle=True), epochs=10)
+        results[mode] = trainer.evaluate(data.loader(test, 500))["accuracy"]
+        assert history.steps[-1]["step"] == 10 * 63 - 1
+    assert results["synthetic"] > 0.5, f"cDNI reached only {results['synthetic']:.3f} (chance is 0.1)"
+    assert results["synthetic"] >= results["backprop"] - 0.03, results
