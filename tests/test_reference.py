@@ -147,7 +147,7 @@ def test_nonfinite_loss_raises_by_default_and_can_be_skipped():
 def test_shape_a_stage_cannot_take_is_reported_with_stage_and_shapes():
     trainer = sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), adam, progress=False)
     bad = [(torch.randn(8, 7), torch.randint(0, 5, (8,)))]
-    with pytest.raises(sp.StageInputError, match=r"stage 0 could not take its input \(\(8, 7\):float32\)"):
+    with pytest.raises(sp.StageInputError, match=r"stage 0 failed on its input \(\(8, 7\):float32\)"):
         trainer.fit(bad)
 
 

@@ -61,6 +61,8 @@ class Trainer:
             ``warmup_steps``, ``max_inflight``, ``nonfinite``, ``failure_timeout``, ...).
     """
 
+    _instances = 0
+
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  optimizer: OptimizerFactory | None = None, synthesizer: Synthesizer | None = None,
                  gradients: str = "synthetic", synth_optimizer: OptimizerFactory | None = None,
@@ -90,15 +92,18 @@ class Trainer:
             if world != self.n_stages:
                 raise ValueError(f"the job has {world} processes but the model has {self.n_stages} stages; "
                                  f"launch one process per stage (--nproc {self.n_stages}) or split into {world} stages")
+            self._owns_group = not dist.is_initialized()
             init_process_group(self.device, backend_for(self.device, backend))
             self.rank = dist.get_rank()
+            Trainer._instances += 1  # every rank creates its trainers in the same order
             self.runner: ReferenceRunner | PipelineWorker = PipelineWorker(
                 make(self.rank), self.config, Channels(self.rank, world, self._channel_device()))
-            prefix = "synthpipe/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
-                                              os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            prefix = "synthpipe/{}/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
+                                                 os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), Trainer._instances)
             self.watchdog = Watchdog(open_store(self.config.failure_timeout), self.rank, world,
                                      timeout=self.config.failure_timeout, prefix=prefix).start()
         else:
+            self._owns_group = False
             backend_for(self.device, backend)  # validates an explicit nccl request
             self.rank = 0
             self.runner = ReferenceRunner([make(r) for r in range(self.n_stages)], self.config)
@@ -334,13 +339,13 @@ class Trainer:
         self._guard(run)
 
     def close(self) -> None:
-        """Finish cleanly: stop the watchdog and leave the process group (all ranks)."""
+        """Finish cleanly (all ranks): stop the watchdog; leave the process group if this trainer made it."""
         if self.watchdog is not None:
             dist.barrier()
             self.watchdog.close()
             self.watchdog = None
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+            if self._owns_group and dist.is_initialized():
+                dist.destroy_process_group()
 
     def __enter__(self) -> "Trainer":
         return self

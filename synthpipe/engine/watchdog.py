@@ -85,9 +85,15 @@ class Watchdog:
         return self
 
     def report(self, message: str) -> None:
-        """Tell every rank that this rank failed (first report in the job wins)."""
+        """Tell every rank that this rank failed (first report in the job wins).
+
+        The store's host then waits a few heartbeats, so the others read the error
+        before the store goes away with this process.
+        """
         try:
             self.store.compare_set(self._key("error"), "", f"rank {self.rank}: {message}")
+            if self.hosts_store:
+                time.sleep(3 * self.interval)
         except Exception:
             pass
 
@@ -113,10 +119,23 @@ class Watchdog:
             pass
 
     # -- thread ---------------------------------------------------------------------
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, verdict: str | None = None) -> None:
+        """Publish ``verdict`` (so ranks that see it first agree on who failed), then exit."""
         self.failure = message
         self._stop.set()
+        try:
+            if verdict is not None:
+                self.store.compare_set(self._key("error"), "", verdict)
+            if self.hosts_store:  # keep the store up until the others have read the error
+                time.sleep(3 * self.interval)
+        except Exception:
+            pass
         self.on_failure(f"synthpipe (rank {self.rank}): {message}")
+
+    @property
+    def hosts_store(self) -> bool:
+        """Rank 0 hosts the store unless torchrun's agent does."""
+        return self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
 
     def _run(self) -> None:
         beats = 0
@@ -132,7 +151,7 @@ class Watchdog:
                 if self.store.check([self._key("error")]):
                     error = self.store.get(self._key("error")).decode()
                     if error:
-                        return self._fail(f"stopping because {error}")
+                        return self._fail(f"stopping because {error}", None)
                 for r in others:
                     if r in done or self.store.check([self._key("done", r)]):
                         done.add(r)
@@ -142,9 +161,9 @@ class Watchdog:
                     if value != last_value:
                         seen[r] = (value, now)
                     elif now - since > self.timeout:
-                        return self._fail(
-                            f"rank {r} stopped responding (no heartbeat for {now - since:.0f} s; "
-                            f"it was killed or crashed); stopping")
+                        verdict = (f"rank {r} stopped responding (no heartbeat for {now - since:.0f} s; "
+                                   f"it was killed or crashed)")
+                        return self._fail(f"{verdict}; stopping", verdict)
             except Exception as e:  # the store is gone: its host died or finished
                 if self._stop.is_set() or 0 in done:
                     return

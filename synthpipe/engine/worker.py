@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple
 from .config import TrainConfig
 from .history import StepLog
+from .metrics import NULL_TIMERS
 from .reference import batch_metrics, nonfinite_message
 from .targets import TargetCache, train_due_synthesizer
 from .transport import EVAL, EVAL_END, FIT_END, FLAG_SKIPPED, KIND_NAMES, TRAIN, Channel, Message
@@ -61,6 +62,7 @@ class PipelineWorker:
         self.stats = [math.nan] * (2 + self.world_size - 1)  # loss, its step, synth loss per boundary
         self.next_step = 0
         self._eval = [0.0, 0.0, 0.0]
+        self.timers = NULL_TIMERS  # metrics.Timers() to profile (the benchmark does)
 
     @property
     def drives_data(self) -> bool:
@@ -92,20 +94,23 @@ class PipelineWorker:
     def _poll_gradients(self) -> None:
         """File every gradient message that has already arrived (never blocks)."""
         while self.outstanding > 0 and self.ch.grad_in.ready():
-            self._receive_gradient()
+            with self.timers.section("recv"):
+                self._receive_gradient()
 
     def _wait_target(self, step: int) -> None:
         entry = self.cache.get(step)
         while entry is not None and not entry.ready:
             if self.outstanding == 0:
                 raise RuntimeError(f"rank {self.rank}: waiting for the target of step {step}, but none is in flight")
-            self._receive_gradient()
+            with self.timers.section("wait", step):
+                self._receive_gradient()
 
     def _wait_locked(self, step: int) -> Message:
         while step not in self.locked_grads:
             if self.outstanding == 0:
                 raise RuntimeError(f"rank {self.rank}: waiting for the gradient of step {step}, but none is in flight")
-            self._receive_gradient()
+            with self.timers.section("wait", step):
+                self._receive_gradient()
         return self.locked_grads.pop(step)
 
     # -- one training step ----------------------------------------------------------------
@@ -115,29 +120,35 @@ class PipelineWorker:
 
     def _send_back(self, step: int, grads: tuple, skipped: bool) -> None:
         if self.ch.grad_out is not None:
-            self.ch.grad_out.send(TRAIN, step, () if skipped else grads,
-                                  flags=FLAG_SKIPPED if skipped else 0, stats=self.stats)
+            with self.timers.section("send", step):
+                self.ch.grad_out.send(TRAIN, step, () if skipped else grads,
+                                      flags=FLAG_SKIPPED if skipped else 0, stats=self.stats)
 
     def _train(self, step: int, x: tuple, y: torch.Tensor) -> float | None:
-        cfg, stage = self.config, self.stage
+        cfg, stage, tm = self.config, self.stage, self.timers
         locked = cfg.locked(step)
         self.next_step = step + 1
-        inputs, outputs = stage.forward(x)
+        with tm.section("forward", step):
+            inputs, outputs = stage.forward(x)
         if self.ch.act_out is not None:
-            self.ch.act_out.send(TRAIN, step, (*outputs, y))
+            with tm.section("send", step):
+                self.ch.act_out.send(TRAIN, step, (*outputs, y))
             self.outstanding += 1
             self.ch.grad_in.post()
             if cfg.trains_synthesizers:
                 self.cache.add(step, outputs, y)
         result: float | None = None
         if self.is_last:
-            loss = stage.loss(outputs, y)
-            ok = bool(torch.isfinite(loss.detach()).all())
+            with tm.section("forward", step):
+                loss = stage.loss(outputs, y)
+                ok = bool(torch.isfinite(loss.detach()).all())
             if not ok and cfg.nonfinite == "raise":
                 raise NonFiniteError(nonfinite_message(stage, "the loss", step, loss))
             if ok:
-                stage.backward(outputs, loss=loss)
-                stage.step()
+                with tm.section("backward", step):
+                    stage.backward(outputs, loss=loss)
+                with tm.section("update", step):
+                    stage.step()
                 result = float(loss.detach())
                 self.stats[0], self.stats[1] = result, float(step)
                 self.log.put(step, "loss", result)
@@ -148,16 +159,20 @@ class PipelineWorker:
                 grads = msg.tensors
             else:
                 self._poll_gradients()
-                grads = stage.synthetic_gradient(outputs, y)
-                ok = all_finite(grads)
+                with tm.section("synth", step):
+                    grads = stage.synthetic_gradient(outputs, y)
+                    ok = all_finite(grads)
                 if not ok and cfg.nonfinite == "raise":
                     raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
             if ok:
-                stage.backward(outputs, grads)
-                stage.step()
+                with tm.section("backward", step):
+                    stage.backward(outputs, grads)
+                with tm.section("update", step):
+                    stage.step()
         self._send_back(step, stage.input_gradient(inputs) if ok else (), skipped=not ok)
         if self.ch.act_out is not None and cfg.trains_synthesizers:
-            trained = train_due_synthesizer(stage, self.cache, step, cfg.delay, cfg.max_inflight, self._wait_target)
+            with tm.section("synth", step):
+                trained = train_due_synthesizer(stage, self.cache, step, cfg.delay, cfg.max_inflight, self._wait_target)
             if trained is not None:
                 self.stats[2 + self.rank] = trained
                 self.log.put(step, f"synth_loss/{self.rank}", trained)
@@ -202,7 +217,8 @@ class PipelineWorker:
         """
         assert self.ch.act_in is not None
         while True:
-            msg = self.ch.act_in.recv(post_next=False)
+            with self.timers.section("wait"):
+                msg = self.ch.act_in.recv(post_next=False)
             if msg.kind in (TRAIN, EVAL):
                 self.ch.act_in.post()  # the next message is on its way; receive it ahead
             if msg.kind == TRAIN:

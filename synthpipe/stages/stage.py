@@ -116,7 +116,7 @@ class Stage:
             out = self.module(*inputs)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             raise StageInputError(
-                f"{self.name} could not take its input ({describe(inputs)}): {e}") from e
+                f"{self.name} failed on its input ({describe(inputs)}): {e}") from e
         return inputs, as_tuple(out)
 
     def loss(self, outputs: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:

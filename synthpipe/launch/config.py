@@ -1,0 +1,457 @@
+"""The job configuration of ``synthpipe train``: one flat dataclass, a TOML file, CLI flags.
+
+Precedence: dataclass defaults < TOML file (``--config``) < command-line flags the user
+actually gave. Every field has exactly one flag (see :data:`FLAGS`); the same argparse
+definition (:func:`add_train_arguments`) is used by ``synthpipe train`` and by
+``python -m synthpipe.launch.train`` (the torchrun entry point), so the two never drift,
+and :func:`overrides_to_argv` turns parsed overrides back into those flags when
+``synthpipe train --nproc N`` hands them on to torchrun.
+
+A config file is flat TOML, one key per field::
+
+    model = "paper_mlp"
+    depth = 3
+    data = "mnist1d"
+    epochs = 15
+    n_stages = 3
+    balance = [4, 3, 3]
+    conditional = true
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any, Optional
+
+__all__ = ["JobConfig", "load_config", "read_toml", "add_train_arguments", "overrides_from_args",
+           "overrides_to_argv", "FLAGS", "MODELS", "DATASETS"]
+
+MODELS = ("paper_mlp", "paper_cnn", "deep_mlp")
+DATASETS = ("mnist1d", "synthetic")
+SPLIT_BY = ("params", "time")
+GRADIENTS = ("synthetic", "backprop")
+SYNTHESIZERS = ("linear", "lowrank", "mlp", "conv", "token", "auto")  # synthpipe.stages.synthesizer.KINDS
+NONFINITE = ("raise", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("gloo", "nccl")
+
+
+@dataclasses.dataclass
+class JobConfig:
+    """Everything one ``synthpipe train`` job needs (flat; TOML keys are the field names).
+
+    Model:
+        model: ``"paper_mlp"`` (the DNI paper's MLP: Linear-BN-ReLU blocks),
+            ``"paper_cnn"`` (the paper's small CNN, 1-D) or ``"deep_mlp"`` (a deep
+            Linear-ReLU stack for speed tests). Flag ``--model``.
+        depth: hidden blocks (``paper_mlp``/``deep_mlp`` ``depth``, ``paper_cnn``
+            ``blocks``); ``None``: the model's default (3, 2 and 8). Flag ``--depth``.
+        hidden: width (``paper_mlp``/``deep_mlp`` ``hidden``, ``paper_cnn``
+            ``channels``); ``None``: the model's default (256, 64 and 1024). Flag ``--hidden``.
+
+    Data:
+        data: ``"mnist1d"`` (MNIST-1D generated locally, 40 features, 10 classes, fixed
+            data seed 42, 80/20 train/test split) or ``"synthetic"`` (random inputs labelled
+            by a random linear teacher, 10 classes, seeded by ``seed``, 80/20 split).
+            Flag ``--data``.
+        num_samples: examples in train + test together. Flag ``--num-samples``.
+        features: input size of the ``"synthetic"`` data (``None``: 40, like MNIST-1D);
+            ignored for ``"mnist1d"``. Flag ``--features``.
+        batch_size: training batch size (evaluation uses up to 1000). Flag ``--batch-size``.
+
+    Training:
+        epochs: epochs to train (counted from the start of the run, also after a resume).
+            Flag ``--epochs``.
+        max_steps: stop after this many steps in total (``None``: no limit).
+            Flag ``--max-steps``.
+        lr: Adam learning rate of every stage. Flag ``--lr``.
+        seed: seeds the model initialisation (identically on every rank), the shuffling
+            and the ``"synthetic"`` data. Flag ``--seed``.
+
+    Pipeline:
+        n_stages: stages the model is split into; a multi-process run needs exactly one
+            process per stage. Flag ``--stages``.
+        balance: children of the (Sequential) model per stage, e.g. ``[4, 3, 3]``; ``None``:
+            chosen by ``split_by``. Flag ``--balance 4,3,3``.
+        split_by: ``"params"`` (parameter counts) or ``"time"`` (measured forward+backward
+            time) when ``balance`` is not given. Flag ``--split-by``.
+        gradients: ``"synthetic"`` (DNI/cDNI: update unlocked) or ``"backprop"`` (wait for
+            the true gradient: locked, exact model parallelism). Flag ``--gradients``.
+        delay: train synthesizers at step t on the target of step t - delay (deterministic);
+            ``None``: as targets arrive (multi-process) or 2 (one process). Flag ``--delay``.
+        warmup_steps: first steps that use true gradients while synthesizers already learn.
+            Flag ``--warmup-steps``.
+        max_inflight: activations per stage waiting for their gradient target before the
+            stage waits (bounds memory and staleness). Flag ``--max-inflight``.
+        nonfinite: ``"raise"`` (stop on NaN/inf) or ``"skip"`` (drop that step's update).
+            Flag ``--nonfinite``.
+        failure_timeout: seconds of silence after which a rank counts as dead.
+            Flag ``--failure-timeout``.
+
+    Synthesizer:
+        synthesizer: kind of synthetic-gradient model: ``"linear"``, ``"lowrank"``,
+            ``"mlp"``, ``"conv"``, ``"token"`` or ``"auto"``. Flag ``--synthesizer``.
+        conditional: condition the synthesizers on one-hot labels (cDNI); needs labelled
+            data. Flags ``--conditional`` / ``--no-conditional``.
+        synth_lr: Adam learning rate of the synthesizers. Flag ``--synth-lr``.
+        synthetic_scale: factor on every synthetic gradient. Flag ``--scale``.
+
+    Placement:
+        device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU),
+            ``"cpu"`` or ``"cuda"``. Flag ``--device``.
+        backend: ``"gloo"`` or ``"nccl"``; ``None`` (or ``"auto"`` in TOML): nccl on CUDA,
+            gloo on CPU. Flag ``--backend``.
+        threads: ``torch.set_num_threads`` of every rank (and of the backprop baseline).
+            Flag ``--threads``.
+
+    Outputs:
+        checkpoint: directory; a checkpoint is saved there at the end. Flag ``--checkpoint``.
+        resume: checkpoint directory to continue from. Flag ``--resume``.
+        export: path; the trained model's ``state_dict`` (original parameter names, for
+            ``model.load_state_dict``) is written there. Flag ``--export``.
+        compare_backprop: after training, train the same (unsplit) model with plain
+            single-process backprop on the same data order for the same number of steps
+            and print both test accuracies (on rank 0, after the pipeline has finished).
+            Flags ``--compare`` / ``--no-compare``.
+        progress: progress bar and per-epoch lines on stderr (rank 0).
+            Flags ``--progress`` / ``--no-progress``.
+        output: directory for ``history.json`` (per-step and per-epoch records) and
+            ``summary.json`` (config and results). Flag ``--output``.
+    """
+
+    # model
+    model: str = "paper_mlp"
+    depth: Optional[int] = None
+    hidden: Optional[int] = None
+    # data
+    data: str = "mnist1d"
+    num_samples: int = 5000
+    features: Optional[int] = None
+    batch_size: int = 64
+    # training
+    epochs: int = 20
+    max_steps: Optional[int] = None
+    lr: float = 1e-3
+    seed: int = 0
+    # pipeline
+    n_stages: int = 3
+    balance: Optional[list[int]] = None
+    split_by: str = "params"
+    gradients: str = "synthetic"
+    delay: Optional[int] = None
+    warmup_steps: int = 0
+    max_inflight: int = 4
+    nonfinite: str = "raise"
+    failure_timeout: float = 30.0
+    # synthesizer
+    synthesizer: str = "linear"
+    conditional: bool = True
+    synth_lr: float = 1e-3
+    synthetic_scale: float = 1.0
+    # placement
+    device: str = "auto"
+    backend: Optional[str] = None
+    threads: int = 1
+    # outputs
+    checkpoint: Optional[str] = None
+    resume: Optional[str] = None
+    export: Optional[str] = None
+    compare_backprop: bool = True
+    progress: bool = True
+    output: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "JobConfig":
+        """Check types, choices and ranges; raise ``ValueError`` naming the field."""
+        if self.backend == "auto":
+            self.backend = None
+        for f in dataclasses.fields(self):
+            check_type(f.name, getattr(self, f.name))
+        for name, choices in (("model", MODELS), ("data", DATASETS), ("split_by", SPLIT_BY),
+                              ("gradients", GRADIENTS), ("synthesizer", SYNTHESIZERS),
+                              ("nonfinite", NONFINITE), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or auto); got {self.backend!r}")
+        for name in ("num_samples", "batch_size", "n_stages", "threads", "max_inflight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("depth", "hidden", "features", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "depth" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'depth' else 1}; got {value}")
+        for name in ("epochs", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.delay is not None and self.delay < 0:
+            raise ValueError(f"delay must be >= 0; got {self.delay}")
+        for name in ("lr", "synth_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.failure_timeout <= 1:
+            raise ValueError(f"failure_timeout must exceed 1 second; got {self.failure_timeout}")
+        if self.balance is not None:
+            if any(b < 1 for b in self.balance):
+                raise ValueError(f"balance entries must be >= 1; got {self.balance}")
+            if len(self.balance) != self.n_stages:
+                raise ValueError(f"balance {self.balance} has {len(self.balance)} stages but n_stages is "
+                                 f"{self.n_stages}; give --stages {len(self.balance)} or a balance of "
+                                 f"{self.n_stages} entries")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- types ------------------------------------------------------------------------------
+
+_HINTS: dict[str, Any] | None = None
+
+
+def field_types() -> dict[str, Any]:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(JobConfig)
+    return _HINTS
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union:
+        return _type_name(args[0])
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}[hint]
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_matches(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(item, v) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def check_type(name: str, value: Any) -> None:
+    """``ValueError`` naming ``name`` when ``value`` does not fit the field's type."""
+    hint = field_types()[name]
+    if not _matches(hint, value):
+        raise ValueError(f"{name} must be {_type_name(hint)}; got {value!r} ({type(value).__name__})")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Integers are valid floats; store them as float."""
+    hint = field_types()[name]
+    if float in (hint, *typing.get_args(hint)) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+# -- loading ----------------------------------------------------------------------------
+
+def _toml_module() -> Any:
+    try:
+        import tomllib  # Python 3.11+
+        return tomllib
+    except ImportError:
+        try:
+            import tomli  # the same parser, for Python 3.10
+            return tomli
+        except ImportError:
+            raise ValueError("reading a TOML config needs Python 3.11+ (tomllib) or the tomli package "
+                             "(pip install tomli)") from None
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The raw key-value table of a config file (``ValueError`` if it is not valid TOML)."""
+    toml = _toml_module()
+    if not os.path.exists(path):
+        raise ValueError(f"config file {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            return toml.load(f)
+        except toml.TOMLDecodeError as e:
+            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
+    valid = [f.name for f in dataclasses.fields(JobConfig)]
+    out = {}
+    for key, value in values.items():
+        if key not in valid:
+            raise ValueError(f"unknown key {key!r} in {source}; valid keys are: {', '.join(valid)}")
+        if key == "backend" and value == "auto":
+            value = None
+        value = _coerce(key, value)
+        try:
+            check_type(key, value)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        out[key] = value
+    return out
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (field -> value).
+
+    ``overrides`` should hold only what the user actually gave (see
+    :func:`overrides_from_args`). A ``balance`` without ``n_stages`` sets ``n_stages`` to
+    its length. Raises ``ValueError`` for an unknown key (the message
+    names it and lists the valid keys), a value of the wrong type (naming the key), a
+    value out of range, or an unreadable file.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_checked(read_toml(path), f"config file {path}"))
+    values.update(_checked(dict(overrides or {}), "the command-line options"))
+    if values.get("balance") is not None and "n_stages" not in values:
+        values["n_stages"] = len(values["balance"])  # a balance says how many stages
+    return JobConfig(**values)
+
+
+# -- command-line flags -----------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,3,3; got {text!r}") from None
+
+
+def _optional_int(text: str) -> int | None:
+    if text.lower() in ("none", "auto"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none'; got {text!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    field: str
+    flag: str
+    help: str
+    type: Any = None
+    choices: tuple | None = None
+    metavar: str | None = None
+    boolean: bool = False
+    group: str = "training"
+    none: str = "none"  # what a default of None means, for the help
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("model", "--model", "model to train", str, MODELS, group="model"),
+    Flag("depth", "--depth", "hidden blocks of the model", int, metavar="N", group="model", none="the model's own"),
+    Flag("hidden", "--hidden", "hidden width / channels", int, metavar="N", group="model", none="the model's own"),
+    Flag("data", "--data", "data set", str, DATASETS, group="data"),
+    Flag("num_samples", "--num-samples", "examples in train + test (80/20 split)", int, metavar="N", group="data"),
+    Flag("features", "--features", "input size of the synthetic data", int, metavar="N", group="data", none="40"),
+    Flag("batch_size", "--batch-size", "training batch size", int, metavar="B", group="data"),
+    Flag("epochs", "--epochs", "epochs to train", int, metavar="N"),
+    Flag("max_steps", "--max-steps", "stop after this many steps", int, metavar="N", none="no limit"),
+    Flag("lr", "--lr", "Adam learning rate of the stages", float, metavar="LR"),
+    Flag("seed", "--seed", "seed of initialisation, shuffling and synthetic data", int, metavar="S"),
+    Flag("n_stages", "--stages", "pipeline stages (one process per stage when multi-process)", int,
+         metavar="N", group="pipeline"),
+    Flag("balance", "--balance", "model children per stage, e.g. 4,3,3", _int_list, metavar="A,B,...",
+         group="pipeline", none="chosen by --split-by"),
+    Flag("split_by", "--split-by", "how to balance stages without --balance", str, SPLIT_BY, group="pipeline"),
+    Flag("gradients", "--gradients", "synthetic (DNI, unlocked) or backprop (locked, exact)", str, GRADIENTS,
+         group="pipeline"),
+    Flag("delay", "--delay", "fixed synthesizer target delay in steps (deterministic); 'none': as they arrive",
+         _optional_int, metavar="D", group="pipeline", none="none"),
+    Flag("warmup_steps", "--warmup-steps", "first steps on true gradients", int, metavar="K", group="pipeline"),
+    Flag("max_inflight", "--max-inflight", "activations awaiting a target per stage", int, metavar="N",
+         group="pipeline"),
+    Flag("nonfinite", "--nonfinite", "on NaN/inf: stop (raise) or drop the step (skip)", str, NONFINITE,
+         group="pipeline"),
+    Flag("failure_timeout", "--failure-timeout", "seconds before a silent rank counts as dead", float,
+         metavar="S", group="pipeline"),
+    Flag("synthesizer", "--synthesizer", "synthetic-gradient model kind", str, SYNTHESIZERS, group="synthesizer"),
+    Flag("conditional", "--conditional", "condition synthesizers on labels (cDNI)", boolean=True,
+         group="synthesizer"),
+    Flag("synth_lr", "--synth-lr", "Adam learning rate of the synthesizers", float, metavar="LR",
+         group="synthesizer"),
+    Flag("synthetic_scale", "--scale", "factor on the synthetic gradients", float, metavar="X",
+         group="synthesizer"),
+    Flag("device", "--device", "device of every rank", str, DEVICES, group="placement"),
+    Flag("backend", "--backend", "process-group backend", str, BACKENDS,
+         group="placement", none="nccl on CUDA, gloo on CPU"),
+    Flag("threads", "--threads", "torch threads per rank", int, metavar="T", group="placement"),
+    Flag("checkpoint", "--checkpoint", "save a checkpoint here at the end", str, metavar="DIR", group="outputs"),
+    Flag("resume", "--resume", "continue from this checkpoint", str, metavar="DIR", group="outputs"),
+    Flag("export", "--export", "write the trained model's state_dict here", str, metavar="PATH", group="outputs"),
+    Flag("compare_backprop", "--compare", "also train with plain backprop and compare accuracy", boolean=True,
+         group="outputs"),
+    Flag("progress", "--progress", "progress bar on stderr", boolean=True, group="outputs"),
+    Flag("output", "--output", "directory for history.json and summary.json", str, metavar="DIR",
+         group="outputs"),
+)
+
+_GROUPS = ("model", "data", "training", "pipeline", "synthesizer", "placement", "outputs")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config FILE`` and one flag per :class:`JobConfig` field to ``parser``.
+
+    Flags have no argparse default (``SUPPRESS``), so the parsed namespace holds only the
+    flags the user gave; :func:`overrides_from_args` turns it into ``load_config``'s
+    overrides. The help shows the dataclass defaults.
+    """
+    defaults = JobConfig()
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML file with JobConfig fields (flags override it)")
+    groups = {g: parser.add_argument_group(f"{g} options") for g in _GROUPS}
+    for f in FLAGS:
+        default = getattr(defaults, f.field)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{f.help} (default: {f.none if shown is None else shown})"
+        group = groups[f.group]
+        if f.boolean:
+            group.add_argument(f.flag, dest=f.field, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(f.flag, dest=f.field, type=f.type, choices=f.choices, metavar=f.metavar,
+                               default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`JobConfig` fields given on the command line (field -> value)."""
+    given = vars(args)
+    return {f.field: given[f.field] for f in FLAGS if f.field in given}
+
+
+def overrides_to_argv(overrides: dict[str, Any]) -> list[str]:
+    """The flags that :func:`add_train_arguments` parses back into ``overrides``."""
+    by_field = {f.field: f for f in FLAGS}
+    argv: list[str] = []
+    for name, value in overrides.items():
+        f = by_field[name]
+        if f.boolean:
+            argv.append(f.flag if value else "--no-" + f.flag[2:])
+        elif value is None:
+            if name != "delay":
+                raise ValueError(f"{name} cannot be given as None on the command line")
+            argv += [f.flag, "none"]
+        elif isinstance(value, list):
+            argv += [f.flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [f.flag, str(value)]
+    return argv

@@ -1,0 +1,396 @@
+"""The torchrun entry point: build the job from a :class:`JobConfig`, train, report.
+
+    python -m synthpipe.launch.train [flags]                              # one process
+    torchrun --nproc-per-node 3 -m synthpipe.launch.train --stages 3 ...  # one rank per stage
+
+Every rank builds the same model (seeded with ``seed``) and splits it the same way; the
+:class:`synthpipe.Trainer` reads the torchrun environment (``WORLD_SIZE > 1``: rank r
+keeps stage r). Only rank 0 builds the data and prints. After training, with
+``compare_backprop``, rank 0 trains the unsplit model with plain single-process backprop
+on the same data order for the same number of steps and prints both test accuracies; in a
+multi-process run this happens after the pipeline has finished and the other ranks have
+left (they simply exit).
+
+Exit codes: 0 success, 2 a configuration or setup error (one line on stderr, no
+traceback), 1 a failure during training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from .config import JobConfig, add_train_arguments, load_config, overrides_from_args
+
+MNIST1D_FEATURES = 40
+NUM_CLASSES = 10
+EVAL_BATCH = 1000
+
+
+class LaunchError(Exception):
+    """A configuration or setup problem: reported as one line, exit code 2."""
+
+
+# -- environment ------------------------------------------------------------------------
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _say(message: str) -> None:
+    """Print a setup error once per node (local rank 0), to stderr."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"synthpipe train: error: {message}", file=sys.stderr, flush=True)
+
+
+# -- what the job is made of --------------------------------------------------------------
+
+def data_shape(cfg: JobConfig) -> tuple[int, int | None]:
+    """(input features, number of label classes or ``None`` for unlabelled data)."""
+    if cfg.data == "mnist1d":
+        return MNIST1D_FEATURES, NUM_CLASSES
+    return (cfg.features or MNIST1D_FEATURES), NUM_CLASSES
+
+
+def resolve_device(cfg: JobConfig) -> Any:
+    import torch
+    from ..engine.distributed import default_device
+
+    if cfg.device == "auto":
+        return default_device()
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LaunchError("--device cuda was asked for, but CUDA is not available on this machine; "
+                          "use --device cpu (or auto)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def preflight(cfg: JobConfig, world: int) -> None:
+    """Checks that need no process group: run before anything heavy (and by ``synthpipe train --nproc``).
+
+    Raises :class:`LaunchError` for: a world size that is not the number of stages, a
+    conditional synthesizer on data without labels, a CUDA device or the nccl backend
+    without CUDA.
+    """
+    from ..engine.distributed import backend_for
+
+    if world > 1 and world != cfg.n_stages:
+        raise LaunchError(f"the job has {world} processes but the model has {cfg.n_stages} stages; "
+                          f"launch one process per stage (--nproc {cfg.n_stages}) or split into "
+                          f"{world} stages (--stages {world})")
+    if cfg.num_samples < 10:
+        raise LaunchError(f"num_samples must be at least 10 (80/20 train/test split); got {cfg.num_samples}")
+    _, num_classes = data_shape(cfg)
+    if cfg.conditional and cfg.gradients == "synthetic" and num_classes is None:
+        raise LaunchError(f"a conditional synthesizer (cDNI) needs class labels, but data {cfg.data!r} has none; "
+                          "pass --no-conditional for plain DNI")
+    device = resolve_device(cfg)
+    try:
+        backend_for(device, cfg.backend)
+    except (RuntimeError, ValueError) as e:
+        raise LaunchError(str(e)) from None
+
+
+def build_model(cfg: JobConfig, in_features: int, num_classes: int) -> Any:
+    """The model of ``cfg``, initialised from ``cfg.seed`` (identical on every rank)."""
+    import torch
+    from .. import models
+
+    torch.manual_seed(cfg.seed)
+    if cfg.model == "paper_mlp":
+        kw: dict[str, Any] = {"in_features": in_features, "num_classes": num_classes}
+        if cfg.depth is not None:
+            kw["depth"] = cfg.depth
+        if cfg.hidden is not None:
+            kw["hidden"] = cfg.hidden
+        return models.paper_mlp(**kw)
+    if cfg.model == "paper_cnn":
+        kw = {"in_channels": 1, "length": in_features, "num_classes": num_classes}
+        if cfg.depth is not None:
+            kw["blocks"] = cfg.depth
+        if cfg.hidden is not None:
+            kw["channels"] = cfg.hidden
+        return models.paper_cnn(**kw)
+    kw = {"in_features": in_features, "num_classes": num_classes}
+    if cfg.depth is not None:
+        kw["depth"] = cfg.depth
+    if cfg.hidden is not None:
+        kw["hidden"] = cfg.hidden
+    return models.deep_mlp(**kw)
+
+
+def build_data(cfg: JobConfig) -> tuple[Any, Any]:
+    """``(train, test)`` datasets of ``(x, y)``."""
+    from torch.utils.data import TensorDataset
+    from .. import data
+
+    if cfg.data == "mnist1d":
+        return data.mnist1d(num_samples=cfg.num_samples)  # the canonical data seed (42)
+    features, num_classes = data_shape(cfg)
+    full = data.synthetic_classification(cfg.num_samples, features, num_classes or NUM_CLASSES, seed=cfg.seed)
+    x, y = full.tensors
+    n_train = int(0.8 * len(y))  # num_samples >= 10: both splits are non-empty
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+def check_labels(cfg: JobConfig, dataset: Any, num_classes: int | None) -> None:
+    """The data must yield integer labels in range when the synthesizer is conditional."""
+    if not (cfg.conditional and cfg.gradients == "synthetic"):
+        return
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is None or len(tensors) < 2:
+        raise LaunchError(f"a conditional synthesizer (cDNI) needs (input, label) data; {cfg.data!r} has no labels; "
+                          "pass --no-conditional")
+    y = tensors[1]
+    if y.dtype.is_floating_point or y.dtype == __import__("torch").bool:
+        raise LaunchError(f"a conditional synthesizer (cDNI) needs integer class labels; {cfg.data!r} has "
+                          f"{y.dtype} targets; pass --no-conditional")
+    if num_classes is None or (y.numel() and int(y.max()) >= num_classes):
+        raise LaunchError(f"the number of classes of {cfg.data!r} is unknown; a conditional synthesizer needs it; "
+                          "pass --no-conditional")
+
+
+def train_loader(cfg: JobConfig, dataset: Any) -> Any:
+    """Seeded shuffling: a fresh loader with the same seed yields the same batch order.
+
+    A last batch of a single example is dropped (training-mode BatchNorm cannot take it).
+    """
+    from .. import data
+
+    return data.loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                       drop_last=len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1)
+
+
+def eval_loader(dataset: Any) -> Any:
+    from .. import data
+
+    return data.loader(dataset, min(EVAL_BATCH, len(dataset)))
+
+
+def choose_balance(cfg: JobConfig, model: Any, in_features: int, device: Any, world: int) -> list[int] | None:
+    """The balance to split with (``None``: let ``split`` balance by parameters).
+
+    ``split_by="time"`` measures on this machine; in a multi-process run rank 0 measures
+    and every rank uses its result (measurements differ between processes, and all ranks
+    must cut the model at the same places).
+    """
+    import torch
+
+    if cfg.balance is not None:
+        return list(cfg.balance)
+    if cfg.split_by != "time":
+        return None
+    from ..stages.balance import balance_by_time
+
+    def measure() -> list[int]:
+        if cfg.n_stages > len(model):
+            raise LaunchError(f"cannot split a model with {len(model)} children into {cfg.n_stages} stages")
+        example = torch.randn(cfg.batch_size, in_features, device=device)
+        return balance_by_time(model.to(device), cfg.n_stages, example)
+
+    if world == 1:
+        return measure()
+    import torch.distributed as dist
+    from ..engine.distributed import backend_for, init_process_group
+
+    init_process_group(device, backend_for(device, cfg.backend))  # the Trainer reuses this group
+    box: list[Any] = [measure() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def method_name(cfg: JobConfig) -> str:
+    if cfg.gradients == "backprop":
+        return "pipeline backprop"
+    return "cDNI" if cfg.conditional else "DNI"
+
+
+# -- plain backprop baseline ------------------------------------------------------------------
+
+def evaluate_model(model: Any, loader: Any, device: Any) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total = correct = count = 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            total += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(-1) == y).sum())
+            count += int(y.shape[0])
+    model.train()
+    return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, device: Any) -> dict[str, float]:
+    """The unsplit model, plain single-process backprop, same init and batch order, ``steps`` steps."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    in_features, num_classes = data_shape(cfg)
+    model = build_model(cfg, in_features, num_classes or NUM_CLASSES).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loader = train_loader(cfg, train_set)
+    model.train()
+    start = time.perf_counter()
+    step = 0
+    with tqdm(total=steps, disable=not cfg.progress, unit="step", desc="backprop x1", dynamic_ncols=True,
+              file=sys.stderr, leave=False) as bar:
+        while step < steps and len(loader) > 0:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                step += 1
+                bar.update(1)
+                if step >= steps:
+                    break
+    elapsed = time.perf_counter() - start
+    metrics = evaluate_model(model, eval_loader(test_set), device)
+    return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "steps": step, "time": elapsed}
+
+
+# -- the job ------------------------------------------------------------------------------
+
+def _throughput(history: Any, steps_run: int, batch_size: int) -> tuple[int, float]:
+    """(samples, seconds) of training in this fit, from the epoch records or the step times."""
+    if history.epochs:
+        return (sum(int(e["samples"]) for e in history.epochs), sum(float(e["time"]) for e in history.epochs))
+    times = [s["time"] for s in history.steps if s.get("time") == s.get("time") and s.get("time") is not None]
+    return steps_run * batch_size, (max(times) if times else 0.0)
+
+
+def run(cfg: JobConfig) -> int:
+    """Train the job ``cfg`` in this process (one rank of it under torchrun). Returns the exit code."""
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    import torch.nn as nn
+
+    import synthpipe as sp
+
+    world, rank = env_world(), env_rank()
+    try:
+        preflight(cfg, world)
+        in_features, num_classes = data_shape(cfg)
+        device = resolve_device(cfg)
+        model = build_model(cfg, in_features, num_classes or NUM_CLASSES)
+        balance = choose_balance(cfg, model, in_features, device, world)
+        stages = sp.split(model, balance=balance) if balance is not None else \
+            sp.split(model, n_stages=cfg.n_stages, by="params")
+        synthesizer = sp.Synthesizer(cfg.synthesizer, conditional=cfg.conditional,
+                                     num_classes=num_classes if cfg.conditional else None)
+
+        def adam(params: Any) -> torch.optim.Optimizer:
+            return torch.optim.Adam(params, lr=cfg.lr)
+
+        trainer = sp.Trainer(stages, loss_fn=nn.CrossEntropyLoss(), optimizer=adam, synthesizer=synthesizer,
+                             gradients=cfg.gradients, synth_lr=cfg.synth_lr, device=device, backend=cfg.backend,
+                             delay=cfg.delay, synthetic_scale=cfg.synthetic_scale, warmup_steps=cfg.warmup_steps,
+                             max_inflight=cfg.max_inflight, nonfinite=cfg.nonfinite,
+                             failure_timeout=cfg.failure_timeout, progress=cfg.progress)
+        train_set = test_set = loader = loader_eval = None
+        if trainer.is_main:
+            train_set, test_set = build_data(cfg)
+            check_labels(cfg, train_set, num_classes)
+            loader, loader_eval = train_loader(cfg, train_set), eval_loader(test_set)
+            if len(loader) == 0:
+                raise LaunchError(f"no training batches: {len(train_set)} training examples at batch size "
+                                  f"{cfg.batch_size}")
+    except LaunchError as e:
+        _say(str(e))
+        return 2
+    except (ValueError, RuntimeError, TypeError) as e:  # the engine's and split's argument checks
+        _say(str(e))
+        return 2
+
+    start = time.perf_counter()
+    try:
+        history = trainer.fit(loader, epochs=cfg.epochs, eval_loader=loader_eval, max_steps=cfg.max_steps,
+                              resume=cfg.resume)
+        final_epoch_eval = (history.epochs and "eval_accuracy" in history.final
+                            and history.final["epoch"] == trainer.epoch - 1 and trainer.step_in_epoch == 0)
+        if final_epoch_eval:
+            metrics = {"accuracy": history.final["eval_accuracy"], "loss": history.final["eval_loss"]}
+        else:
+            metrics = trainer.evaluate(loader_eval)  # every rank takes part
+        wall = time.perf_counter() - start
+        if cfg.checkpoint is not None:
+            trainer.save(cfg.checkpoint)
+        if cfg.export is not None:
+            trainer.export(cfg.export)
+        steps_total = trainer.step
+        trainer.close()
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, ArithmeticError, OSError) as e:
+        where = f" on rank {rank}" if world > 1 else ""
+        print(f"synthpipe train: training failed{where}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("SYNTHPIPE_TRACEBACK"):
+            raise
+        return 1
+
+    if rank != 0:
+        return 0
+    steps_run = len(history.steps)  # steps of this fit (after a resume: the new ones)
+    samples, seconds = _throughput(history, steps_run, cfg.batch_size)
+    name = method_name(cfg)
+    procs = f"{world} processes" if world > 1 else "1 process"
+    print(f"{name}: {cfg.model} on {cfg.data}, {cfg.n_stages} stages, {procs}, device {trainer.device}")
+    print(f"trained {steps_run} steps ({trainer.epoch} epochs done, step {steps_total}) in {wall:.1f} s, "
+          f"{samples / max(seconds, 1e-9):.0f} samples/s")
+    print(f"{name} test accuracy {100 * metrics['accuracy']:.2f}% (test loss {metrics['loss']:.4f})")
+    if cfg.checkpoint is not None:
+        print(f"checkpoint saved to {cfg.checkpoint}")
+    if cfg.export is not None:
+        print(f"model state_dict exported to {cfg.export}")
+    summary: dict[str, Any] = {"config": cfg.to_dict(), "world_size": world, "steps": steps_total,
+                               "epochs": trainer.epoch, "time": wall, "samples_per_s": samples / max(seconds, 1e-9),
+                               "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
+    if cfg.compare_backprop and steps_total > 0:
+        base = train_backprop(cfg, train_set, test_set, steps_total, trainer.device)
+        print(f"backprop (1 process, unsplit): {base['steps']} steps in {base['time']:.1f} s, "
+              f"test accuracy {100 * base['accuracy']:.2f}%")
+        print(f"{name} test accuracy {100 * metrics['accuracy']:.1f}% vs backprop {100 * base['accuracy']:.1f}% "
+              f"(same steps)")
+        summary["backprop"] = base
+    if cfg.output is not None:
+        os.makedirs(cfg.output, exist_ok=True)
+        history.to_json(os.path.join(cfg.output, "history.json"))
+        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        print(f"history and summary written to {cfg.output}")
+    sys.stdout.flush()
+    return 0
+
+
+def build_parser(prog: str = "python -m synthpipe.launch.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train with synthetic gradients: one process, or one rank per stage under torchrun.")
+    return add_train_arguments(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides_from_args(args))
+    except ValueError as e:
+        _say(str(e))
+        return 2
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Checkpoints (engine/checkpoint.py): save, resume, export, in one process and across ranks."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import synthpipe as sp
+from multiprocess import run_ranks
+from synthpipe.engine.checkpoint import export_checkpoint, read_meta
+
+pytestmark = pytest.mark.timeout(180)
+
+OPTIONS = {"gradients": "synthetic", "delay": 1, "synth_lr": 1e-2,
+           "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=5)}
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.Tanh(), nn.BatchNorm1d(24),
+                         nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5))
+
+
+def make_batches(n: int = 10) -> list:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(n)]
+
+
+def trainer(n_stages: int = 3) -> sp.Trainer:
+    return sp.Trainer(sp.split(make_model(), n_stages=n_stages), nn.CrossEntropyLoss(),
+                      lambda p: torch.optim.Adam(p, lr=1e-2), progress=False, **OPTIONS)
+
+
+def everything(t: sp.Trainer) -> dict:
+    """Stage modules, optimizers and synthesizers of this process, flattened to tensors."""
+    stages = t.runner.stages if hasattr(t.runner, "stages") else [t.runner.stage]
+    out = {}
+    for s in stages:
+        out.update({f"{s.index}/module/{k}": v.clone() for k, v in s.module.state_dict().items()})
+        if s.synth is not None:
+            out.update({f"{s.index}/synth/{k}": v.clone() for k, v in s.synth.state_dict().items()})
+        for i, st in enumerate(s.optimizer.state_dict()["state"].values()):
+            out.update({f"{s.index}/opt/{i}/{k}": torch.as_tensor(v).clone() for k, v in st.items()})
+    return out
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+
+
+def resume_across_ranks(rank: int, directory: str, batches: list) -> dict:
+    first = trainer()
+    first.fit(batches, max_steps=5)
+    first.save(directory)
+    resumed = trainer()  # a new trainer in the same processes (the group stays up)
+    history = resumed.fit(batches, max_steps=10, resume=directory)
+    result = {"state": everything(resumed), "steps": [s["step"] for s in history.steps]}
+    resumed.export(directory + "/model.pt")
+    resumed.close()
+    return result
+
+
+def straight_through(rank: int, batches: list) -> dict:
+    t = trainer()
+    t.fit(batches, max_steps=10)
+    result = {"state": everything(t)}
+    t.close()
+    return result
+
+
+def test_resume_across_ranks_equals_one_uninterrupted_run_and_export_loads(tmp_path):
+    batches = make_batches()
+    directory = str(tmp_path / "ckpt")
+    resumed = run_ranks(resume_across_ranks, 3, directory, batches)
+    straight = run_ranks(straight_through, 3, batches)
+    for r in range(3):
+        assert_equal(resumed[r]["state"], straight[r]["state"])
+        assert resumed[r]["steps"] == list(range(5, 10))
+    assert read_meta(directory)["step"] == 5
+
+    model = make_model()
+    model.load_state_dict(torch.load(directory + "/model.pt"))  # strict: original names, no synthesizers
+    single = trainer()
+    single.fit(batches, max_steps=10)
+    for k, v in single.state_dict().items():
+        assert torch.allclose(model.state_dict()[k].float(), v.float(), atol=1e-6), k
+
+
+def test_single_process_resume_and_checkpoint_export(tmp_path):
+    batches = make_batches()
+    straight = trainer()
+    straight.fit(batches, max_steps=10)
+    first = trainer()
+    first.fit(batches, max_steps=4)
+    first.save(str(tmp_path))
+    again = trainer().load(str(tmp_path))
+    assert again.step == 4 and again.step_in_epoch == 4
+    again.fit(batches, max_steps=10)
+    assert_equal(everything(again), everything(straight))
+
+    exported = export_checkpoint(str(tmp_path), str(tmp_path / "m.pt"))
+    model = make_model()
+    model.load_state_dict(torch.load(tmp_path / "m.pt"))
+    assert set(exported) == set(model.state_dict())
+
+
+def test_resume_continues_the_epoch_where_it_stopped(tmp_path):
+    batches = make_batches(n=6)
+    first = trainer(2)
+    first.fit(batches, epochs=2, max_steps=8)
+    assert (first.epoch, first.step_in_epoch) == (1, 2)
+    first.save(str(tmp_path))
+    history = trainer(2).fit(batches, epochs=2, resume=str(tmp_path))
+    assert [(s["step"], s["epoch"]) for s in history.steps] == [(8, 1), (9, 1), (10, 1), (11, 1)]
+
+
+def test_loading_an_incomplete_or_mismatched_checkpoint_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a complete synthpipe checkpoint"):
+        trainer().load(str(tmp_path))
+    two = trainer(2)
+    two.fit(make_batches(2))
+    two.save(str(tmp_path))
+    with pytest.raises(ValueError, match="has 2 stages, this trainer has 3"):
+        trainer(3).load(str(tmp_path))

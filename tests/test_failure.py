@@ -1,0 +1,125 @@
+"""A rank that dies or raises takes the job down within the failure timeout, by name (engine/watchdog.py)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from multiprocess import free_port, rank_env
+
+pytestmark = pytest.mark.timeout(120)
+
+FAILURE_TIMEOUT = 4.0
+
+# One rank of a 3-stage job that trains "forever" on synthetic batches. Stage 1 holds a
+# `Probe` that writes a marker file once it has seen 10 steps, and, in mode "raise",
+# raises at step 12; in mode "badshape", stage 0 emits a width stage 1 cannot take.
+RANK_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.nn as nn, synthpipe as sp
+    torch.set_num_threads(1)
+    mode, marker, world = sys.argv[1], sys.argv[2], int(os.environ["WORLD_SIZE"])
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.steps = 0
+        def forward(self, h):
+            self.steps += 1
+            if self.steps == 10:
+                open(marker, "w").close()
+            if mode == "raise" and self.steps == 12:
+                raise RuntimeError("boom in the probe")
+            return h
+
+    width = 17 if mode == "badshape" else 16
+    layers = [nn.Linear(8, width), nn.ReLU(), nn.Linear(16, 16), Probe(), nn.Linear(16, 4)]
+    balance = [2, 2, 1] if world == 3 else [2, 3]
+    stages = sp.split(nn.Sequential(*layers), balance=balance)
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+
+    trainer = sp.Trainer(stages, nn.CrossEntropyLoss(), progress=False, failure_timeout=float(sys.argv[3]))
+    trainer.fit(batches(), max_steps=10**9)
+""")
+
+
+def start_job(tmp_path, world: int, mode: str) -> tuple[list[subprocess.Popen], str]:
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    marker = str(tmp_path / "marker")
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, **rank_env(rank, world, port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), mode, marker, str(FAILURE_TIMEOUT)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs, marker
+
+
+def wait_for(path: str, procs: list[subprocess.Popen], seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            outs = [p.communicate()[1][-2000:] for p in procs]
+            pytest.fail(f"the job did not start training: {outs}")
+        time.sleep(0.1)
+
+
+def finish(procs: list[subprocess.Popen], seconds: float) -> list[tuple[int | None, str, float]]:
+    """(exit code, stderr, seconds to exit) per process; kills what is still running after ``seconds``."""
+    start = time.monotonic()
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(0.1, start + seconds - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            results.append((None, err, float("inf")))
+            continue
+        results.append((p.returncode, err, time.monotonic() - start))
+    return results
+
+
+@pytest.mark.parametrize("world,victim", [(3, 1), (2, 0)])
+def test_killing_one_rank_makes_the_others_exit_naming_it(tmp_path, world, victim):
+    procs, marker = start_job(tmp_path, world, "train")
+    wait_for(marker, procs)
+    procs[victim].send_signal(signal.SIGKILL)
+    bound = FAILURE_TIMEOUT + 10  # detection plus process teardown, on a busy 2-core machine
+    results = finish(procs, bound)
+    for rank, (code, err, took) in enumerate(results):
+        if rank == victim:
+            continue
+        assert code is not None, f"rank {rank} still running {bound} s after rank {victim} was killed"
+        assert code != 0, f"rank {rank} exited 0 after rank {victim} died"
+        assert f"rank {victim}" in err, f"rank {rank}'s message does not name rank {victim}: {err[-1500:]}"
+
+
+def test_a_rank_that_raises_stops_the_others_with_its_error(tmp_path):
+    procs, marker = start_job(tmp_path, 3, "raise")
+    results = finish(procs, 60)
+    codes = [code for code, _, _ in results]
+    assert all(code not in (None, 0) for code in codes), codes
+    assert "boom in the probe" in results[1][1]
+    for rank in (0, 2):
+        assert "rank 1: " in results[rank][1] and "boom in the probe" in results[rank][1], results[rank][1][-1500:]
+
+
+def test_a_shape_a_stage_cannot_take_names_the_stage_and_shapes(tmp_path):
+    procs, _ = start_job(tmp_path, 3, "badshape")
+    results = finish(procs, 60)
+    assert all(code not in (None, 0) for code, _, _ in results)
+    message = "stage 1 failed on its input ((8, 17):float32)"
+    assert message in results[1][1], results[1][1][-1500:]
+    assert message in results[0][1] and message in results[2][1]
