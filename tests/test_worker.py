@@ -99,3 +99,120 @@ def test_variable_batch_size_and_free_running_synthetic_mode():
     assert [s["step"] for s in steps] == list(range(9))
     assert all(s["loss"] == s["loss"] for s in steps), "every step has the last stage's loss"
     assert any(v == v for s in steps for v in s["synth_loss"]), "synthesizers were trained"
+
+
+class SkipNet(nn.Module):
+    """A skip connection over the split point: the boundary carries two tensors."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(12, 16)
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 5)
+        self.proj = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(torch.tanh(self.mid(h))) + self.proj(h)  # h skips stage 1
+
+
+def skipnet_stages() -> list:
+    return sp.split(SkipNet(), points=["mid", "out"], example_input=torch.randn(4, 12))
+
+
+def fit_skipnet(rank: int, batches: list, mode: str) -> dict:
+    trainer = sp.Trainer(skipnet_stages(), nn.CrossEntropyLoss(), adam, gradients=mode, progress=False, delay=1,
+                         synthesizer=sp.Synthesizer("linear"))
+    trainer.fit(batches)
+    own = trainer.runner.stage
+    widths = [s for s in own.synth.shapes] if own.synth is not None else None
+    state = trainer.state_dict()
+    trainer.close()
+    return {"state": state, "synth_shapes": widths}
+
+
+def test_a_boundary_carrying_a_tuple_of_tensors():
+    batches = make_batches(n=6, last=7)
+    stages = skipnet_stages()
+    with torch.no_grad():
+        assert len(stages[1](stages[0](batches[0][0]))) == 2, "the split should put two tensors on boundary 1"
+    results = run_ranks(fit_skipnet, 3, batches, "backprop")
+    model = SkipNet()
+    opt = adam(model.parameters())
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for r in results:
+        assert_states_close(r["state"], model.state_dict(), atol=1e-5)
+    synthetic = run_ranks(fit_skipnet, 3, batches, "synthetic")
+    assert synthetic[1]["synth_shapes"] == [(16,), (16,)], "one synthesizer per boundary tensor"
+
+
+def long_run(rank: int, steps: int) -> dict:
+    import psutil
+
+    trainer = trainer_for(3, synthesizer=sp.Synthesizer("linear"), max_inflight=3)
+    worker = trainer.runner
+    cache_sizes, rss = [], []
+    original = worker._train
+
+    def watched(step, x, y):
+        out = original(step, x, y)
+        cache_sizes.append(len(worker.cache))
+        if step in (steps // 4, steps - 1):
+            rss.append(psutil.Process().memory_info().rss)
+        return out
+    worker._train = watched
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            yield torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+    trainer.fit(batches())
+    sends = sum(len(c._pending_sends) for c in (worker.ch.act_out, worker.ch.grad_out) if c is not None)
+    trainer.close()
+    return {"max_cache": max(cache_sizes), "rss": rss, "pending_sends": sends}
+
+
+def test_memory_stays_flat_over_a_long_run():
+    steps = 1500
+    results = run_ranks(long_run, 3, steps, timeout=240)
+    for rank, r in enumerate(results):
+        assert r["max_cache"] <= 3, f"rank {rank} cached {r['max_cache']} activations (max_inflight 3)"
+        assert r["pending_sends"] == 0
+        growth = r["rss"][1] - r["rss"][0]
+        assert growth < 20 * 2**20, f"rank {rank} grew by {growth / 2**20:.1f} MiB over {3 * steps // 4} steps"
+
+
+def wrong_world(rank: int) -> str:
+    try:
+        trainer_for(3)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_world_size_different_from_stage_count_is_an_error():
+    messages = run_ranks(wrong_world, 2)
+    assert all("2 processes but the model has 3 stages" in m for m in messages), messages
+
+
+def fit_on_gpus(rank: int, batches: list) -> dict:
+    trainer = trainer_for(2, gradients="backprop")  # device cuda:LOCAL_RANK, backend nccl
+    assert trainer.device == torch.device("cuda", rank)
+    assert torch.distributed.get_backend() == "nccl"
+    trainer.fit(batches)
+    state = trainer.state_dict()
+    trainer.close()
+    return {"model": state}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
+def test_nccl_transport_on_two_gpus_is_transparent():
+    batches = make_batches()
+    results = run_ranks(fit_on_gpus, 2, batches)
+    expected = plain_backprop(batches)
+    for r in results:
+        assert_states_close(r["model"], expected, atol=1e-4)

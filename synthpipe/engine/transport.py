@@ -90,7 +90,7 @@ def encode_header(kind: int, step: int, tensors: Sequence[torch.Tensor | None],
             if t.dim() > MAX_DIMS:
                 raise TransportError(f"cannot send a {t.dim()}-D tensor (at most {MAX_DIMS} dims)")
             entry = [_CODE[t.dtype], t.dim(), *t.shape]
-            nbytes += t.numel() * t.element_size()
+            nbytes += _padded(t.numel() * t.element_size())
         if pos + len(entry) > HEADER_LEN:
             raise TransportError(f"too many tensors or dimensions for one message ({len(tensors)} tensors)")
         header[pos:pos + len(entry)] = entry
@@ -117,10 +117,23 @@ def decode_header(header: Sequence[int]) -> tuple[int, int, int, list[float], li
     return kind, step, flags, stats, specs, int(header[5])
 
 
+ALIGN = 16  # every tensor starts at a multiple of this, so the receiver can view it in place
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def pack(tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
-    """All tensors as one flat uint8 buffer on ``device`` (None if there are no bytes)."""
-    parts = [t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
-             for t in tensors if t is not None and t.numel() > 0]
+    """All tensors as one flat uint8 buffer on ``device``, each at an aligned offset (None if empty)."""
+    parts = []
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        raw = t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
+        parts.append(raw)
+        if _padded(raw.numel()) != raw.numel():
+            parts.append(torch.zeros(_padded(raw.numel()) - raw.numel(), dtype=torch.uint8, device=device))
     if not parts:
         return None
     return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
@@ -144,7 +157,7 @@ def unpack(buffer: torch.Tensor | None, specs: Sequence[tuple[torch.dtype, tuple
             continue
         assert buffer is not None
         out.append(buffer[offset:offset + nbytes].view(dtype).view(shape))
-        offset += nbytes
+        offset += _padded(nbytes)
     return tuple(out)
 
 

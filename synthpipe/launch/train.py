@@ -349,8 +349,8 @@ def run(cfg: JobConfig) -> int:
     name = method_name(cfg)
     procs = f"{world} processes" if world > 1 else "1 process"
     print(f"{name}: {cfg.model} on {cfg.data}, {cfg.n_stages} stages, {procs}, device {trainer.device}")
-    print(f"trained {steps_run} steps ({trainer.epoch} epochs done, step {steps_total}) in {wall:.1f} s, "
-          f"{samples / max(seconds, 1e-9):.0f} samples/s")
+    resumed = f" (resumed; now at step {steps_total})" if cfg.resume is not None else ""
+    print(f"trained {steps_run} steps{resumed} in {wall:.1f} s, {samples / max(seconds, 1e-9):.0f} samples/s")
     print(f"{name} test accuracy {100 * metrics['accuracy']:.2f}% (test loss {metrics['loss']:.4f})")
     if cfg.checkpoint is not None:
         print(f"checkpoint saved to {cfg.checkpoint}")

@@ -1,0 +1,243 @@
+"""The `synthpipe` command and the torchrun entry point (CPU, gloo; real torchrun runs)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from multiprocess import free_port
+from synthpipe.launch import cli
+from synthpipe.launch.config import FLAGS, JobConfig, load_config, overrides_from_args, overrides_to_argv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-samples", "600", "--epochs", "1", "--no-progress"]
+SYNTHPIPE = [sys.executable, "-m", "synthpipe.launch"]  # what the console script runs
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    e.update(extra)
+    return e
+
+
+def start(args: list[str], cwd: str, **extra: str) -> subprocess.Popen:
+    # A session of its own, so a timeout kills torchrun *and* its workers.
+    return subprocess.Popen(args, cwd=cwd, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} still running after {timeout} s (killed)\nstdout:\n{out}\nstderr:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def run(args: list[str], cwd: str, timeout: float = 90, **extra: str) -> tuple[int, str, str]:
+    return finish(start(args, cwd, **extra), timeout)
+
+
+# -- parsing --------------------------------------------------------------------------------
+
+ALL_FLAGS = ["--model", "deep_mlp", "--depth", "4", "--hidden", "32", "--data", "synthetic", "--num-samples", "300",
+             "--features", "16", "--batch-size", "32", "--epochs", "2", "--max-steps", "7", "--lr", "0.01",
+             "--seed", "5", "--stages", "3", "--balance", "3,3,3", "--split-by", "time", "--gradients", "backprop",
+             "--synthesizer", "mlp", "--no-conditional", "--synth-lr", "0.002", "--scale", "0.5", "--delay", "1",
+             "--warmup-steps", "3", "--max-inflight", "2", "--nonfinite", "skip", "--failure-timeout", "12",
+             "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck", "--resume", "old",
+             "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out"]
+EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samples=300, features=16, batch_size=32,
+                epochs=2, max_steps=7, lr=0.01, seed=5, n_stages=3, balance=[3, 3, 3], split_by="time",
+                gradients="backprop", synthesizer="mlp", conditional=False, synth_lr=0.002, synthetic_scale=0.5,
+                delay=1, warmup_steps=3, max_inflight=2, nonfinite="skip", failure_timeout=12.0, device="cpu",
+                backend="gloo", threads=2, checkpoint="ck", resume="old", export="m.pt", compare_backprop=False,
+                progress=False, output="out")
+
+
+def parse_train(argv: list[str]):
+    return cli.build_parser().parse_args(["train", *argv])
+
+
+def test_every_train_flag_maps_to_its_config_field():
+    assert set(EXPECTED) == {f.name for f in JobConfig.__dataclass_fields__.values()}
+    args = parse_train(["--nproc", "1", *ALL_FLAGS])
+    overrides = overrides_from_args(args)
+    assert overrides == EXPECTED
+    assert load_config(None, overrides) == JobConfig(**EXPECTED)
+
+
+def test_no_flags_is_the_default_job_and_only_given_flags_override(tmp_path):
+    args = parse_train([])
+    assert overrides_from_args(args) == {} and args.nproc == 1 and args.config is None
+    config = tmp_path / "job.toml"
+    config.write_text("epochs = 3\nlr = 0.01\n")
+    args = parse_train(["--config", str(config), "--epochs", "5"])
+    cfg = load_config(args.config, overrides_from_args(args))
+    assert cfg.epochs == 5 and cfg.lr == 0.01  # the flag wins; the file's lr is not reset to the default
+
+
+def test_overrides_round_trip_through_the_flags_given_to_torchrun():
+    assert overrides_to_argv(EXPECTED)  # every field has a flag
+    assert overrides_from_args(parse_train(overrides_to_argv(EXPECTED))) == EXPECTED
+    back = overrides_from_args(parse_train(overrides_to_argv({"delay": None, "conditional": True})))
+    assert back == {"delay": None, "conditional": True}
+    assert len({f.flag for f in FLAGS}) == len(FLAGS)
+
+
+def test_torchrun_command_line():
+    args = parse_train(["--nproc", "4", "--epochs", "2"])
+    cmd = cli.torchrun_command(4, {}, None, overrides_from_args(args))
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"]
+    assert "--standalone" in cmd  # one node, no rendezvous flags: a free port, no collisions
+    assert cmd[cmd.index("-m", 3):] == ["-m", "synthpipe.launch.train", "--epochs", "2"]
+    args = parse_train(["--nproc", "2", "--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d",
+                        "--rdzv-endpoint", "host:29400", "--rdzv-id", "job", "--master-addr", "h",
+                        "--master_port", "1234", "--max-restarts", "0", "--config", "x.toml"])
+    torchrun = {k[len("torchrun_"):]: v for k, v in vars(args).items() if k.startswith("torchrun_")}
+    cmd = cli.torchrun_command(args.nproc, torchrun, args.config, overrides_from_args(args))
+    line = " ".join(cmd)
+    assert "--standalone" not in cmd
+    for part in ("--nnodes 2", "--node-rank 1", "--rdzv-backend c10d", "--rdzv-endpoint host:29400",
+                 "--rdzv-id job", "--master-addr h", "--master-port 1234", "--max-restarts 0",
+                 f"--config {os.path.abspath('x.toml')}"):
+        assert part in line
+
+
+# -- errors without starting processes --------------------------------------------------------
+
+def test_nproc_different_from_stages_is_refused_before_launch(capsys):
+    assert cli.main(["train", "--nproc", "2", "--stages", "3", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "2 processes" in err and "3 stages" in err and "Traceback" not in err
+
+
+def test_nccl_without_cuda_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for argv in (["train", "--backend", "nccl", *TINY], ["train", "--nproc", "2", "--backend", "nccl", *TINY]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "nccl" in err and "CUDA" in err and "Traceback" not in err
+
+
+def test_bad_config_is_a_clear_error(capsys, tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text("epoch = 3\n")
+    assert cli.main(["train", "--config", str(config)]) == 2
+    assert "'epoch'" in capsys.readouterr().err
+
+
+def test_export_of_a_missing_checkpoint(capsys, tmp_path):
+    assert cli.main(["export", str(tmp_path / "none"), str(tmp_path / "m.pt")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_bench_and_simulate_are_delegated_lazily(monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("synthpipe.benchmark.cli")
+    fake.add_bench_arguments = lambda p: p.add_argument("--size", type=int, default=1)
+    fake.run_bench = lambda a: calls.append(("bench", a.size)) or 0
+    fake.add_simulate_arguments = lambda p: p.add_argument("--stages", type=int, default=2)
+    fake.run_simulate = lambda a: calls.append(("simulate", a.stages)) or 3
+    package = types.ModuleType("synthpipe.benchmark")
+    package.cli = fake
+    monkeypatch.setitem(sys.modules, "synthpipe.benchmark", package)
+    monkeypatch.setitem(sys.modules, "synthpipe.benchmark.cli", fake)
+    assert cli.main(["bench", "--size", "5"]) == 0
+    assert cli.main(["simulate", "--stages", "4"]) == 3
+    assert calls == [("bench", 5), ("simulate", 4)]
+
+    monkeypatch.setitem(sys.modules, "synthpipe.benchmark", None)  # import fails as if it were missing
+    monkeypatch.delitem(sys.modules, "synthpipe.benchmark.cli")
+    assert cli.main(["bench"]) == 2
+    assert "synthpipe.benchmark" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    import synthpipe
+    assert synthpipe.__version__ in capsys.readouterr().out
+
+
+@pytest.mark.timeout(30)
+def test_console_script_is_installed(tmp_path):
+    exe = shutil.which("synthpipe", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("synthpipe is not installed as a console script (pip install -e .)")
+    code, out, _ = run([exe, "--version"], str(tmp_path), timeout=25)
+    assert code == 0 and out.startswith("synthpipe ")
+
+
+# -- real runs ------------------------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_entry_point_trains_in_one_process(tmp_path):
+    code, out, err = run([sys.executable, "-m", "synthpipe.launch.train", *TINY, "--no-compare",
+                          "--output", "out"], str(tmp_path))
+    assert code == 0, err[-3000:]
+    assert "cDNI test accuracy" in out and "3 stages, 1 process" in out
+    assert (tmp_path / "out" / "history.json").exists() and (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.timeout(90)
+def test_entry_point_names_both_numbers_when_world_size_differs_from_stages(tmp_path):
+    torchrun_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    code, out, err = run([sys.executable, "-m", "synthpipe.launch.train", "--stages", "3", *TINY], str(tmp_path),
+                         **torchrun_env)
+    assert code == 2
+    assert "2 processes" in err and "3 stages" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(150)
+def test_nproc_2_runs_torchrun_and_its_checkpoint_exports_into_the_model(tmp_path, capsys):
+    code, out, err = run([*SYNTHPIPE, "train", "--nproc", "2", "--stages", "2", *TINY, "--checkpoint", "ck",
+                          "--export", "direct.pt"], str(tmp_path), timeout=140)
+    assert code == 0, err[-3000:]
+    assert "2 stages, 2 processes" in out and "cDNI test accuracy" in out and "vs backprop" in out
+    assert "--standalone" in err  # the torchrun command line is shown
+
+    assert cli.main(["export", str(tmp_path / "ck"), str(tmp_path / "exported.pt")]) == 0
+    assert "tensors" in capsys.readouterr().out
+    from synthpipe.launch.train import build_model
+    model = build_model(load_config(None, {}), 40, 10)
+    state = torch.load(tmp_path / "exported.pt", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    direct = torch.load(tmp_path / "direct.pt", weights_only=True)
+    assert direct.keys() == state.keys()
+    assert all(torch.equal(direct[k], state[k]) for k in state)
+    assert not torch.equal(state["0.weight"], build_model(load_config(None, {}), 40, 10)[0].weight)  # trained
+
+
+@pytest.mark.timeout(150)
+def test_two_nodes_on_one_machine(tmp_path):
+    port = free_port()
+    procs = [start([*SYNTHPIPE, "train", "--nproc", "1", "--nnodes", "2", "--node-rank", str(r),
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"t{port}",
+                    *TINY, "--no-compare"], str(tmp_path))
+             for r in range(2)]
+    try:
+        results = [finish(p, timeout=140) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    out = "".join(r[1] for r in results)
+    assert "2 stages, 2 processes" in out and out.count("test accuracy") == 1  # rank 0 reports, once

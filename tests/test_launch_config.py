@@ -1,0 +1,108 @@
+"""JobConfig: TOML loading, command-line overrides, errors that name the key."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from synthpipe.launch.config import JobConfig, load_config
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_the_documented_main_job():
+    cfg = load_config(None, {})
+    assert cfg == JobConfig()
+    assert (cfg.model, cfg.data, cfg.n_stages, cfg.gradients, cfg.synthesizer, cfg.conditional) == \
+        ("paper_mlp", "mnist1d", 3, "synthetic", "linear", True)
+    assert cfg.compare_backprop and cfg.progress and cfg.device == "auto" and cfg.backend is None
+
+
+def test_every_field_is_documented():
+    doc = JobConfig.__doc__
+    for f in dataclasses.fields(JobConfig):
+        assert f"{f.name}:" in doc, f"field {f.name} is not documented"
+
+
+def test_toml_file_is_loaded(tmp_path):
+    path = write(tmp_path, """
+model = "deep_mlp"
+depth = 4
+hidden = 32
+data = "synthetic"
+features = 16
+epochs = 3
+lr = 1            # an integer is a valid float
+balance = [3, 3, 3]
+conditional = false
+delay = 2
+backend = "auto"  # same as leaving it out
+checkpoint = "ckpt"
+""")
+    cfg = load_config(path, {})
+    assert (cfg.model, cfg.depth, cfg.hidden, cfg.data, cfg.features, cfg.epochs) == ("deep_mlp", 4, 32, "synthetic", 16, 3)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.balance == [3, 3, 3] and cfg.n_stages == 3
+    assert cfg.conditional is False and cfg.delay == 2 and cfg.backend is None and cfg.checkpoint == "ckpt"
+    assert cfg.batch_size == JobConfig().batch_size  # untouched fields keep their defaults
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    path = write(tmp_path, 'epochs = 3\nlr = 0.01\nmodel = "paper_cnn"\n')
+    cfg = load_config(path, {"epochs": 7, "conditional": False})
+    assert cfg.epochs == 7 and cfg.conditional is False
+    assert cfg.lr == 0.01 and cfg.model == "paper_cnn"  # not overridden
+
+
+def test_a_balance_sets_the_number_of_stages_unless_given():
+    assert load_config(None, {"balance": [5, 5]}).n_stages == 2
+    with pytest.raises(ValueError, match="balance"):
+        load_config(None, {"balance": [5, 5], "n_stages": 3})
+
+
+def test_unknown_key_is_named_with_the_valid_keys(tmp_path):
+    path = write(tmp_path, "epochs = 3\nlearning_rate = 0.1\n")
+    with pytest.raises(ValueError) as err:
+        load_config(path, {})
+    message = str(err.value)
+    assert "learning_rate" in message and "lr" in message and "synth_lr" in message
+    with pytest.raises(ValueError, match="nproc"):
+        load_config(None, {"nproc": 2})
+
+
+@pytest.mark.parametrize("line, key", [
+    ('epochs = "ten"', "epochs"),
+    ("conditional = 1", "conditional"),
+    ("lr = true", "lr"),
+    ('balance = [2, "x"]', "balance"),
+    ("model = 3", "model"),
+    ("[model]\nname = 'paper_mlp'", "model"),
+])
+def test_wrong_type_is_named(tmp_path, line, key):
+    with pytest.raises(ValueError, match=key):
+        load_config(write(tmp_path, line + "\n"), {})
+
+
+def test_wrong_override_type_is_named():
+    with pytest.raises(ValueError, match="batch_size"):
+        load_config(None, {"batch_size": 1.5})
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"model": "resnet"}, "model"), ({"device": "tpu"}, "device"), ({"backend": "mpi"}, "backend"),
+    ({"batch_size": 0}, "batch_size"), ({"failure_timeout": 0.5}, "failure_timeout"), ({"lr": -1.0}, "lr"),
+])
+def test_bad_values_are_named(overrides, key):
+    with pytest.raises(ValueError, match=key):
+        load_config(None, overrides)
+
+
+def test_invalid_or_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="TOML"):
+        load_config(write(tmp_path, "epochs = = 3\n"), {})
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(str(tmp_path / "nope.toml"), {})
