@@ -13,7 +13,9 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from typing import Iterator
+
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 __all__ = ["mnist1d", "synthetic_classification", "loader"]
 
@@ -89,11 +91,34 @@ def synthetic_classification(num_samples: int, in_features: int, num_classes: in
     return TensorDataset(x, y)
 
 
+class EpochShuffle(Sampler[int]):
+    """Shuffles with ``seed + epoch``: each epoch's order is a function of its number.
+
+    The trainer calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint
+    in the middle of epoch k sees exactly the order the uninterrupted run saw.
+    """
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
            drop_last: bool = False, **kwargs) -> DataLoader:
-    """A ``DataLoader`` whose shuffling order is fixed by ``seed`` (same order every run).
+    """A ``DataLoader`` whose order is fixed by ``seed`` and the epoch (see :class:`EpochShuffle`).
 
     Extra keyword arguments (``num_workers``, ``pin_memory``, ...) go to ``DataLoader``.
     """
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      generator=torch.Generator().manual_seed(seed), **kwargs)
+    sampler = EpochShuffle(len(dataset), seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)

@@ -124,3 +124,17 @@ def test_loading_an_incomplete_or_mismatched_checkpoint_fails_clearly(tmp_path):
     two.save(str(tmp_path))
     with pytest.raises(ValueError, match="has 2 stages, this trainer has 3"):
         trainer(3).load(str(tmp_path))
+
+
+def test_resume_with_a_shuffled_loader_sees_the_same_order(tmp_path):
+    from synthpipe import data
+    dataset = torch.utils.data.TensorDataset(*[torch.cat(t) for t in zip(*make_batches(6))])
+    straight = trainer(2)
+    straight.fit(data.loader(dataset, 16, shuffle=True, seed=5), epochs=3)
+    first = trainer(2)
+    first.fit(data.loader(dataset, 16, shuffle=True, seed=5), epochs=3, max_steps=9)  # stops inside epoch 1
+    first.save(str(tmp_path))
+    resumed = trainer(2)
+    resumed.fit(data.loader(dataset, 16, shuffle=True, seed=5), epochs=3, resume=str(tmp_path))
+    assert resumed.step == straight.step == 18
+    assert_equal(everything(resumed), everything(straight))

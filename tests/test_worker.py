@@ -216,3 +216,37 @@ def test_nccl_transport_on_two_gpus_is_transparent():
     expected = plain_backprop(batches)
     for r in results:
         assert_states_close(r["model"], expected, atol=1e-4)
+
+
+def fit_with_a_nan_batch(rank: int, batches: list, mode: str) -> dict:
+    trainer = trainer_for(3, gradients=mode, nonfinite="skip", synthesizer=sp.Synthesizer("linear"), delay=1)
+    history = trainer.fit(batches)
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.runner.stage.module.parameters())
+    trainer.close()
+    return {"finite": finite, "losses": [s["loss"] for s in history.steps]}
+
+
+@pytest.mark.parametrize("mode", ["backprop", "synthetic"])
+def test_nonfinite_steps_are_skipped_on_every_rank(mode):
+    batches = make_batches(n=5)
+    x, y = batches[2]
+    batches[2] = (torch.full_like(x, float("nan")), y)
+    results = run_ranks(fit_with_a_nan_batch, 3, batches, mode)
+    for r in results:
+        assert r["finite"]
+        assert [v == v for v in r["losses"]] == [True, True, False, True, True]
+
+
+def different_splits(rank: int) -> str:
+    stages = sp.split(make_model(), balance=[2, 6] if rank == 0 else [3, 5])
+    try:
+        sp.Trainer(stages, nn.CrossEntropyLoss(), progress=False)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_that_split_the_model_differently_are_stopped():
+    messages = run_ranks(different_splits, 2)
+    assert "rank 0 and rank 1 split the model differently (stage 0" in messages[0], messages[0]
+    assert "rank 1 and rank 0 split the model differently" in messages[1], messages[1]

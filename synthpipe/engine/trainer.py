@@ -43,6 +43,25 @@ def _input_and_target(batch: Any, step: int) -> tuple[Any, torch.Tensor]:
                      f"synthesizer and the loss both need the target")
 
 
+def _split_fingerprint(stages: Sequence[nn.Module]) -> list[list[tuple[str, tuple[int, ...]]]]:
+    return [[(k, tuple(v.shape)) for k, v in m.state_dict().items()] for m in stages]
+
+
+def _check_same_split(stages: Sequence[nn.Module], rank: int) -> None:
+    """Every rank must hold the same split (a per-rank ``by="time"`` profile may differ)."""
+    mine = _split_fingerprint(stages)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    for other, theirs in enumerate(gathered):
+        if theirs != mine:
+            stage = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+            raise ValueError(
+                f"rank {rank} and rank {other} split the model differently (stage {stage} holds "
+                f"{[k for k, _ in mine[stage]][:4]}... here and {[k for k, _ in theirs[stage]][:4]}... there); "
+                f"build the same model on every rank and split it with an explicit balance (a by='time' "
+                f"profile can differ between ranks: compute it on one rank and broadcast it)")
+
+
 class Trainer:
     """Train a list of stage modules with synthetic (or true) gradients.
 
@@ -96,6 +115,7 @@ class Trainer:
             init_process_group(self.device, backend_for(self.device, backend))
             self.rank = dist.get_rank()
             Trainer._instances += 1  # every rank creates its trainers in the same order
+            _check_same_split(stages, self.rank)
             self.runner: ReferenceRunner | PipelineWorker = PipelineWorker(
                 make(self.rank), self.config, Channels(self.rank, world, self._channel_device()))
             prefix = "synthpipe/{}/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),

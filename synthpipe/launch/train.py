@@ -143,6 +143,8 @@ def build_data(cfg: JobConfig) -> tuple[Any, Any]:
 
 def check_labels(cfg: JobConfig, dataset: Any, num_classes: int | None) -> None:
     """The data must yield integer labels in range when the synthesizer is conditional."""
+    import torch
+
     if not (cfg.conditional and cfg.gradients == "synthetic"):
         return
     tensors = getattr(dataset, "tensors", None)
@@ -150,7 +152,7 @@ def check_labels(cfg: JobConfig, dataset: Any, num_classes: int | None) -> None:
         raise LaunchError(f"a conditional synthesizer (cDNI) needs (input, label) data; {cfg.data!r} has no labels; "
                           "pass --no-conditional")
     y = tensors[1]
-    if y.dtype.is_floating_point or y.dtype == __import__("torch").bool:
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise LaunchError(f"a conditional synthesizer (cDNI) needs integer class labels; {cfg.data!r} has "
                           f"{y.dtype} targets; pass --no-conditional")
     if num_classes is None or (y.numel() and int(y.max()) >= num_classes):
@@ -312,7 +314,7 @@ def run(cfg: JobConfig) -> int:
     except LaunchError as e:
         _say(str(e))
         return 2
-    except (ValueError, RuntimeError, TypeError) as e:  # the engine's and split's argument checks
+    except (ValueError, RuntimeError) as e:  # the Trainer's, split's and the models' argument checks
         _say(str(e))
         return 2
 
@@ -320,7 +322,7 @@ def run(cfg: JobConfig) -> int:
     try:
         history = trainer.fit(loader, epochs=cfg.epochs, eval_loader=loader_eval, max_steps=cfg.max_steps,
                               resume=cfg.resume)
-        final_epoch_eval = (history.epochs and "eval_accuracy" in history.final
+        final_epoch_eval = (bool(history.epochs) and "eval_accuracy" in history.final
                             and history.final["epoch"] == trainer.epoch - 1 and trainer.step_in_epoch == 0)
         if final_epoch_eval:
             metrics = {"accuracy": history.final["eval_accuracy"], "loss": history.final["eval_loss"]}
