@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import synthpipe as sp
 from multiprocess import run_ranks
+from reference import assert_states_close
 from synthpipe.engine.checkpoint import export_checkpoint, read_meta
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,9 +46,7 @@ def everything(t: sp.Trainer) -> dict:
 
 
 def assert_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+    assert_states_close(a, b, atol=1e-6)
 
 
 def resume_across_ranks(rank: int, directory: str, batches: list) -> dict:

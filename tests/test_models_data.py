@@ -12,15 +12,6 @@ from synthpipe.data import loader, mnist1d, synthetic_classification
 from synthpipe.models import deep_mlp, paper_cnn, paper_mlp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models: one intra-op thread is fastest and robust to a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- models
 def _children_are_leaves(model: nn.Sequential) -> bool:
     return all(len(list(c.children())) == 0 for c in model.children())

@@ -8,15 +8,8 @@ import torch
 import torch.nn as nn
 
 import synthpipe as sp
+from reference import assert_states_close, plain_backprop
 from synthpipe import data, models
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_model(seed: int = 0) -> nn.Sequential:
@@ -34,30 +27,14 @@ def adam(params):
     return torch.optim.Adam(params, lr=1e-2)
 
 
-def plain_backprop(model: nn.Module, batches: list) -> dict:
-    opt = adam(model.parameters())
-    for x, y in batches:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.state_dict()
-
-
-def assert_same(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        diff = (a[k].float() - b[k].float()).abs().max().item()
-        assert diff <= atol, f"{k} differs by {diff}"
-
-
 @pytest.mark.parametrize("n_stages", [1, 2, 3, 4])
 def test_backprop_mode_equals_plain_training_of_the_unsplit_model(n_stages):
     batches = make_batches()
     trainer = sp.Trainer(sp.split(make_model(), n_stages=n_stages), nn.CrossEntropyLoss(), adam,
                          gradients="backprop", progress=False)
     trainer.fit(batches)
-    expected = plain_backprop(make_model(), batches)
-    assert_same(trainer.state_dict(), expected, atol=1e-6)
+    expected = plain_backprop(make_model(), batches, adam)
+    assert_states_close(trainer.state_dict(), expected, atol=1e-6)
     assert not torch.equal(expected["0.weight"], make_model().state_dict()["0.weight"])
 
 
@@ -91,7 +68,7 @@ def test_synthetic_mode_with_a_true_gradient_synthesizer_equals_backprop():
     trainer = sp.Trainer(stages, nn.CrossEntropyLoss(), adam, synthesizer=oracle, gradients="synthetic",
                          progress=False)
     trainer.fit(batches)
-    assert_same(trainer.state_dict(), plain_backprop(model(), batches), atol=1e-6)
+    assert_states_close(trainer.state_dict(), plain_backprop(model(), batches, adam), atol=1e-6)
 
 
 def test_synthetic_mode_changes_every_stage_and_trains_the_synthesizers():
@@ -113,7 +90,7 @@ def test_warmup_steps_use_true_gradients():
     warm = sp.Trainer(sp.split(make_model(), n_stages=3), nn.CrossEntropyLoss(), adam,
                       synthesizer=sp.Synthesizer("linear"), warmup_steps=5, progress=False)
     warm.fit(batches)
-    assert_same(warm.state_dict(), plain_backprop(make_model(), batches), atol=1e-6)
+    assert_states_close(warm.state_dict(), plain_backprop(make_model(), batches, adam), atol=1e-6)
     synth = warm.runner.stages[0].synth
     assert synth.parts[0].out.weight.abs().sum() > 0, "targets trained the synthesizer during warm-up"
 

@@ -43,14 +43,8 @@ def labels(batch, gen=None):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # These models are tiny: one intra-op thread is fastest and is not slowed down by
-    # other processes competing for the cores (OpenMP spin-waits under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_kinds_listed():

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import synthpipe as sp
 from multiprocess import run_ranks
+from reference import assert_states_close, plain_backprop
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,27 +47,11 @@ def fit_and_state(rank: int, n_stages: int, batches: list, options: dict) -> dic
     return out
 
 
-def plain_backprop(batches: list) -> dict:
-    model = make_model()
-    opt = adam(model.parameters())
-    for x, y in batches:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.state_dict()
-
-
-def assert_states_close(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), f"{k} differs by {(a[k].float() - b[k].float()).abs().max()}"
-
-
 @pytest.mark.parametrize("n_stages", [2, 3])
 def test_backprop_mode_across_ranks_equals_single_process_backprop(n_stages):
     batches = make_batches()
     results = run_ranks(fit_and_state, n_stages, n_stages, batches, {"gradients": "backprop"})
-    expected = plain_backprop(batches)
+    expected = plain_backprop(make_model(), batches, adam)
     for r in results:
         assert_states_close(r["model"], expected, atol=1e-5)
     changed = any(not torch.equal(expected[k], make_model().state_dict()[k]) for k in expected)
@@ -138,14 +123,9 @@ def test_a_boundary_carrying_a_tuple_of_tensors():
     with torch.no_grad():
         assert len(stages[1](stages[0](batches[0][0]))) == 2, "the split should put two tensors on boundary 1"
     results = run_ranks(fit_skipnet, 3, batches, "backprop")
-    model = SkipNet()
-    opt = adam(model.parameters())
-    for x, y in batches:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    expected = plain_backprop(SkipNet(), batches, adam)
     for r in results:
-        assert_states_close(r["state"], model.state_dict(), atol=1e-5)
+        assert_states_close(r["state"], expected, atol=1e-5)
     synthetic = run_ranks(fit_skipnet, 3, batches, "synthetic")
     assert synthetic[1]["synth_shapes"] == [(16,), (16,)], "one synthesizer per boundary tensor"
 
@@ -213,7 +193,7 @@ def fit_on_gpus(rank: int, batches: list) -> dict:
 def test_nccl_transport_on_two_gpus_is_transparent():
     batches = make_batches()
     results = run_ranks(fit_on_gpus, 2, batches)
-    expected = plain_backprop(batches)
+    expected = plain_backprop(make_model(), batches, adam)
     for r in results:
         assert_states_close(r["model"], expected, atol=1e-4)
 
