@@ -43,6 +43,7 @@ class Monitor:
         self.gpu_available = self._init_nvml()
         self.set_pids(pids)
         psutil.cpu_percent(interval=None)
+        psutil.cpu_times_percent(interval=None)
 
     def _init_nvml(self) -> bool:
         try:
@@ -87,7 +88,9 @@ class Monitor:
         self.stop()
 
     def _sample(self) -> dict[str, Any]:
+        times = self._psutil.cpu_times_percent(interval=None)
         sample: dict[str, Any] = {"time": time.time(), "system_cpu": self._psutil.cpu_percent(interval=None),
+                                  "steal": float(getattr(times, "steal", 0.0) or 0.0),
                                   "proc_cpu": {}, "proc_rss_mb": {}}
         with self._lock:
             procs = dict(self._procs)
@@ -122,6 +125,7 @@ class Monitor:
         Returns ``cpu_percent`` (per pid, in the order given; percent of one core),
         ``system_cpu_percent`` (whole machine, 100 = every core busy), ``other_cpu_cores``
         (cores' worth of CPU used by *other* processes: the machine's noise),
+        ``steal_percent`` (CPU time a hypervisor gave to other guests: noise inside a VM),
         ``rss_peak_mb`` (per pid, sampled), ``gpu_util_percent`` / ``gpu_mem_peak_mb``
         (per GPU; empty without NVML), and ``samples``.
         """
@@ -130,7 +134,7 @@ class Monitor:
             chosen = [s for s in self.samples if start + 0.5 * self.interval <= s["time"] <= end + 0.5 * self.interval]
         ncores = self._psutil.cpu_count() or 1
         out: dict[str, Any] = {"samples": len(chosen), "cpu_percent": [], "rss_peak_mb": [],
-                               "system_cpu_percent": None, "other_cpu_cores": None,
+                               "system_cpu_percent": None, "other_cpu_cores": None, "steal_percent": None,
                                "gpu_util_percent": [], "gpu_mem_peak_mb": []}
         if not chosen:
             return out
@@ -142,6 +146,7 @@ class Monitor:
         system = sum(s["system_cpu"] for s in chosen) / len(chosen)
         ours = sum(v for v in out["cpu_percent"] if v is not None)
         out["system_cpu_percent"] = system
+        out["steal_percent"] = sum(s.get("steal", 0.0) for s in chosen) / len(chosen)
         out["other_cpu_cores"] = max(0.0, system * ncores / 100.0 - ours / 100.0)
         if chosen and "gpus" in chosen[0]:
             n = len(chosen[0]["gpus"])
@@ -151,8 +156,25 @@ class Monitor:
 
 
 # -- in-rank peak memory ---------------------------------------------------------------------
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so an earlier job's
+    freed tensors do not count towards the next job's resident set."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_memory(device: torch.device | None = None) -> None:
-    """Restart the peak-memory counters of this process (RSS high-water mark, CUDA peak)."""
+    """Restart the peak-memory counters of this process (RSS high-water mark, CUDA peak).
+
+    Freed heap memory is returned to the OS first, so the peak covers what the process
+    holds from now on (the torch libraries, ~300 MB, included).
+    """
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)

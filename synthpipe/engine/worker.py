@@ -246,7 +246,8 @@ class PipelineWorker:
         if self.ch.act_out is not None:
             self.ch.act_out.send(FIT_END, self.next_step)
         while self.outstanding:
-            self._receive_gradient()
+            with self.timers.section("wait"):
+                self._receive_gradient()
         self.locked_grads.clear()
         self.ch.flush()
 

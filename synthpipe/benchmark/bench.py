@@ -1,0 +1,449 @@
+"""The benchmark run: plan the jobs, run them on a rank pool, turn results into rows.
+
+:func:`run_benchmark` does everything ``synthpipe bench`` does except printing and
+writing files (:mod:`synthpipe.benchmark.report`):
+
+1. describe the machine, warn when ``ranks x threads`` exceeds the cores;
+2. measure the one-way transfer time of boundary-sized messages (ping-pong);
+3. *throughput* on the speed workload (a deep MLP, synthetic data): single-device
+   backprop, every torch.distributed.pipelining schedule at every micro-batch count of
+   the sweep, synthpipe ``backprop`` mode, and each synthetic-gradient variant (DNI,
+   cDNI, ...), in ``repeats`` interleaved rounds (the median round is reported);
+4. the simulator's *profile* from those measurements, its check against every measured
+   2-rank run, and its prediction for 2..16 devices;
+5. *convergence* on MNIST-1D with the paper's MLP: the same methods (torch schedules at
+   their best micro-batch count) trained for the same number of epochs, test accuracy
+   after every epoch against training wall-clock time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from . import simulator
+from .launcher import JobError, RankPool
+from .machine import check_fairness, describe
+from .methods import JobSpec, job_function
+from .monitor import Monitor
+from .pipelining import MULTI_STAGE, SCHEDULES as PP_SCHEDULES, valid_microbatches
+from .workload import Workload
+
+RESULTS_VERSION = 1
+SECTION_KINDS = ("forward", "backward", "update", "synth", "send", "recv", "wait")
+
+
+@dataclasses.dataclass
+class Variant:
+    """A synthetic-gradient configuration: ``dni`` / ``cdni`` with a synthesizer kind."""
+
+    mode: str = "cdni"
+    synth: str = "linear"
+    rank: int = 32
+
+    @property
+    def name(self) -> str:
+        if self.synth == "linear":
+            return self.mode
+        return f"{self.mode}-{self.synth}{self.rank if self.synth == 'lowrank' else ''}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        """``"cdni"``, ``"dni:linear"``, ``"cdni:lowrank:32"``, ``"cdni:mlp"``."""
+        parts = text.strip().split(":")
+        mode = parts[0].lower()
+        if mode not in ("dni", "cdni"):
+            raise ValueError(f"variant {text!r}: the mode must be dni or cdni")
+        synth = parts[1] if len(parts) > 1 and parts[1] else "linear"
+        rank = int(parts[2]) if len(parts) > 2 else 32
+        return cls(mode, synth, rank)
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Everything ``synthpipe bench`` can be told (see :func:`cli.add_bench_arguments`)."""
+
+    output: str = "bench-results"
+    quick: bool = False
+    ranks: int = 2
+    threads: int = 1
+    device: str = "cpu"
+    workload: Workload = dataclasses.field(default_factory=Workload)
+    steps: int = 30
+    warmup: int = 5
+    repeats: int = 3
+    microbatches: list[int] = dataclasses.field(default_factory=lambda: [2, 4, 8])
+    schedules: list[str] = dataclasses.field(default_factory=lambda: ["gpipe", "1f1b", "interleaved1f1b", "zbv"])
+    variants: list[Variant] = dataclasses.field(default_factory=lambda: [
+        Variant("dni"), Variant("cdni"), Variant("cdni", "lowrank", 32)])
+    backprop: bool = True
+    max_inflight: int = 4
+    balance: list[int] | None = None
+    throughput: bool = True
+    converge: bool = True
+    conv_workload: Workload = dataclasses.field(default_factory=lambda: Workload(
+        model="paper_mlp", in_features=40, hidden=256, depth=3, batch=128, data="mnist1d", num_samples=5000))
+    conv_epochs: int = 30
+    conv_target: float = 0.6
+    devices: list[int] = dataclasses.field(default_factory=lambda: [2, 4, 8, 16])
+    pin: bool = False
+    timeout: float = 600.0
+    plots: bool = True
+    timeline: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["variants"] = [v.name for v in self.variants]
+        return d
+
+
+def quick_config(**overrides: Any) -> BenchConfig:
+    """The ``--quick`` preset: about two minutes on 2 cores."""
+    cfg = BenchConfig(steps=12, warmup=2, repeats=1, microbatches=[2, 4],
+                      schedules=["gpipe", "1f1b", "zbv"], conv_epochs=8, quick=True)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+# -- planning ------------------------------------------------------------------------------
+def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
+    """Single, torch schedules x micro-batch sweep, synthpipe backprop, synthetic variants."""
+    w = cfg.workload
+    common = dict(workload=w, steps=cfg.steps, warmup=cfg.warmup, device=cfg.device, timeline=cfg.timeline)
+    sweep = sorted({m for m in (1, 2, 4, 8, 16, 32, 64) if m <= w.batch} | set(cfg.microbatches))
+    jobs = [JobSpec("single", "single", ranks=1, chunk_sweep=sweep, **common)]
+    for sched in cfg.schedules:
+        if sched not in PP_SCHEDULES:
+            raise ValueError(f"unknown torch schedule {sched!r}; choose from {PP_SCHEDULES}")
+        for m in cfg.microbatches:
+            if not valid_microbatches(sched, cfg.ranks, m) or w.batch % m:
+                continue
+            jobs.append(JobSpec(f"{sched}-m{m}", "pipelining", ranks=cfg.ranks, schedule=sched, microbatches=m,
+                                stages_per_rank=2 if sched in MULTI_STAGE else 1, **common))
+    if cfg.backprop:
+        jobs.append(JobSpec("backprop", "synthpipe", ranks=cfg.ranks, gradients="backprop",
+                            balance=cfg.balance, **common))
+    for v in cfg.variants:
+        jobs.append(JobSpec(v.name, "synthpipe", ranks=cfg.ranks, gradients="synthetic", synth=v.synth,
+                            synth_rank=v.rank, conditional=v.mode == "cdni", max_inflight=cfg.max_inflight,
+                            balance=cfg.balance, **common))
+    return jobs
+
+
+def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
+    """The convergence runs: the torch schedules at their best micro-batch count."""
+    w = cfg.conv_workload
+    common = dict(workload=w, mode="converge", epochs=cfg.conv_epochs, device=cfg.device, timeline=False)
+    jobs = [JobSpec("single", "single", ranks=1, **common)]
+    for sched in ("gpipe", "1f1b"):
+        if sched in cfg.schedules:
+            m = best_m.get(sched, 4)
+            while m > 1 and w.batch % m:
+                m //= 2
+            jobs.append(JobSpec(f"{sched}-m{m}", "pipelining", ranks=cfg.ranks, schedule=sched, microbatches=m, **common))
+    if cfg.backprop:
+        jobs.append(JobSpec("backprop", "synthpipe", ranks=cfg.ranks, gradients="backprop", **common))
+    for v in cfg.variants:
+        jobs.append(JobSpec(v.name, "synthpipe", ranks=cfg.ranks, gradients="synthetic", synth=v.synth,
+                            synth_rank=v.rank, conditional=v.mode == "cdni", max_inflight=cfg.max_inflight, **common))
+    return jobs
+
+
+# -- rows --------------------------------------------------------------------------------
+def _schedule_of(spec: JobSpec) -> str:
+    if spec.method == "single":
+        return "single"
+    if spec.method == "pipelining":
+        return spec.schedule
+    return "backprop" if spec.gradients == "backprop" else "dni"
+
+
+def throughput_row(spec: JobSpec, results: list[dict[str, Any]], usage: dict[str, Any],
+                   oversubscribed: bool) -> dict[str, Any]:
+    """One measured job as a flat, documented row (see report.py for the keys)."""
+    wall = max(r["wall"] for r in results)
+    steps = results[0]["steps"]
+    samples = results[0]["samples"]
+    ranks = []
+    for r in results:
+        t = r.get("timers", {})
+        secs = t.get("seconds", {})
+        per_step = {f"{k}_s": secs.get(k, 0.0) / max(steps, 1) for k in SECTION_KINDS}
+        measured = sum(secs.get(k, 0.0) for k in SECTION_KINDS)
+        per_step["other_s"] = max(0.0, r["wall"] - measured) / max(steps, 1)
+        ranks.append({
+            "rank": r["rank"], **per_step,
+            "busy_fraction": t.get("busy_fraction"), "comm_fraction": t.get("comm_fraction"),
+            "wait_fraction": t.get("wait_fraction"), "other_fraction": t.get("other_fraction"),
+            "peak_rss_mb": r["memory"]["rss_mb"], "peak_cuda_mb": r["memory"]["cuda_mb"],
+            "threads": r["threads"], "device": r["device"],
+        })
+    cpu = usage.get("cpu_percent") or []
+    for i, rr in enumerate(ranks):
+        rr["cpu_util_percent"] = cpu[i] if i < len(cpu) else None
+        rr["rss_sampled_peak_mb"] = (usage.get("rss_peak_mb") or [None] * len(ranks))[i] if i < len(usage.get("rss_peak_mb") or []) else None
+    return {
+        "method": spec.name, "label": spec.label(), "family": spec.family, "schedule": _schedule_of(spec),
+        "microbatches": spec.microbatches if spec.method == "pipelining" else 1,
+        "stages_per_rank": spec.stages_per_rank if spec.method == "pipelining" else 1,
+        "ranks": spec.ranks, "threads": results[0]["threads"], "device": spec.device,
+        "batch": spec.workload.batch, "steps": steps, "wall_s": wall, "step_s": wall / max(steps, 1),
+        "samples_per_s": samples / wall if wall > 0 else math.nan,
+        "speedup": None, "oversubscribed": oversubscribed,
+        "system_cpu_percent": usage.get("system_cpu_percent"), "other_cpu_cores": usage.get("other_cpu_cores"),
+        "steal_percent": usage.get("steal_percent"),
+        "gpu_util_percent": usage.get("gpu_util_percent") or [],
+        "gpu_mem_peak_mb": usage.get("gpu_mem_peak_mb") or [],
+        "chunks": results[0].get("chunks"),
+        "param_checksum": [sum(r["param_checksum"][i] for r in results) for i in range(2)]
+        if all(r.get("param_checksum") for r in results) else None,
+        "per_rank": ranks, "losses": next((r["losses"] for r in reversed(results) if r.get("losses")), []),
+        "max_inflight": spec.max_inflight if spec.method == "synthpipe" else None,
+        "synthesizer": (spec.synth + (f"-r{spec.synth_rank}" if spec.synth == "lowrank" else "")
+                        if spec.method == "synthpipe" and spec.gradients == "synthetic" else None),
+        "conditional": spec.conditional if spec.method == "synthpipe" and spec.gradients == "synthetic" else None,
+        "error": None,
+    }
+
+
+def error_row(spec: JobSpec, message: str) -> dict[str, Any]:
+    return {"method": spec.name, "label": spec.label(), "family": spec.family, "schedule": _schedule_of(spec),
+            "microbatches": spec.microbatches if spec.method == "pipelining" else 1, "ranks": spec.ranks,
+            "samples_per_s": None, "speedup": None, "per_rank": [], "error": message.strip().splitlines()[-1][:300],
+            "error_detail": message[-4000:]}
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if r.get("error") is None]
+    if not ok:
+        return runs[-1]
+    ok.sort(key=lambda r: r["samples_per_s"])
+    chosen = dict(ok[(len(ok) - 1) // 2])
+    chosen["repeats"] = len(ok)
+    chosen["samples_per_s_runs"] = [r["samples_per_s"] for r in runs if r.get("error") is None]
+    chosen["samples_per_s_by_round"] = [r.get("samples_per_s") if r.get("error") is None else None for r in runs]
+    if len(ok) > 1:
+        vals = chosen["samples_per_s_runs"]
+        chosen["samples_per_s_spread"] = (max(vals) - min(vals)) / statistics.median(vals)
+    return chosen
+
+
+def best_of_sweep(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The fastest row of each torch schedule (by samples/s)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["family"] != "torch.distributed.pipelining" or r.get("error") or not r.get("samples_per_s"):
+            continue
+        s = r["schedule"]
+        if s not in best or r["samples_per_s"] > best[s]["samples_per_s"]:
+            best[s] = r
+    return best
+
+
+# -- profile for the simulator -------------------------------------------------------------
+def build_profile(cfg: BenchConfig, machine: dict[str, Any], rows: list[dict[str, Any]],
+                  transfers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The simulator's input (``profile.json``): measured per-stage times and transfers.
+
+    Keys: ``version``, ``machine``, ``workload``, ``single`` (``step_s``, ``forward_s``,
+    ``backward_s``, ``update_s``, ``other_s`` of the whole model), ``boundary_bytes``
+    (one activation message at the full batch), ``transfer`` (ping-pong ``bytes`` /
+    ``one_way_s``), ``synth_s`` (per variant: synthesizer seconds per step per boundary),
+    ``message_s`` (CPU seconds per synthpipe message), ``pp_message_s`` (CPU seconds per
+    posted torch P2P operation), ``op_overhead_s`` (torch schedule glue per micro-batch
+    operation), ``microbatch`` (whole-model ``forward_s`` / ``backward_s`` of one
+    micro-batch of ``batch / m`` rows, per ``m``, timed in the single-device process),
+    ``step_overhead_s`` (synthpipe's per-rank glue per step),
+    ``weight_fraction`` (weight-gradient share of backward, zero bubble), ``max_inflight``,
+    and ``runs`` (each measured run: ``name``, ``schedule``, ``ranks``, ``microbatches``,
+    ``max_inflight``, ``measured_step_s``, ``stages`` with per-rank ``forward_s``,
+    ``backward_s``, ``update_s``, ``synth_s``, ``comm_s``, ``other_s``).
+    """
+    w = cfg.workload
+    ok = [r for r in rows if r.get("error") is None and r.get("per_rank")]
+    single = next((r for r in ok if r["schedule"] == "single"), None)
+    profile: dict[str, Any] = {
+        "version": simulator.PROFILE_VERSION, "machine": machine, "workload": dataclasses.asdict(w),
+        "boundary_bytes": w.batch * w.hidden * 4, "transfer": transfers, "max_inflight": cfg.max_inflight,
+        "weight_fraction": 0.5, "synth_s": {}, "runs": [],
+    }
+    if single is not None:
+        s = single["per_rank"][0]
+        profile["single"] = {"step_s": single["step_s"], "forward_s": s["forward_s"], "backward_s": s["backward_s"],
+                             "update_s": s["update_s"], "other_s": s["other_s"]}
+    synth_rows = [r for r in ok if r["schedule"] == "dni"]
+    for r in synth_rows:
+        vals = [p["synth_s"] for p in r["per_rank"][:-1]]
+        profile["synth_s"][r["method"]] = sum(vals) / len(vals) if vals else 0.0
+    if synth_rows:
+        # per message: the send (and polled receive) CPU time of all ranks / messages per step
+        profile["message_s"] = statistics.median(
+            sum(x["send_s"] + x["recv_s"] for x in r["per_rank"]) / max(2 * (len(r["per_rank"]) - 1), 1)
+            for r in synth_rows)
+        profile["step_overhead_s"] = statistics.median(x["other_s"] for r in synth_rows for x in r["per_rank"])
+    pp_rows = [r for r in ok if r["family"] == "torch.distributed.pipelining" and r["schedule"] in ("gpipe", "1f1b")]
+    if pp_rows:
+        # CPU time of posting one P2P operation, and the schedule's Python glue per micro-batch operation
+        profile["pp_message_s"] = statistics.median(x["send_s"] / (2 * r["microbatches"])
+                                                     for r in pp_rows for x in r["per_rank"])
+        profile["op_overhead_s"] = statistics.median(x["other_s"] / (2 * r["microbatches"])
+                                                      for r in pp_rows for x in r["per_rank"])
+    if single is not None and single.get("chunks"):
+        profile["microbatch"] = single["chunks"]
+    for r in ok:
+        if r["ranks"] < 2 and r["schedule"] != "single":
+            continue
+        profile["runs"].append({
+            "name": r["method"], "schedule": r["schedule"], "ranks": r["ranks"], "microbatches": r["microbatches"],
+            "max_inflight": r.get("max_inflight"), "measured_step_s": r["step_s"],
+            "stages": [{"forward_s": x["forward_s"], "backward_s": x["backward_s"], "update_s": x["update_s"],
+                        "synth_s": x["synth_s"], "comm_s": x["send_s"] + x["recv_s"], "other_s": x["other_s"]}
+                       for x in r["per_rank"]],
+        })
+    return profile
+
+
+# -- convergence ----------------------------------------------------------------------------
+def converge_row(spec: JobSpec, results: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    curve = results[0]["curve"]
+    hit = next((p for p in curve if p["accuracy"] >= target), None)
+    total = results[0]["wall"]
+    return {
+        "method": spec.name, "label": spec.label(), "family": spec.family, "schedule": _schedule_of(spec),
+        "microbatches": spec.microbatches if spec.method == "pipelining" else 1, "ranks": spec.ranks,
+        "epochs": spec.epochs, "steps": results[0]["steps"], "train_time_s": total,
+        "samples_per_s": results[0]["samples"] / total if total > 0 else None,
+        "final_accuracy": curve[-1]["accuracy"], "best_accuracy": max(p["accuracy"] for p in curve),
+        "final_loss": curve[-1]["loss"], "target_accuracy": target,
+        "time_to_target_s": hit["time"] if hit else None, "epochs_to_target": hit["epoch"] if hit else None,
+        "curve": curve, "peak_rss_mb": [r["memory"]["rss_mb"] for r in results], "error": None,
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------
+def _log(msg: str, verbose: bool) -> None:
+    if verbose:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_benchmark(cfg: BenchConfig, verbose: bool = True,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run everything ``cfg`` asks for; returns the results dict (see report.py)."""
+    log = progress or (lambda m: _log(m, verbose))
+    if cfg.steps < 1 or cfg.warmup < 1 or cfg.repeats < 1:
+        raise ValueError("steps, warmup and repeats must be at least 1")
+    started = time.time()
+    machine = describe(cfg.ranks, cfg.threads, cfg.device)
+    warnings_out: list[str] = []
+    message = check_fairness(cfg.ranks, cfg.threads, cfg.device)
+    if message:
+        warnings_out.append(message)
+        log(f"warning: {message}")
+    over = bool(machine["oversubscribed"])
+    results: dict[str, Any] = {
+        "version": RESULTS_VERSION, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "machine": machine, "config": cfg.as_dict(), "warnings": warnings_out,
+        "throughput": [], "sweep": {}, "transfer": [], "profile": None, "validation": [], "simulation": [],
+        "convergence": [], "timelines": {},
+    }
+    pool = RankPool(max(cfg.ranks, 2), cfg.threads, pin=cfg.pin)
+    monitor = Monitor(pool.pids).start()
+
+    def run_job(spec: JobSpec) -> tuple[list[dict[str, Any]] | None, dict[str, Any], str | None]:
+        t0 = time.time()
+        try:
+            res = pool.run(job_function(spec), spec, spec.ranks, timeout=cfg.timeout)
+        except JobError as e:
+            monitor.set_pids(pool.pids)
+            return None, {}, str(e)
+        usage = monitor.window(min(r["t_start"] for r in res), max(r["t_end"] for r in res),
+                               pool.pids[:spec.ranks])
+        log(f"  {spec.name:<22} {time.time() - t0:6.1f} s")
+        return res, usage, None
+
+    try:
+        # 1. transfer time of boundary-sized messages
+        w = cfg.workload
+        bb = w.batch * w.hidden * 4
+        ping = JobSpec("pingpong", "pingpong", w, ranks=2, device=cfg.device,
+                       sizes=sorted({1024, bb // 8, bb // 4, bb // 2, bb}))
+        res, _, err = run_job(ping)
+        if res is not None:
+            results["transfer"] = res[0]["transfers"]
+        elif err:
+            warnings_out.append(f"transfer measurement failed: {err.splitlines()[-1]}")
+
+        # 2. throughput
+        rows: list[dict[str, Any]] = []
+        best_m: dict[str, int] = {}
+        if cfg.throughput:
+            jobs = throughput_jobs(cfg)
+            runs: dict[str, list[dict[str, Any]]] = {j.name: [] for j in jobs}
+            timelines: dict[str, Any] = {}
+            for rep in range(cfg.repeats):
+                log(f"throughput, round {rep + 1}/{cfg.repeats}: {w.describe()}")
+                for spec in jobs:
+                    res, usage, err = run_job(spec)
+                    if res is None:
+                        log(f"  {spec.name}: FAILED: {err.strip().splitlines()[-1] if err else ''}")
+                        runs[spec.name].append(error_row(spec, err or "failed"))
+                        continue
+                    row = throughput_row(spec, res, usage, over and spec.device == "cpu" and spec.ranks > 1)
+                    if spec.device == "cpu" and spec.ranks * cfg.threads > machine["usable_cores"]:
+                        row["oversubscribed"] = True
+                    row["_timeline"] = [{"rank": r["rank"], "origin": r.get("timeline_origin"),
+                                         "segments": r.get("timeline", [])} for r in res]
+                    runs[spec.name].append(row)
+            for spec in jobs:
+                chosen = _median_run(runs[spec.name])
+                timelines[spec.name] = chosen.pop("_timeline", None)
+                for r in runs[spec.name]:
+                    r.pop("_timeline", None)
+                rows.append(chosen)
+            base = next((r for r in rows if r["schedule"] == "single" and r.get("error") is None), None)
+            for r in rows:
+                if base is not None and r.get("samples_per_s"):
+                    # the median over rounds of the ratio to the baseline of the same round:
+                    # robust to a machine whose speed drifts between rounds
+                    ratios = [a / b for a, b in zip(r.get("samples_per_s_by_round", []),
+                                                     base.get("samples_per_s_by_round", [])) if a and b]
+                    r["speedup_by_round"] = ratios
+                    r["speedup"] = (statistics.median(ratios) if ratios
+                                    else r["samples_per_s"] / base["samples_per_s"])
+            best = best_of_sweep(rows)
+            best_m = {s: r["microbatches"] for s, r in best.items()}
+            for r in rows:
+                r["best_in_sweep"] = r["family"] == "torch.distributed.pipelining" and best.get(r["schedule"]) is r
+            results["throughput"] = rows
+            results["timelines"] = timelines
+            results["sweep"] = {"microbatches": cfg.microbatches, "schedules": cfg.schedules,
+                                "best_microbatches": best_m,
+                                "best_samples_per_s": {s: r["samples_per_s"] for s, r in best.items()}}
+
+            # 3. simulator: profile, check against the measured runs, prediction
+            profile = build_profile(cfg, machine, rows, results["transfer"])
+            results["profile"] = profile
+            if "single" in profile:
+                results["validation"] = simulator.validate(profile)
+                results["simulation"] = simulator.predict_table(profile, cfg.devices)
+
+        # 4. convergence
+        if cfg.converge:
+            log(f"convergence: {cfg.conv_workload.describe()}, {cfg.conv_epochs} epochs")
+            for spec in converge_jobs(cfg, best_m):
+                res, _, err = run_job(spec)
+                if res is None:
+                    log(f"  {spec.name}: FAILED: {err.strip().splitlines()[-1] if err else ''}")
+                    results["convergence"].append(error_row(spec, err or "failed"))
+                    continue
+                results["convergence"].append(converge_row(spec, res, cfg.conv_target))
+    finally:
+        monitor.stop()
+        pool.close()
+    results["elapsed_s"] = time.time() - started
+    return results

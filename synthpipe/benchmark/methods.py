@@ -1,0 +1,386 @@
+"""The benchmarked methods, each a job function ``fn(ctx, spec)`` run on every rank.
+
+* :func:`run_single` — single-device backprop: the unsplit model in one process (the
+  baseline, speedup 1.0).
+* :func:`run_synthpipe` — ``synthpipe`` on ``spec.ranks`` processes: ``backprop`` mode
+  (naive, locked model parallelism), DNI and cDNI (synthetic gradients).
+* :func:`synthpipe.benchmark.pipelining.run_pipelining` — torch.distributed.pipelining.
+* :func:`run_pingpong` — the one-way transfer time of a boundary tensor (for the simulator).
+
+Two modes. ``throughput``: ``spec.warmup`` steps, then ``spec.steps`` timed steps between
+two synchronisation points; the rank's section timers (forward, backward, update, synth,
+send, recv, wait) run during the timed steps. ``converge``: ``spec.epochs`` epochs of
+the workload's data, the test accuracy after each; only training counts as time.
+
+Every job returns one dict per rank (see :func:`rank_result`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..engine.metrics import NULL_TIMERS, Timers
+from .launcher import RankContext
+from .monitor import peak_memory, reset_peak_memory
+from .workload import Workload, build_model, make_optimizer, optimizer_factory, test_batches, train_batches
+
+METHODS = ("single", "synthpipe", "pipelining", "pingpong")
+
+
+@dataclasses.dataclass
+class JobSpec:
+    """One benchmark job (one row of the results).
+
+    Attributes:
+        name: the row's label (e.g. ``"cdni"``, ``"1f1b-m4"``).
+        method: ``"single"``, ``"synthpipe"``, ``"pipelining"`` or ``"pingpong"``.
+        workload: the shared model / data / optimizer.
+        ranks: processes (1 for single).
+        mode: ``"throughput"`` or ``"converge"``.
+        steps, warmup: timed and untimed steps (throughput).
+        epochs: training epochs (converge).
+        gradients, synth, synth_rank, conditional, max_inflight, balance: synthpipe options.
+        schedule, microbatches, stages_per_rank: torch.distributed.pipelining options.
+        device: ``"cpu"`` or ``"cuda"`` (rank r uses ``cuda:r``).
+        timeline: return the per-rank timeline segments.
+    """
+
+    name: str
+    method: str
+    workload: Workload
+    ranks: int = 1
+    mode: str = "throughput"
+    steps: int = 20
+    warmup: int = 3
+    epochs: int = 0
+    gradients: str = "synthetic"
+    synth: str = "linear"
+    synth_rank: int = 32
+    conditional: bool = True
+    max_inflight: int = 4
+    balance: list[int] | None = None
+    schedule: str = ""
+    microbatches: int = 0
+    stages_per_rank: int = 1
+    device: str = "cpu"
+    timeline: bool = True
+    sizes: list[int] = dataclasses.field(default_factory=list)  # pingpong: bytes per message
+    chunk_sweep: list[int] = dataclasses.field(default_factory=list)  # single: micro-batch counts to time
+
+    @property
+    def family(self) -> str:
+        return {"single": "baseline", "synthpipe": "synthpipe", "pipelining": "torch.distributed.pipelining",
+                "pingpong": "transport"}[self.method]
+
+    def label(self) -> str:
+        """A readable description of the method's settings."""
+        if self.method == "single":
+            return "single-device backprop"
+        if self.method == "synthpipe":
+            if self.gradients == "backprop":
+                return "synthpipe backprop (naive model parallel)"
+            kind = self.synth + (f"-r{self.synth_rank}" if self.synth == "lowrank" else "")
+            return f"synthpipe {'cDNI' if self.conditional else 'DNI'} ({kind} synthesizer)"
+        if self.method == "pipelining":
+            return f"torch {self.schedule} ({self.microbatches} micro-batches)"
+        return self.method
+
+
+def job_function(spec: JobSpec) -> Callable[[RankContext, JobSpec], dict[str, Any]]:
+    if spec.method == "single":
+        return run_single
+    if spec.method == "synthpipe":
+        return run_synthpipe
+    if spec.method == "pipelining":
+        from .pipelining import run_pipelining
+        return run_pipelining
+    if spec.method == "pingpong":
+        return run_pingpong
+    raise ValueError(f"unknown method {spec.method!r}; choose one of {METHODS}")
+
+
+# -- helpers ------------------------------------------------------------------------------
+def rank_device(spec: JobSpec, rank: int) -> torch.device:
+    if spec.device.startswith("cuda"):
+        return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeline_rows(timers: Timers) -> list[list[Any]]:
+    """Segments as JSON-friendly ``[start_s, end_s, kind, step]``."""
+    return [[round(s, 6), round(e, 6), k, int(st)] for s, e, k, st in timers.timeline()]
+
+
+def rank_result(ctx: RankContext, spec: JobSpec, device: torch.device, *, wall: float, steps: int,
+                samples: int, t_start: float, t_end: float, timers: Timers | None,
+                **extra: Any) -> dict[str, Any]:
+    """What one rank reports.
+
+    Keys: ``rank``, ``wall`` (s, timed region), ``steps``, ``samples``, ``t_start`` /
+    ``t_end`` (``time.time()`` of the timed region), ``timers`` (:meth:`Timers.summary`),
+    ``timeline`` (segments, seconds from ``timeline_origin``), ``timeline_origin``
+    (``time.time()``), ``memory`` (``rss_mb``, ``cuda_mb``), ``threads``, plus ``extra``.
+    """
+    out: dict[str, Any] = {
+        "rank": ctx.rank, "wall": wall, "steps": steps, "samples": samples, "t_start": t_start, "t_end": t_end,
+        "memory": peak_memory(device), "threads": torch.get_num_threads(), "device": str(device),
+    }
+    if timers is not None:
+        out["timers"] = timers.summary(wall)
+        out["timeline_origin"] = timers.origin_wall
+        out["timeline"] = timeline_rows(timers) if spec.timeline else []
+    out.update(extra)
+    return out
+
+
+def param_checksum(modules: list[nn.Module]) -> list[float]:
+    """``[sum |p|, sum p^2]`` over the parameters of ``modules`` (in float64).
+
+    Summed over the ranks, an exact method's checksums equal single-device backprop's
+    after the same steps (up to float rounding): a cheap check that every stage trained.
+    """
+    a = b = 0.0
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                q = p.detach().double()
+                a += float(q.abs().sum())
+                b += float((q * q).sum())
+    return [a, b]
+
+
+def _accuracy(model: nn.Module, batches: list, device: torch.device) -> tuple[float, float]:
+    was = model.training
+    model.eval()
+    total = correct = count = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(-1) == y).sum())
+            count += len(y)
+    model.train(was)
+    return correct / max(count, 1), total / max(count, 1)
+
+
+# -- single-device backprop -----------------------------------------------------------------
+def run_single(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
+    """The unsplit model, one process, plain ``forward / backward / step`` (the baseline)."""
+    w = spec.workload
+    device = rank_device(spec, 0)
+    model = build_model(w).to(device)
+    opt = make_optimizer(w)(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    timers = Timers(device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with timers.section("forward"):
+            loss = loss_fn(model(x), y)
+        with timers.section("backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with timers.section("update"):
+            opt.step()
+        return loss.detach()
+
+    if spec.mode == "converge":
+        return _converge_single(ctx, spec, device, model, step)
+    batches = train_batches(w, count=spec.warmup + spec.steps)
+    for x, y in batches[:spec.warmup]:
+        step(x, y)
+    synchronize(device)
+    reset_peak_memory(device)
+    timers.reset()
+    t_start, t0 = time.time(), time.perf_counter()
+    losses = [step(x, y) for x, y in batches[spec.warmup:]]
+    synchronize(device)
+    wall = time.perf_counter() - t0
+    t_end = time.time()
+    checksum = param_checksum([model])
+    chunks = chunk_times(model, loss_fn, batches[0], spec.chunk_sweep, device)
+    return rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
+                       t_start=t_start, t_end=t_end, timers=timers,
+                       losses=[float(v) for v in losses], chunks=chunks, param_checksum=checksum)
+
+
+def chunk_times(model: nn.Module, loss_fn: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor],
+                sweep: list[int], device: torch.device, repeats: int = 3) -> list[dict[str, float]]:
+    """Forward and backward seconds of the whole model on one micro-batch of ``batch / m``.
+
+    For the simulator: how much slower per sample small micro-batches are (untimed by
+    the throughput figures; the model's gradients are left dirty, nothing is stepped).
+    """
+    x, y = batch
+    out: list[dict[str, float]] = []
+    for m in sweep:
+        b = max(1, len(y) // m)
+        xb, yb = x[:b].to(device), y[:b].to(device)
+        fs, bs = [], []
+        for rep in range(repeats + 1):
+            t0 = time.perf_counter()
+            loss = loss_fn(model(xb), yb)
+            synchronize(device)
+            t1 = time.perf_counter()
+            loss.backward()
+            synchronize(device)
+            t2 = time.perf_counter()
+            if rep:
+                fs.append(t1 - t0)
+                bs.append(t2 - t1)
+        fs.sort()
+        bs.sort()
+        out.append({"m": m, "forward_s": fs[len(fs) // 2], "backward_s": bs[len(bs) // 2]})
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _converge_single(ctx: RankContext, spec: JobSpec, device: torch.device, model: nn.Module,
+                     step: Callable[[torch.Tensor, torch.Tensor], Any]) -> dict[str, Any]:
+    w = spec.workload
+    test = test_batches(w)
+    acc, loss = _accuracy(model, test, device)
+    curve = [{"time": 0.0, "epoch": 0, "steps": 0, "accuracy": acc, "loss": loss}]
+    total, steps, samples = 0.0, 0, 0
+    reset_peak_memory(device)
+    t_start = time.time()
+    for epoch in range(spec.epochs):
+        batches = train_batches(w, epoch=epoch)
+        t0 = time.perf_counter()
+        for x, y in batches:
+            step(x, y)
+        synchronize(device)
+        total += time.perf_counter() - t0
+        steps += len(batches)
+        samples += sum(len(y) for _, y in batches)
+        acc, loss = _accuracy(model, test, device)
+        curve.append({"time": total, "epoch": epoch + 1, "steps": steps, "accuracy": acc, "loss": loss})
+    return rank_result(ctx, spec, device, wall=total, steps=steps, samples=samples, t_start=t_start,
+                       t_end=time.time(), timers=None, curve=curve)
+
+
+# -- synthpipe ----------------------------------------------------------------------------
+def _synthpipe_trainer(spec: JobSpec, device: torch.device) -> Any:
+    import synthpipe as sp
+
+    w = spec.workload
+    model = build_model(w)
+    if spec.balance:
+        stages = sp.split(model, balance=list(spec.balance))
+    else:
+        stages = sp.split(model, n_stages=spec.ranks)
+    options: dict[str, Any] = {"rank": spec.synth_rank} if spec.synth == "lowrank" else {}
+    synth = sp.Synthesizer(spec.synth, conditional=spec.conditional,
+                           num_classes=w.num_classes if spec.conditional else None, **options)
+    return sp.Trainer(stages, nn.CrossEntropyLoss(), optimizer=make_optimizer(w), synthesizer=synth,
+                      gradients=spec.gradients, synth_optimizer=optimizer_factory(w.optimizer, w.synth_lr),
+                      device=device, progress=False,
+                      max_inflight=spec.max_inflight, failure_timeout=120.0)
+
+
+def run_synthpipe(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
+    """synthpipe's Trainer, one stage per process (``backprop``, DNI or cDNI)."""
+    import torch.distributed as dist
+
+    ctx.set_env()
+    w = spec.workload
+    device = rank_device(spec, ctx.rank)
+    trainer = _synthpipe_trainer(spec, device)
+    try:
+        if spec.mode == "converge":
+            return _converge_synthpipe(ctx, spec, device, trainer)
+        main = ctx.rank == 0
+        batches = train_batches(w, count=spec.warmup + spec.steps) if main else None
+        trainer.fit(batches[:spec.warmup] if main else None, epochs=1)
+        timers = Timers(device)
+        trainer.runner.timers = timers
+        data = batches[spec.warmup:] if main else None
+        dist.barrier()
+        synchronize(device)
+        reset_peak_memory(device)
+        timers.reset()
+        t_start, t0 = time.time(), time.perf_counter()
+        history = trainer.fit(data, epochs=2)
+        synchronize(device)
+        wall = time.perf_counter() - t0
+        result = rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
+                             t_start=t_start, t_end=time.time(), timers=timers,
+                             losses=[s["loss"] for s in history.steps],
+                             param_checksum=param_checksum([trainer.runner.stage.module]))
+        trainer.runner.timers = NULL_TIMERS  # stop recording
+        return result
+    finally:
+        trainer.close()
+
+
+def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, trainer: Any) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    w = spec.workload
+    main = ctx.rank == 0
+    test = test_batches(w) if main else None
+    m = trainer.evaluate(test)
+    curve = [{"time": 0.0, "epoch": 0, "steps": 0, "accuracy": m["accuracy"], "loss": m["loss"]}]
+    total, steps, samples = 0.0, 0, 0
+    reset_peak_memory(device)
+    t_start = time.time()
+    for epoch in range(spec.epochs):
+        batches = train_batches(w, epoch=epoch) if main else None
+        dist.barrier()
+        t0 = time.perf_counter()
+        history = trainer.fit(batches, epochs=epoch + 1)
+        total += time.perf_counter() - t0
+        row = history.epochs[-1] if history.epochs else {"steps": 0, "samples": 0}
+        steps += int(row["steps"])
+        samples += int(row["samples"])
+        m = trainer.evaluate(test)
+        curve.append({"time": total, "epoch": epoch + 1, "steps": steps, "accuracy": m["accuracy"], "loss": m["loss"]})
+    return rank_result(ctx, spec, device, wall=total, steps=steps, samples=samples, t_start=t_start,
+                       t_end=time.time(), timers=None, curve=curve)
+
+
+# -- transfer time ------------------------------------------------------------------------
+def run_pingpong(ctx: RankContext, spec: JobSpec, repeats: int = 20) -> dict[str, Any]:
+    """One-way time of a message between ranks 0 and 1, per size (half the round trip)."""
+    import torch.distributed as dist
+
+    ctx.set_env()
+    device = rank_device(spec, ctx.rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    try:
+        out = []
+        for size in spec.sizes:
+            buf = torch.zeros(max(1, size // 4), dtype=torch.float32, device=device)
+            times = []
+            for i in range(repeats + 2):
+                dist.barrier()
+                t0 = time.perf_counter()
+                if ctx.rank == 0:
+                    dist.send(buf, 1)
+                    dist.recv(buf, 1)
+                elif ctx.rank == 1:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+                synchronize(device)
+                if i >= 2:
+                    times.append((time.perf_counter() - t0) / 2)
+            times.sort()
+            out.append({"bytes": size, "one_way_s": times[len(times) // 2]})
+        t = time.time()
+        return rank_result(ctx, spec, device, wall=0.0, steps=0, samples=0, t_start=t, t_end=t, timers=None,
+                           transfers=out)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,451 @@
+"""Benchmark output: a markdown report, CSV and JSON files, PNG plots.
+
+Files written by :func:`write_outputs` into the output directory:
+
+``results.json`` — everything, with these stable top-level keys:
+
+* ``version`` (int, 1), ``created`` (ISO time), ``command``, ``elapsed_s``;
+* ``machine`` — :func:`synthpipe.benchmark.machine.describe`: ``cpu_model``,
+  ``logical_cores``, ``physical_cores``, ``usable_cores``, ``cgroup_cpu_limit``,
+  ``memory_gb``, ``load_average``, ``torch``, ``python``, ``platform``, ``hostname``,
+  ``device``, ``device_names``, ``gpus``, ``ranks``, ``threads_per_rank``,
+  ``oversubscribed``;
+* ``config`` — the :class:`BenchConfig` (workloads, steps, sweep, variants, ...);
+* ``warnings`` — list of strings (e.g. oversubscription);
+* ``throughput`` — one row per method (:data:`THROUGHPUT_KEYS`, below): ``samples_per_s``
+  is the median of ``repeats`` interleaved rounds (the other fields come from that
+  round); ``speedup`` is the median over rounds of the ratio to single-device backprop
+  *of the same round* (``speedup_by_round``); ``per_rank`` holds :data:`RANK_KEYS` for each rank; ``losses`` are
+  the timed steps' training losses and ``param_checksum`` is ``[sum |p|, sum p^2]`` of all
+  parameters after them (exact methods match ``single``: every stage trained);
+* ``sweep`` — ``microbatches``, ``schedules``, ``best_microbatches`` and
+  ``best_samples_per_s`` per torch schedule;
+* ``transfer`` — ping-pong ``[{bytes, one_way_s}]``;
+* ``profile`` — the simulator's input (also ``profile.json``; see
+  :func:`synthpipe.benchmark.bench.build_profile`);
+* ``validation`` — simulator vs measurement per 2-rank run: ``name``, ``schedule``,
+  ``microbatches``, ``measured_step_s``, ``predicted_step_s``, ``error``,
+  ``within_15pct``, ``predicted_bubble``;
+* ``simulation`` — predicted ``devices``, ``method``, ``microbatches``, ``step_s``,
+  ``bubble``, ``speedup``, ``samples_per_s``;
+* ``convergence`` — one row per method (:data:`CONVERGENCE_KEYS`), with ``curve``: a list
+  of ``{time, epoch, steps, accuracy, loss}`` (time = training seconds so far);
+* ``timelines`` — per method, per rank: ``{rank, origin, segments: [[start_s, end_s,
+  kind, step], ...]}`` (also ``timeline.json``).
+
+``throughput.csv``, ``convergence.csv``, ``validation.csv``, ``simulation.csv`` — the
+same rows flattened (per-rank values as ``<key>_r<rank>`` columns; no curves).
+``profile.json`` — input for ``synthpipe simulate --profile``. ``report.md`` — the
+markdown printed on stdout. Plots: ``accuracy_vs_time.png`` (test accuracy against
+training wall-clock, every method), ``timeline.png`` (per-rank compute / communication /
+waiting over a few steps of each method), ``scaling.png`` (simulated speedup, 2..16
+devices).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+from .machine import summary_line
+
+THROUGHPUT_KEYS = (
+    "method", "label", "family", "schedule", "microbatches", "stages_per_rank", "ranks", "threads", "device",
+    "batch", "steps", "wall_s", "step_s", "samples_per_s", "speedup", "oversubscribed", "best_in_sweep",
+    "repeats", "samples_per_s_runs", "samples_per_s_by_round", "speedup_by_round", "system_cpu_percent", "other_cpu_cores", "steal_percent", "gpu_util_percent",
+    "gpu_mem_peak_mb", "max_inflight", "synthesizer", "conditional", "per_rank", "losses", "param_checksum",
+    "error",
+)
+RANK_KEYS = (
+    "rank", "forward_s", "backward_s", "update_s", "synth_s", "send_s", "recv_s", "wait_s", "other_s",
+    "busy_fraction", "comm_fraction", "wait_fraction", "other_fraction", "cpu_util_percent",
+    "peak_rss_mb", "rss_sampled_peak_mb", "peak_cuda_mb", "threads", "device",
+)
+CONVERGENCE_KEYS = (
+    "method", "label", "family", "schedule", "microbatches", "ranks", "epochs", "steps", "train_time_s",
+    "samples_per_s", "final_accuracy", "best_accuracy", "final_loss", "target_accuracy", "time_to_target_s",
+    "epochs_to_target", "curve", "peak_rss_mb", "error",
+)
+
+KIND_COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "update": "#8C613C", "synth": "#8172B3",
+               "send": "#55A868", "recv": "#64B5CD", "wait": "#C44E52"}
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: str, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(_clean(data), f, indent=1)
+
+
+def _fmt(v: Any, digits: int = 1, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if pct:
+        return f"{100 * v:.0f}"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _ranks(values: Iterable[Any], pct: bool = False, digits: int = 0) -> str:
+    return " / ".join(_fmt(v, digits, pct) for v in values)
+
+
+def _flatten(row: dict[str, Any], skip: Sequence[str] = ("curve", "losses", "error_detail")) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k in skip:
+            continue
+        if k == "per_rank":
+            for rr in v:
+                for kk, vv in rr.items():
+                    if kk != "rank":
+                        out[f"{kk}_r{rr['rank']}"] = vv
+        elif isinstance(v, (list, tuple)):
+            out[k] = ";".join(_fmt(x, 6) if isinstance(x, float) else str(x) for x in v)
+        elif isinstance(v, dict):
+            out[k] = json.dumps(_clean(v))
+        else:
+            out[k] = v
+    return out
+
+
+def machine_columns(machine: dict[str, Any] | None) -> dict[str, Any]:
+    """The machine, as CSV columns repeated on every row."""
+    if not machine:
+        return {}
+    return {"machine_cpu": machine.get("cpu_model"), "machine_usable_cores": machine.get("usable_cores"),
+            "machine_device": ";".join(machine.get("device_names") or []),
+            "threads_per_rank": machine.get("threads_per_rank"), "torch_version": machine.get("torch"),
+            "load_average": ";".join(str(v) for v in machine.get("load_average") or [])}
+
+
+def write_csv(path: str, rows: Sequence[dict[str, Any]], machine: dict[str, Any] | None = None) -> None:
+    extra = machine_columns(machine)
+    flat = [{**_flatten(r), **extra} for r in rows]
+    keys: list[str] = []
+    for r in flat:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in flat:
+            writer.writerow({k: r.get(k) for k in keys})
+
+
+# -- markdown ---------------------------------------------------------------------------------
+def markdown(results: dict[str, Any]) -> str:
+    """The report as markdown (what ``synthpipe bench`` prints)."""
+    m = results["machine"]
+    cfg = results["config"]
+    lines = ["# synthpipe bench", "", f"**Machine:** {summary_line(m)}", ""]
+    if m.get("oversubscribed"):
+        lines += ["**Warning:** ranks x threads exceeds the usable cores; rows marked `*` are not a fair comparison.", ""]
+    for w in results.get("warnings", []):
+        lines.append(f"> {w}")
+    rows = results.get("throughput") or []
+    if rows:
+        w = cfg["workload"]
+        lines += [
+            "## Throughput", "",
+            f"Workload: {w['model']}(in={w['in_features']}, hidden={w['hidden']}, depth={w['depth']}), "
+            f"batch {w['batch']}, {w['optimizer']} lr {w['lr']}; {cfg['steps']} timed steps after {cfg['warmup']} warm-up, "
+            f"median of {cfg['repeats']} round(s); {cfg['threads']} thread(s) per rank and for the baseline. "
+            f"torch.distributed.pipelining micro-batch sweep: m in {{{', '.join(map(str, cfg['microbatches']))}}} "
+            f"for {', '.join(cfg['schedules'])}; the best m per schedule is marked **best**.", "",
+            "| method | ranks | m | samples/s | speedup | busy % (per rank) | comm % | wait % | CPU % (per rank) | peak RSS MB | notes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if r.get("error"):
+                lines.append(f"| {r['method']} | {r['ranks']} | {r.get('microbatches', '')} | failed | | | | | | | {r['error']} |")
+                continue
+            pr = r["per_rank"]
+            notes = []
+            if r.get("best_in_sweep"):
+                notes.append("**best**")
+            if r.get("oversubscribed"):
+                notes.append("* oversubscribed")
+            if r.get("other_cpu_cores") is not None and r["other_cpu_cores"] > 0.25:
+                notes.append(f"other load {r['other_cpu_cores']:.1f} cores")
+            if r.get("steal_percent") is not None and r["steal_percent"] > 2:
+                notes.append(f"VM steal {r['steal_percent']:.0f}%")
+            if r.get("samples_per_s_spread") is not None:
+                notes.append(f"spread {100 * r['samples_per_s_spread']:.0f}%")
+            name = r["method"] + (" *" if r.get("oversubscribed") else "")
+            lines.append(
+                f"| {name} | {r['ranks']} | {r['microbatches'] if r['family'] == 'torch.distributed.pipelining' else ''} | "
+                f"{_fmt(r['samples_per_s'], 0)} | {_fmt(r.get('speedup'), 2)} | "
+                f"{_ranks((x['busy_fraction'] for x in pr), pct=True)} | "
+                f"{_ranks((x['comm_fraction'] for x in pr), pct=True)} | "
+                f"{_ranks((x['wait_fraction'] for x in pr), pct=True)} | "
+                f"{_ranks(x['cpu_util_percent'] for x in pr)} | "
+                f"{_ranks(x['peak_rss_mb'] for x in pr)} | {', '.join(notes)} |")
+        lines += ["", "Per-rank profile (milliseconds per step; other = Python glue and untimed idle):", "",
+                  "| method | rank | forward | backward | update | synth | send | recv | wait | other | step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.get("error") or (r["family"] == "torch.distributed.pipelining" and not r.get("best_in_sweep")):
+                continue
+            for x in r["per_rank"]:
+                vals = [x[k] * 1e3 for k in ("forward_s", "backward_s", "update_s", "synth_s", "send_s", "recv_s",
+                                             "wait_s", "other_s")]
+                lines.append(f"| {r['method']} | {x['rank']} | " + " | ".join(f"{v:.1f}" for v in vals)
+                             + f" | {r['step_s'] * 1e3:.1f} |")
+        lines += ["", headline(results)]
+    val = results.get("validation") or []
+    if val:
+        lines += ["", "## Simulator check (measured 2-rank runs)", "",
+                  "Each run predicted from its own per-rank forward/backward/update/synthesizer/communication "
+                  "times and the measured transfer time; the model supplies the schedule's dependencies and bubbles.", "",
+                  "| run | schedule | m | measured ms/step | predicted ms/step | error | within 15% |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in val:
+            lines.append(f"| {v['name']} | {v['schedule']} | {v['microbatches']} | {v['measured_step_s'] * 1e3:.1f} | "
+                         f"{v['predicted_step_s'] * 1e3:.1f} | {100 * v['error']:+.1f}% | {'yes' if v['within_15pct'] else 'no'} |")
+    sim = results.get("simulation") or []
+    if sim:
+        lines += ["", "## Simulated scaling (balanced stages from the single-device profile)", "",
+                  "Predicted speedup over single-device backprop (idle share of the devices; best micro-batch "
+                  "count for gpipe/1f1b/zb): the single-device work split into N equal stages, each boundary "
+                  "keeping the measured synthesizer, message and transfer costs.", "",
+                  simulation_markdown(sim)]
+    conv = results.get("convergence") or []
+    if conv:
+        cw = cfg["conv_workload"]
+        target = cfg["conv_target"]
+        lines += ["", "## Time to accuracy", "",
+                  f"{cw['model']}(in={cw['in_features']}, hidden={cw['hidden']}, depth={cw['depth']}) on "
+                  f"{cw['data']} ({cw['num_samples']} samples), batch {cw['batch']}, {cw['optimizer']} lr {cw['lr']}, "
+                  f"{cfg['conv_epochs']} epochs each; time = training wall-clock (evaluation excluded).", "",
+                  f"| method | ranks | samples/s | time to {100 * target:.0f}% (s) | epochs to {100 * target:.0f}% | "
+                  f"final accuracy | best accuracy | train time (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in conv:
+            if r.get("error"):
+                lines.append(f"| {r['method']} | {r['ranks']} | failed: {r['error']} | | | | | |")
+                continue
+            lines.append(f"| {r['method']} | {r['ranks']} | {_fmt(r['samples_per_s'], 0)} | "
+                         f"{_fmt(r['time_to_target_s'], 2)} | {_fmt(r['epochs_to_target'])} | "
+                         f"{100 * r['final_accuracy']:.1f}% | {100 * r['best_accuracy']:.1f}% | {r['train_time_s']:.1f} |")
+    lines += ["", f"_{results.get('created', '')}; {results.get('elapsed_s', 0):.0f} s in total._", ""]
+    return "\n".join(lines)
+
+
+def _vs(row: dict[str, Any], ref: dict[str, Any] | None, ref_value: float) -> float:
+    """Median over rounds of ``row / ref`` (same round), else the ratio of the medians."""
+    import statistics
+    if ref is not None:
+        ratios = [a / b for a, b in zip(row.get("samples_per_s_by_round") or [], ref.get("samples_per_s_by_round") or [])
+                  if a and b]
+        if ratios:
+            return statistics.median(ratios)
+    return row["samples_per_s"] / ref_value
+
+
+def headline(results: dict[str, Any]) -> str:
+    """synthpipe rows against single-device backprop and the best torch schedule of the same run."""
+    rows = results.get("throughput") or []
+    best = results.get("sweep", {}).get("best_samples_per_s", {})
+    single = next((r for r in rows if r["schedule"] == "single" and not r.get("error")), None)
+    parts = []
+    by_name = {r["method"]: r for r in rows}
+    top_name = max(best, key=best.get) if best else None
+    top = best[top_name] if top_name else None
+    for r in rows:
+        if r["family"] != "synthpipe" or r.get("error") or not r.get("samples_per_s"):
+            continue
+        text = f"**{r['method']}** {r['speedup']:.2f}x single" if r.get("speedup") else f"**{r['method']}**"
+        if top:
+            text += f", {_vs(r, by_name.get(top_name + '-m' + str(results['sweep']['best_microbatches'][top_name])), top):.2f}x the best torch schedule"
+        parts.append(text)
+    line = "Headline (same run): " + "; ".join(parts)
+    if top and single:
+        line += f"; the best torch schedule ({top_name}, m={results['sweep']['best_microbatches'][top_name]}) " \
+                f"is {top / single['samples_per_s']:.2f}x single."
+    return line
+
+
+def simulation_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Predicted speedup (bubble, best m) per method and device count."""
+    devices = sorted({r["devices"] for r in rows})
+    methods: list[str] = []
+    for r in rows:
+        if r["method"] not in methods and r["method"] != "single":
+            methods.append(r["method"])
+    head = "| method | " + " | ".join(f"{n} devices" for n in devices) + " |"
+    out = [head, "|---|" + "---|" * len(devices)]
+    for meth in methods:
+        cells = []
+        for n in devices:
+            r = next((x for x in rows if x["devices"] == n and x["method"] == meth), None)
+            if r is None:
+                cells.append("–")
+                continue
+            extra = f", m={r['microbatches']}" if meth in ("gpipe", "1f1b", "zb") else ""
+            cells.append(f"{r['speedup']:.2f}x (bubble {100 * r['bubble']:.0f}%{extra})")
+        out.append(f"| {meth} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# -- plots ----------------------------------------------------------------------------------
+def _pyplot() -> Any:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _caption(fig: Any, machine: dict[str, Any] | None) -> None:
+    if machine:
+        fig.text(0.01, 0.005, summary_line(machine), fontsize=6, color="#555555", ha="left", va="bottom")
+
+
+def plot_accuracy(conv: Sequence[dict[str, Any]], target: float, path: str,
+                  machine: dict[str, Any] | None = None) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in conv:
+        if r.get("error"):
+            continue
+        xs = [p["time"] for p in r["curve"]]
+        ys = [100 * p["accuracy"] for p in r["curve"]]
+        ax.plot(xs, ys, marker="o", markersize=3, label=r["method"])
+    ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.0f}%")
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy against wall-clock time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _caption(fig, machine)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def timeline_methods(results: dict[str, Any]) -> list[str]:
+    """Methods shown in the timeline plot: single, the best torch schedules, synthpipe."""
+    rows = [r for r in results.get("throughput", []) if not r.get("error")]
+    names = [r["method"] for r in rows
+             if r["family"] != "torch.distributed.pipelining" or r.get("best_in_sweep")]
+    return [n for n in names if results.get("timelines", {}).get(n)]
+
+
+def plot_timeline(results: dict[str, Any], path: str, steps: float = 3.0) -> None:
+    """Per-rank compute / communication / waiting over ``steps`` steps from the middle of each run."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    names = timeline_methods(results)
+    rows = {r["method"]: r for r in results.get("throughput", [])}
+    if not names:
+        return
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.0 + 0.9 * sum(
+        len(results["timelines"][n]) for n in names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        ranks = results["timelines"][name]
+        row = rows[name]
+        origin = min(r["origin"] for r in ranks if r.get("origin") is not None)
+        span = steps * row["step_s"]
+        start = origin + max(0.0, min(0.4 * row["wall_s"], row["wall_s"] - span))
+        for i, rk in enumerate(ranks):
+            off = (rk.get("origin") or origin) - start
+            bars: dict[str, list[tuple[float, float]]] = {}
+            for s, e, kind, _ in rk["segments"]:
+                a, b = s + off, e + off
+                if b < 0 or a > span:
+                    continue
+                bars.setdefault(kind, []).append((max(a, 0) * 1e3, (min(b, span) - max(a, 0)) * 1e3))
+            for kind, segs in bars.items():
+                ax.broken_barh(segs, (i - 0.4, 0.8), color=KIND_COLORS.get(kind, "#999999"))
+        ax.set_yticks(range(len(ranks)))
+        ax.set_yticklabels([f"rank {r['rank']}" for r in ranks])
+        ax.set_xlim(0, span * 1e3)
+        ax.invert_yaxis()
+        ax.set_title(f"{name}: {row['samples_per_s']:.0f} samples/s", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("milliseconds (white = untimed: Python glue or idle)")
+    handles = [Patch(color=c, label=k) for k, c in KIND_COLORS.items()]
+    fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=7)
+    fig.tight_layout(rect=(0, 0.02, 1, 0.96))
+    _caption(fig, results.get("machine"))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(sim: Sequence[dict[str, Any]], path: str, machine: dict[str, Any] | None = None) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    methods: list[str] = []
+    for r in sim:
+        if r["method"] not in methods and r["method"] != "single":
+            methods.append(r["method"])
+    for meth in methods:
+        pts = sorted((r["devices"], r["speedup"]) for r in sim if r["method"] == meth)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=meth)
+    devs = sorted({r["devices"] for r in sim})
+    ax.plot(devs, devs, color="grey", linestyle=":", label="ideal")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(devs)
+    ax.set_xticklabels([str(d) for d in devs])
+    ax.set_xlabel("devices")
+    ax.set_ylabel("predicted speedup vs single device")
+    ax.set_title("Simulated scaling (profile measured on this machine)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _caption(fig, machine)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- all files ------------------------------------------------------------------------------
+def write_outputs(results: dict[str, Any], directory: str, plots: bool = True) -> dict[str, str]:
+    """Write every output file; returns ``{name: path}`` (also stored as ``results["files"]``)."""
+    os.makedirs(directory, exist_ok=True)
+    files: dict[str, str] = {}
+
+    def path(name: str) -> str:
+        files[name] = os.path.join(directory, name)
+        return files[name]
+
+    machine = results.get("machine")
+    if results.get("throughput"):
+        write_csv(path("throughput.csv"), results["throughput"], machine)
+    if results.get("convergence"):
+        write_csv(path("convergence.csv"), results["convergence"], machine)
+    if results.get("validation"):
+        write_csv(path("validation.csv"), results["validation"], machine)
+    if results.get("simulation"):
+        write_csv(path("simulation.csv"), results["simulation"], machine)
+    if results.get("profile"):
+        write_json(path("profile.json"), results["profile"])
+    if results.get("timelines"):
+        write_json(path("timeline.json"), results["timelines"])
+    if plots:
+        if results.get("convergence"):
+            plot_accuracy(results["convergence"], results["config"]["conv_target"], path("accuracy_vs_time.png"),
+                          machine)
+        if results.get("timelines"):
+            plot_timeline(results, path("timeline.png"))
+        if results.get("simulation"):
+            plot_scaling(results["simulation"], path("scaling.png"), machine)
+    with open(path("report.md"), "w") as f:
+        f.write(markdown(results))
+    results["files"] = dict(files)
+    results["files"]["results.json"] = os.path.join(directory, "results.json")
+    write_json(results["files"]["results.json"], results)
+    return results["files"]

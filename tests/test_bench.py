@@ -1,0 +1,189 @@
+"""The benchmark harness: section timers, machine description, and a tiny end-to-end run.
+
+No timing thresholds: the machine running the tests may be busy. The end-to-end run
+checks that every documented output exists and has its keys.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+
+import pytest
+
+from synthpipe.engine.metrics import KINDS, NULL_TIMERS, Timers
+
+
+# -- timers ------------------------------------------------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_timers_count_nested_sections_exclusively() -> None:
+    clock = FakeClock()
+    tm = Timers(clock=clock)
+    with tm.section("forward", step=0):
+        clock.t += 1.0
+        with tm.section("wait", step=0):
+            clock.t += 2.0
+        clock.t += 0.5
+    clock.t += 10.0  # outside any section: "other"
+    with tm.section("synth", step=1):
+        clock.t += 0.25
+    totals = tm.totals()
+    assert totals["forward"] == pytest.approx(1.5)
+    assert totals["wait"] == pytest.approx(2.0)
+    assert totals["synth"] == pytest.approx(0.25)
+    assert tm.counts()["forward"] == 1 and tm.counts()["wait"] == 1
+    segs = tm.timeline()
+    assert [(s, e, k, st) for s, e, k, st in segs] == [
+        (0.0, 1.0, "forward", 0), (1.0, 3.0, "wait", 0), (3.0, 3.5, "forward", 0), (13.5, 13.75, "synth", 1)]
+    summary = tm.summary(wall=13.75)
+    assert summary["busy_fraction"] == pytest.approx(1.75 / 13.75)
+    assert summary["wait_fraction"] == pytest.approx(2.0 / 13.75)
+    assert summary["other_fraction"] == pytest.approx(10.0 / 13.75)
+    assert set(KINDS) <= set(summary["seconds"])
+
+
+def test_timers_keep_a_bounded_timeline_but_full_totals() -> None:
+    clock = FakeClock()
+    tm = Timers(capacity=5, clock=clock)
+    for i in range(20):
+        with tm.section("backward", i):
+            clock.t += 1.0
+    assert len(tm.timeline()) == 5
+    assert tm.timeline()[0][3] == 15
+    assert tm.totals()["backward"] == pytest.approx(20.0)
+    tm.reset()
+    assert tm.totals()["backward"] == 0.0 and tm.timeline() == []
+
+
+def test_null_timers_do_nothing() -> None:
+    with NULL_TIMERS.section("forward"):
+        pass
+    assert not NULL_TIMERS.enabled
+
+
+# -- machine and monitor -------------------------------------------------------------------------
+def test_machine_description_and_fairness() -> None:
+    from synthpipe.benchmark.machine import describe, oversubscribed, summary_line
+
+    m = describe(ranks=2, threads=1)
+    for key in ("cpu_model", "logical_cores", "usable_cores", "torch", "python", "device_names",
+                "ranks", "threads_per_rank", "oversubscribed", "load_average"):
+        assert key in m
+    assert oversubscribed(4, 1, cores=2) and not oversubscribed(2, 1, cores=2)
+    assert oversubscribed(2, 2, cores=8, limit=2.0)
+    assert "threads" in summary_line(m)
+
+
+def test_monitor_samples_this_process() -> None:
+    from synthpipe.benchmark.monitor import Monitor, peak_memory, reset_peak_memory
+
+    with Monitor([os.getpid()], interval=0.05) as mon:
+        t0 = time.time()
+        end = time.perf_counter() + 0.4
+        while time.perf_counter() < end:
+            sum(range(1000))
+        t1 = time.time()
+    usage = mon.window(t0, t1, [os.getpid()])
+    assert usage["samples"] >= 2
+    assert usage["cpu_percent"][0] is not None and usage["cpu_percent"][0] > 0
+    assert usage["rss_peak_mb"][0] > 0
+    reset_peak_memory()
+    assert peak_memory()["rss_mb"] > 0
+
+
+def test_variants_parse() -> None:
+    from synthpipe.benchmark.bench import Variant
+
+    assert Variant.parse("cdni").name == "cdni"
+    assert Variant.parse("dni:linear").name == "dni"
+    v = Variant.parse("cdni:lowrank:16")
+    assert (v.mode, v.synth, v.rank, v.name) == ("cdni", "lowrank", 16, "cdni-lowrank16")
+    with pytest.raises(ValueError):
+        Variant.parse("xdni")
+
+
+# -- end to end ----------------------------------------------------------------------------------
+@pytest.mark.timeout(150)
+def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
+    from synthpipe.benchmark import add_bench_arguments, run_bench
+    from synthpipe.benchmark.report import CONVERGENCE_KEYS, RANK_KEYS, THROUGHPUT_KEYS
+
+    out = tmp_path / "bench"
+    parser = add_bench_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([
+        "--quick", "--output", str(out), "--in-features", "64", "--hidden", "64", "--depth", "4",
+        "--batch", "32", "--steps", "3", "--warmup", "1", "--microbatches", "2,4",
+        "--schedules", "gpipe,1f1b,zbv", "--variants", "dni,cdni:lowrank:8",
+        "--conv-epochs", "2", "--conv-samples", "600", "--conv-hidden", "32", "--conv-batch", "64",
+        "--devices", "2,4", "--timeout", "120"])
+    assert run_bench(args) == 0
+    stdout = capsys.readouterr().out
+    assert "## Throughput" in stdout and "## Time to accuracy" in stdout and "## Simulator check" in stdout
+
+    for name in ("results.json", "throughput.csv", "convergence.csv", "validation.csv", "simulation.csv",
+                 "profile.json", "timeline.json", "report.md", "accuracy_vs_time.png", "timeline.png",
+                 "scaling.png"):
+        path = out / name
+        assert path.exists() and path.stat().st_size > 0, name
+    for png in ("accuracy_vs_time.png", "timeline.png", "scaling.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((out / "results.json").read_text())
+    for key in ("version", "created", "machine", "config", "warnings", "throughput", "sweep", "transfer",
+                "profile", "validation", "simulation", "convergence", "timelines", "files", "elapsed_s"):
+        assert key in results, key
+    assert results["machine"]["threads_per_rank"] == 1 and results["machine"]["torch"]
+    names = [r["method"] for r in results["throughput"]]
+    assert names == ["single", "gpipe-m2", "gpipe-m4", "1f1b-m2", "1f1b-m4", "zbv-m4", "backprop",
+                     "dni", "cdni-lowrank8"]
+    for row in results["throughput"]:
+        assert row["error"] is None, row.get("error_detail")
+        assert set(THROUGHPUT_KEYS) <= set(row), set(THROUGHPUT_KEYS) - set(row)
+        assert row["samples_per_s"] > 0 and row["speedup"] > 0
+        assert len(row["per_rank"]) == row["ranks"]
+        for rank in row["per_rank"]:
+            assert set(RANK_KEYS) <= set(rank), set(RANK_KEYS) - set(rank)
+            assert 0 <= rank["busy_fraction"] <= 1.0 + 1e-6
+    single = results["throughput"][0]
+    assert single["speedup"] == pytest.approx(1.0)
+    # every exact method trains the same model on the same batches: the same losses (up to
+    # float summation order over micro-batches, which Adam amplifies a little)
+    by = {r["method"]: r for r in results["throughput"]}
+    assert len(single["losses"]) == 3
+    for name in ("gpipe-m2", "gpipe-m4", "1f1b-m2", "1f1b-m4", "zbv-m4", "backprop"):
+        assert by[name]["losses"] == pytest.approx(single["losses"], rel=2e-3), name
+        # ... and end with the same parameters: every stage of every rank trained
+        assert by[name]["param_checksum"] == pytest.approx(single["param_checksum"], rel=1e-5), name
+    assert by["dni"]["param_checksum"] != pytest.approx(single["param_checksum"], rel=1e-5)
+    assert results["sweep"]["best_microbatches"].keys() == {"gpipe", "1f1b", "zbv"}
+    assert sum(r["best_in_sweep"] for r in results["throughput"]) == 3
+    assert {v["name"] for v in results["validation"]} >= {"single", "gpipe-m2", "1f1b-m4", "backprop", "dni"}
+    assert {r["devices"] for r in results["simulation"]} == {2, 4}
+    for row in results["convergence"]:
+        assert row["error"] is None, row.get("error_detail")
+        assert set(CONVERGENCE_KEYS) <= set(row)
+        assert len(row["curve"]) == 3 and row["curve"][0]["time"] == 0.0
+        assert 0.0 <= row["final_accuracy"] <= 1.0
+    assert {r["method"] for r in results["convergence"]} == {
+        "single", "backprop", "dni", "cdni-lowrank8"} | {f"{s}-m{results['sweep']['best_microbatches'][s]}"
+                                                         for s in ("gpipe", "1f1b")}
+    assert set(results["timelines"]["dni"][0]) == {"rank", "origin", "segments"}
+    assert results["timelines"]["dni"][1]["segments"], "rank 1 recorded no sections"
+
+    with open(out / "throughput.csv") as f:
+        header = next(csv.reader(f))
+    for col in ("method", "samples_per_s", "speedup", "busy_fraction_r0", "wait_fraction_r1", "peak_rss_mb_r1"):
+        assert col in header
+    profile = json.loads((out / "profile.json").read_text())
+    for key in ("version", "single", "transfer", "synth_s", "message_s", "pp_message_s", "op_overhead_s",
+                "microbatch", "runs"):
+        assert key in profile, key

@@ -1,0 +1,183 @@
+"""The discrete-event schedule simulator on cases that can be computed by hand."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from synthpipe.benchmark import simulator as sim
+from synthpipe.benchmark.cli import add_simulate_arguments, run_simulate
+from synthpipe.benchmark.simulator import StageCost, Transfer, simulate
+
+
+def equal(p: int, f: float = 1.0, b: float = 2.0, **kw: float) -> list[StageCost]:
+    return [StageCost(forward=f, backward=b, **kw) for _ in range(p)]
+
+
+@pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (3, 5), (4, 8), (8, 16)])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_flushed_pipelines_have_the_textbook_bubble(schedule: str, p: int, m: int) -> None:
+    pred = simulate(schedule, equal(p), microbatches=m)
+    # (m + p - 1) slots of one micro-batch's forward + backward
+    assert pred.step_s == pytest.approx((m + p - 1) * 3.0 / m)
+    assert pred.bubble == pytest.approx((p - 1) / (m + p - 1))
+    assert pred.busy_s == pytest.approx([3.0] * p)
+
+
+def test_transfer_adds_two_latencies_per_boundary_to_gpipe() -> None:
+    p, m, t = 3, 4, 0.1
+    pred = simulate("gpipe", equal(p), microbatches=m, transfer=t)
+    assert pred.step_s == pytest.approx((m + p - 1) * 3.0 / m + 2 * (p - 1) * t)
+
+
+def test_transfer_may_depend_on_the_micro_batch_count() -> None:
+    pred = simulate("gpipe", equal(2), microbatches=4, transfer=lambda m: 0.4 / m)
+    assert pred.step_s == pytest.approx(5 * 3.0 / 4 + 2 * 0.1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
+def test_dni_speedup_equals_devices_for_balanced_free_stages(n: int) -> None:
+    single = simulate("single", equal(n, f=1.0 / n, b=2.0 / n)).step_s
+    dni = simulate("dni", equal(n, f=1.0 / n, b=2.0 / n))
+    assert single == pytest.approx(3.0)
+    assert single / dni.step_s == pytest.approx(n)
+    assert dni.bubble == pytest.approx(0.0, abs=1e-9)
+
+
+def test_dni_throughput_is_set_by_the_slowest_stage() -> None:
+    stages = [StageCost(1.0, 1.0, update=0.5, synth=0.7, comm=0.1, other=0.2),
+              StageCost(1.5, 2.0, update=0.5, comm=0.1),
+              StageCost(0.5, 0.5)]
+    pred = simulate("dni", stages, transfer=0.05)
+    assert pred.step_s == pytest.approx(max(s.total for s in stages))
+    assert pred.busy_s == pytest.approx([s.total for s in stages])
+
+
+def test_dni_max_inflight_one_waits_for_every_target() -> None:
+    # rank 0: F=1, backward=1; rank 1: F=1, backward=1; no synthesizer, no latency.
+    # With one target in flight rank 0 must wait for rank 1's backward of the same step:
+    # the step is F0 + F1 + B1 = 3 instead of max(F+B) = 2.
+    assert simulate("dni", equal(2, 1.0, 1.0), max_inflight=1).step_s == pytest.approx(3.0)
+    assert simulate("dni", equal(2, 1.0, 1.0), max_inflight=4).step_s == pytest.approx(2.0)
+
+
+def test_backprop_is_sequential_with_transfers() -> None:
+    p, t = 3, 0.25
+    stages = equal(p, 1.0, 2.0, update=0.5)
+    pred = simulate("backprop", stages, transfer=t)
+    assert pred.step_s == pytest.approx(p * 3.5 + 2 * (p - 1) * t)
+    assert simulate("single", stages).step_s == pytest.approx(p * 3.5)
+
+
+def test_zero_bubble_fills_the_bubble_with_weight_gradients() -> None:
+    for p, m in [(2, 4), (4, 4), (4, 8)]:
+        zb = simulate("zb", equal(p), microbatches=m)
+        one = simulate("1f1b", equal(p), microbatches=m)
+        assert zb.step_s < one.step_s
+        assert zb.bubble < one.bubble
+        assert zb.step_s >= 3.0 - 1e-9  # never faster than the work of one device
+    # Without a weight-gradient part there is nothing to defer: zero bubble = 1F1B
+    flat = [StageCost(1.0, 2.0, weight_fraction=0.0) for _ in range(4)]
+    assert simulate("zb", flat, microbatches=8).step_s == pytest.approx(simulate("1f1b", flat, microbatches=8).step_s)
+
+
+def test_updates_sit_at_the_flush() -> None:
+    p, m = 2, 4
+    pred = simulate("1f1b", equal(p, update=0.5), microbatches=m)
+    assert pred.step_s == pytest.approx((m + p - 1) * 3.0 / m + 0.5)
+
+
+def test_unknown_schedule_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown schedule"):
+        simulate("interleaved", equal(2))
+
+
+def test_transfer_fit_recovers_a_line() -> None:
+    tr = Transfer.fit([(0, 1e-4), (1e6, 1e-4 + 1e-3), (2e6, 1e-4 + 2e-3)])
+    assert tr.latency == pytest.approx(1e-4)
+    assert tr(5e5) == pytest.approx(1e-4 + 5e-4)
+    assert Transfer.fit([]).latency == 0.0
+    assert Transfer.fit([(100, 0.01)])(1e9) == pytest.approx(0.01)
+
+
+def profile(**overrides: object) -> dict:
+    p = {
+        "version": sim.PROFILE_VERSION, "workload": {"batch": 256, "model": "deep_mlp"},
+        "machine": {"device_names": ["cpu"], "ranks": 2, "threads_per_rank": 1, "torch": "x"},
+        "single": {"step_s": 3.0, "forward_s": 1.0, "backward_s": 2.0, "update_s": 0.0, "other_s": 0.0},
+        "boundary_bytes": 1 << 20, "transfer": [], "synth_s": {"cdni": 0.0}, "message_s": 0.0,
+        "pp_message_s": 0.0, "op_overhead_s": 0.0, "step_overhead_s": 0.0, "max_inflight": 4, "runs": [],
+    }
+    p.update(overrides)
+    return p
+
+
+def test_predicted_table_from_a_free_profile() -> None:
+    rows = sim.predict_table(profile(), devices=[2, 4, 8, 16])
+    for n in (2, 4, 8, 16):
+        by = {r["method"]: r for r in rows if r["devices"] == n}
+        assert by["single"]["speedup"] == pytest.approx(1.0)
+        assert by["cdni"]["speedup"] == pytest.approx(n)
+        assert by["backprop"]["speedup"] == pytest.approx(1.0)
+        # the largest micro-batch count wins when micro-batches cost nothing extra
+        assert by["gpipe"]["microbatches"] == 64
+        assert by["gpipe"]["bubble"] == pytest.approx((n - 1) / (64 + n - 1))
+        assert by["zb"]["speedup"] >= by["1f1b"]["speedup"] - 1e-9
+
+
+def test_synthesizer_cost_caps_dni_scaling() -> None:
+    rows = sim.predict_table(profile(synth_s={"cdni": 0.5}), devices=[2, 16])
+    by = {(r["devices"], r["method"]): r for r in rows}
+    assert by[(2, "cdni")]["step_s"] == pytest.approx(1.5 + 0.5)
+    assert by[(16, "cdni")]["step_s"] == pytest.approx(3.0 / 16 + 0.5)
+
+
+def test_micro_batch_costs_come_from_the_measured_chunks() -> None:
+    p = profile(microbatch=[{"m": 2, "forward_s": 0.6, "backward_s": 1.2},
+                            {"m": 4, "forward_s": 0.35, "backward_s": 0.7}])
+    assert sim.model_chunk(p, 2) == (0.6, 1.2)
+    f8, b8 = sim.model_chunk(p, 8)  # fitted a + c/m through m = 1, 2, 4
+    assert 0.125 < f8 < 0.35 and 0.25 < b8 < 0.7
+    stages = sim.scaled_stages(p, 2, "gpipe", microbatches=4)
+    assert stages[0].forward == pytest.approx(4 * 0.35 / 2)
+    assert stages[0].backward == pytest.approx(4 * 0.7 / 2)
+
+
+def test_validation_compares_runs_with_their_prediction() -> None:
+    run = {"name": "cdni", "schedule": "dni", "ranks": 2, "microbatches": 1, "max_inflight": 4,
+           "measured_step_s": 2.2,
+           "stages": [{"forward_s": 1.0, "backward_s": 1.0, "synth_s": 0.2}, {"forward_s": 1.0, "backward_s": 1.0}]}
+    gp = {"name": "gpipe-m4", "schedule": "gpipe", "ranks": 2, "microbatches": 4, "measured_step_s": 10.0,
+          "stages": [{"forward_s": 1.0, "backward_s": 2.0}, {"forward_s": 1.0, "backward_s": 2.0}]}
+    zbv = dict(gp, name="zbv-m4", schedule="zbv")
+    rows = sim.validate(profile(runs=[run, gp, zbv]))
+    assert [r["name"] for r in rows] == ["cdni", "gpipe-m4"]  # ZB-V is not modelled
+    assert rows[0]["predicted_step_s"] == pytest.approx(2.2)
+    assert rows[0]["error"] == pytest.approx(0.0) and rows[0]["within_15pct"]
+    assert rows[1]["predicted_step_s"] == pytest.approx(3.75)
+    assert not rows[1]["within_15pct"]
+
+
+def test_simulate_command_prints_the_table(tmp_path, capsys) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile()))
+    import argparse
+    parser = add_simulate_arguments(argparse.ArgumentParser())
+    assert run_simulate(parser.parse_args(["--profile", str(path), "--devices", "2,4"])) == 0
+    out = capsys.readouterr().out
+    assert "| cdni | 2.00x" in out and "4 devices" in out
+    assert run_simulate(parser.parse_args(["--profile", str(path), "--devices", "2", "--json"])) == 0
+    rows = json.loads(capsys.readouterr().out)["simulation"]
+    assert {r["method"] for r in rows} >= {"single", "backprop", "gpipe", "1f1b", "zb", "cdni"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 99}))
+    assert run_simulate(parser.parse_args(["--profile", str(bad)])) == 2
+
+
+def test_engine_scales_to_sixteen_devices_quickly() -> None:
+    import time
+    t0 = time.perf_counter()
+    pred = simulate("zb", equal(16, 1 / 16, 2 / 16), microbatches=32)
+    assert time.perf_counter() - t0 < 10
+    assert not math.isnan(pred.step_s)
