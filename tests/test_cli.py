@@ -176,8 +176,7 @@ def test_version(capsys):
 @pytest.mark.timeout(30)
 def test_console_script_is_installed(tmp_path):
     exe = shutil.which("synthpipe", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
-        pytest.skip("synthpipe is not installed as a console script (pip install -e .)")
+    assert exe is not None, "the synthpipe console script is not installed: run pip install -e ."
     code, out, _ = run([exe, "--version"], str(tmp_path), timeout=25)
     assert code == 0 and out.startswith("synthpipe ")
 
