@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..engine.metrics import NULL_TIMERS, Timers
+from ..engine.reference import evaluate_model
 from .launcher import RankContext
 from .monitor import peak_memory, reset_peak_memory
 from .workload import Workload, build_model, make_optimizer, optimizer_factory, test_batches, train_batches
@@ -159,21 +160,10 @@ def param_checksum(modules: list[nn.Module]) -> list[float]:
 
 
 def _accuracy(model: nn.Module, batches: list, device: torch.device) -> tuple[float, float]:
-    was = model.training
-    model.eval()
-    total = correct = count = 0.0
-    with torch.no_grad():
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += float((out.argmax(-1) == y).sum())
-            count += len(y)
-    model.train(was)
-    return correct / max(count, 1), total / max(count, 1)
+    metrics = evaluate_model(model, batches, device)
+    return metrics["accuracy"], metrics["loss"]
 
 
-# -- single-device backprop -----------------------------------------------------------------
 def run_single(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
     """The unsplit model, one process, plain ``forward / backward / step`` (the baseline)."""
     w = spec.workload

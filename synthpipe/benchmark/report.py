@@ -315,6 +315,15 @@ def _caption(fig: Any, machine: dict[str, Any] | None) -> None:
         fig.text(0.01, 0.005, summary_line(machine), fontsize=6, color="#555555", ha="left", va="bottom")
 
 
+def _save(plt: Any, fig: Any, path: str, machine: dict[str, Any] | None,
+          rect: tuple[float, float, float, float] = (0, 0.03, 1, 1), dpi: int = 120) -> None:
+    """Lay out, caption with the machine, write and close a figure."""
+    fig.tight_layout(rect=rect)
+    _caption(fig, machine)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_accuracy(conv: Sequence[dict[str, Any]], target: float, path: str,
                   machine: dict[str, Any] | None = None) -> None:
     plt = _pyplot()
@@ -331,10 +340,7 @@ def plot_accuracy(conv: Sequence[dict[str, Any]], target: float, path: str,
     ax.set_title("Test accuracy against wall-clock time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _caption(fig, machine)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, machine)
 
 
 def timeline_methods(results: dict[str, Any]) -> list[str]:
@@ -380,10 +386,7 @@ def plot_timeline(results: dict[str, Any], path: str, steps: float = 3.0) -> Non
     axes[-1, 0].set_xlabel("milliseconds (white = untimed: Python glue or idle)")
     handles = [Patch(color=c, label=k) for k, c in KIND_COLORS.items()]
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=7)
-    fig.tight_layout(rect=(0, 0.02, 1, 0.96))
-    _caption(fig, results.get("machine"))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, results.get("machine"), rect=(0, 0.02, 1, 0.96), dpi=110)
 
 
 def plot_scaling(sim: Sequence[dict[str, Any]], path: str, machine: dict[str, Any] | None = None) -> None:
@@ -406,10 +409,7 @@ def plot_scaling(sim: Sequence[dict[str, Any]], path: str, machine: dict[str, An
     ax.set_title("Simulated scaling (profile measured on this machine)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _caption(fig, machine)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, machine)
 
 
 # -- all files ------------------------------------------------------------------------------

@@ -34,6 +34,28 @@ def batch_metrics(output: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> 
     return float(loss.detach()) * n, correct, n
 
 
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   device: torch.device | str) -> dict[str, float]:
+    """Cross-entropy (mean) and accuracy of an unsplit classifier; its train/eval mode is restored.
+
+    The ground truth the launcher and the benchmark compare pipelines against.
+    """
+    was = model.training
+    model.eval()
+    total = correct = count = 0.0
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            total += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(-1) == y).sum())
+            count += int(y.shape[0])
+    finally:
+        model.train(was)
+    return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
 class ReferenceRunner:
     """Runs all ``stages`` in this process with the update rule of :class:`Stage`."""
 

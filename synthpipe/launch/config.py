@@ -25,15 +25,18 @@ import os
 import typing
 from typing import Any, Optional
 
+from ..engine.config import GRADIENT_MODES, NONFINITE_POLICIES
+from ..stages.synthesizer import KINDS
+
 __all__ = ["JobConfig", "load_config", "read_toml", "add_train_arguments", "overrides_from_args",
            "overrides_to_argv", "FLAGS", "MODELS", "DATASETS"]
 
 MODELS = ("paper_mlp", "paper_cnn", "deep_mlp")
 DATASETS = ("mnist1d", "synthetic")
 SPLIT_BY = ("params", "time")
-GRADIENTS = ("synthetic", "backprop")
-SYNTHESIZERS = ("linear", "lowrank", "mlp", "conv", "token", "auto")  # synthpipe.stages.synthesizer.KINDS
-NONFINITE = ("raise", "skip")
+GRADIENTS = GRADIENT_MODES
+SYNTHESIZERS = KINDS
+NONFINITE = NONFINITE_POLICIES
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("gloo", "nccl")
 

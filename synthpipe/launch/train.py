@@ -217,23 +217,6 @@ def method_name(cfg: JobConfig) -> str:
 
 # -- plain backprop baseline ------------------------------------------------------------------
 
-def evaluate_model(model: Any, loader: Any, device: Any) -> dict[str, float]:
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    total = correct = count = 0.0
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            total += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += float((out.argmax(-1) == y).sum())
-            count += int(y.shape[0])
-    model.train()
-    return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1)}
-
-
 def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, device: Any) -> dict[str, float]:
     """The unsplit model, plain single-process backprop, same init and batch order, ``steps`` steps."""
     import torch
@@ -260,6 +243,8 @@ def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, de
                 if step >= steps:
                     break
     elapsed = time.perf_counter() - start
+    from ..engine.reference import evaluate_model
+
     metrics = evaluate_model(model, eval_loader(test_set), device)
     return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "steps": step, "time": elapsed}
 
