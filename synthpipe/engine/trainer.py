@@ -361,6 +361,8 @@ class Trainer:
     def close(self) -> None:
         """Finish cleanly (all ranks): stop the watchdog; leave the process group if this trainer made it."""
         if self.watchdog is not None:
+            if isinstance(self.runner, PipelineWorker):
+                self.runner.ch.close()
             dist.barrier()
             self.watchdog.close()
             self.watchdog = None

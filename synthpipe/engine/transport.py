@@ -1,15 +1,20 @@
 """Point-to-point channels between neighbouring stages.
 
-Every message is two sends on the channel's own process group:
+Every message is a few sends on the channel's own process group:
 
 1. a fixed-size ``int64`` *header* (:data:`HEADER_LEN` entries): message kind, step id,
    flags, a few float64 statistics (bit-cast) and, per tensor, its dtype and shape;
-2. one ``uint8`` *payload* holding all tensors packed back to back (omitted when empty).
+2. one send per non-empty tensor, of its own memory viewed as bytes: nothing is copied
+   when a tensor is already contiguous on the channel's device (the sender keeps it
+   alive, unmodified, until the send completes).
 
 Because the shapes travel in the header, batch size and sequence length may change from
-one step to the next; because a channel always has a header receive posted ahead, the
-sender never waits for the receiver to reach its ``recv`` call. Send buffers are kept
-alive until their work completes (``Channel.flush`` / ``Channel.reap``).
+one step to the next. A receiving channel takes its messages on a background thread
+(the header, then at once the tensors), so the sender never waits for the receiver to
+reach its ``recv`` call and the tensors cross while the receiver computes. Sent tensors
+are kept alive until their sends complete (``Channel.flush`` / ``Channel.reap``); as with
+``torch.distributed.isend``, they must not be modified before then (the worker only sends
+fresh module outputs, gradients and the labels of the batch).
 
 Activations r -> r+1 and gradients r+1 -> r each get a process group of their own, so
 the two directions never queue behind each other (on NCCL: on one stream).
@@ -17,7 +22,9 @@ the two directions never queue behind each other (on NCCL: on one stream).
 from __future__ import annotations
 
 import dataclasses
+import queue
 import struct
+import threading
 from collections import deque
 from typing import Any, Sequence
 
@@ -90,7 +97,7 @@ def encode_header(kind: int, step: int, tensors: Sequence[torch.Tensor | None],
             if t.dim() > MAX_DIMS:
                 raise TransportError(f"cannot send a {t.dim()}-D tensor (at most {MAX_DIMS} dims)")
             entry = [_CODE[t.dtype], t.dim(), *t.shape]
-            nbytes += _padded(t.numel() * t.element_size())
+            nbytes += t.numel() * t.element_size()
         if pos + len(entry) > HEADER_LEN:
             raise TransportError(f"too many tensors or dimensions for one message ({len(tensors)} tensors)")
         header[pos:pos + len(entry)] = entry
@@ -100,8 +107,10 @@ def encode_header(kind: int, step: int, tensors: Sequence[torch.Tensor | None],
 
 
 def decode_header(header: Sequence[int]) -> tuple[int, int, int, list[float], list[tuple[torch.dtype, tuple[int, ...]] | None], int]:
-    """Inverse of :func:`encode_header`: kind, step, flags, stats, tensor specs, payload bytes."""
+    """Inverse of :func:`encode_header`: kind, step, flags, stats, tensor specs, total tensor bytes."""
     kind, step, flags, n = (int(v) for v in header[:4])
+    if kind not in KIND_NAMES or not 0 <= n <= (HEADER_LEN - _TENSORS_AT) // 2:
+        raise TransportError(f"corrupt header (kind {kind}, {n} tensors)")
     stats = [_i2f(header[_STATS_AT + i]) for i in range(int(header[4]))]
     specs: list[tuple[torch.dtype, tuple[int, ...]] | None] = []
     pos = _TENSORS_AT
@@ -117,57 +126,33 @@ def decode_header(header: Sequence[int]) -> tuple[int, int, int, list[float], li
     return kind, step, flags, stats, specs, int(header[5])
 
 
-ALIGN = 16  # every tensor starts at a multiple of this, so the receiver can view it in place
+def as_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, contiguous, as a flat ``uint8`` view (no copy when it already is)."""
+    return t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
 
 
-def _padded(nbytes: int) -> int:
-    return -(-nbytes // ALIGN) * ALIGN
-
-
-def pack(tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
-    """All tensors as one flat uint8 buffer on ``device``, each at an aligned offset (None if empty)."""
-    parts = []
-    for t in tensors:
-        if t is None or t.numel() == 0:
-            continue
-        raw = t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
-        parts.append(raw)
-        if _padded(raw.numel()) != raw.numel():
-            parts.append(torch.zeros(_padded(raw.numel()) - raw.numel(), dtype=torch.uint8, device=device))
-    if not parts:
-        return None
-    return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
-
-
-def unpack(buffer: torch.Tensor | None, specs: Sequence[tuple[torch.dtype, tuple[int, ...]] | None]) -> tuple:
-    """Views into ``buffer`` with the given dtypes and shapes (``None`` kept)."""
-    out: list[torch.Tensor | None] = []
-    offset = 0
-    for spec in specs:
-        if spec is None:
-            out.append(None)
-            continue
-        dtype, shape = spec
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes == 0:
-            out.append(torch.empty(shape, dtype=dtype, device=buffer.device if buffer is not None else "cpu"))
-            continue
-        assert buffer is not None
-        out.append(buffer[offset:offset + nbytes].view(dtype).view(shape))
-        offset += _padded(nbytes)
-    return tuple(out)
+def empty_like_spec(spec: tuple[torch.dtype, tuple[int, ...]], device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of ``spec``'s dtype and shape, to receive into."""
+    dtype, shape = spec
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class Channel:
-    """One direction between two ranks: ``send`` on one side, ``recv``/``poll`` on the other.
+    """One direction between two ranks: ``send`` on one side, ``expect``/``recv`` on the other.
+
+    Receiving runs on a background thread, one per receiving channel: for every message
+    the owner says will come (:meth:`expect`), it waits for the header, posts the
+    receives of the tensors at once and puts the whole :class:`Message` in an inbox. The
+    tensors therefore cross while the owner computes: gloo moves data only once its
+    receive is posted, and its works cannot be polled (``is_completed`` stays false
+    until ``wait``), so without the thread every tensor would cross only when the owner
+    finally asked for it. Receives are never posted for messages that are not expected,
+    so none is left dangling when a fit ends.
 
     Args:
         group: a process group containing both ranks, used for this direction only.
         peer: the global rank at the other end.
-        device: where headers and payloads live (a CUDA device for NCCL, CPU for gloo).
+        device: where headers and received tensors live (a CUDA device for NCCL, CPU for gloo).
         name: for error messages, e.g. ``"activations 0->1"``.
     """
 
@@ -177,8 +162,10 @@ class Channel:
         self.device = device
         self.name = name
         self._pending_sends: deque[tuple[list[Any], tuple]] = deque()
-        self._header = None
-        self._header_work = None
+        self._credits: "queue.SimpleQueue[int | None]" = queue.SimpleQueue()
+        self._inbox: "queue.SimpleQueue[Message | BaseException]" = queue.SimpleQueue()
+        self._expected = 0  # messages expected and not yet taken by recv
+        self._thread: threading.Thread | None = None
 
     # -- sending ------------------------------------------------------------------
     def send(self, kind: int, step: int, tensors: Sequence[torch.Tensor | None] = (),
@@ -186,11 +173,9 @@ class Channel:
         """Start sending a message; returns at once. Buffers live until the sends complete."""
         header = torch.tensor(encode_header(kind, step, tensors, flags, stats), dtype=torch.int64)
         header = header.to(self.device)
-        payload = pack(tensors, self.device)
-        works = [dist.isend(header, self.peer, group=self.group)]
-        if payload is not None:
-            works.append(dist.isend(payload, self.peer, group=self.group))
-        self._pending_sends.append((works, (header, payload)))
+        buffers = [header] + [as_bytes(t, self.device) for t in tensors if t is not None and t.numel()]
+        works = [dist.isend(b, self.peer, group=self.group) for b in buffers]
+        self._pending_sends.append((works, tuple(buffers)))
         self.reap()
 
     def reap(self) -> None:
@@ -206,34 +191,62 @@ class Channel:
                 w.wait()
 
     # -- receiving ------------------------------------------------------------------
-    def post(self) -> None:
-        """Post the receive of the next header (idempotent)."""
-        if self._header_work is None:
-            self._header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-            self._header_work = dist.irecv(self._header, self.peer, group=self.group)
+    @property
+    def expected(self) -> int:
+        """Messages expected (:meth:`expect`) and not yet taken by :meth:`recv`."""
+        return self._expected
+
+    def expect(self, n: int = 1) -> None:
+        """``n`` more messages will come: receive them in the background, in order."""
+        if n <= 0:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._receive_loop, name=f"synthpipe-recv {self.name}",
+                                            daemon=True)
+            self._thread.start()
+        self._expected += n
+        for _ in range(n):
+            self._credits.put(1)
 
     def ready(self) -> bool:
-        """True if the next message's header has arrived (never blocks)."""
-        self.post()
-        return self._header_work.is_completed()
+        """True if the next message has arrived whole (never blocks)."""
+        return not self._inbox.empty()
 
-    def recv(self, post_next: bool = True) -> Message:
-        """Wait for the next message; then post the next header receive if ``post_next``.
+    def recv(self) -> Message:
+        """The next message, waiting for it (a message not yet expected is expected now)."""
+        if self._expected == 0:
+            self.expect(1)
+        item = self._inbox.get()
+        self._expected -= 1
+        if isinstance(item, BaseException):
+            self._expected = 0
+            raise TransportError(f"{self.name}: receiving failed: {item}") from item
+        return item
 
-        The caller passes ``post_next=False`` when it knows no message follows (after a
-        fit-end, or the last expected gradient), so no receive is left dangling.
-        """
-        self.post()
-        self._header_work.wait()
-        header = self._header.tolist()
-        self._header = self._header_work = None
-        kind, step, flags, stats, specs, nbytes = decode_header(header)
-        if kind not in KIND_NAMES:
-            raise TransportError(f"{self.name}: corrupt header (kind {kind})")
-        payload = None
-        if nbytes:
-            payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            dist.irecv(payload, self.peer, group=self.group).wait()
-        if post_next:
-            self.post()
-        return Message(kind, step, flags, stats, unpack(payload, specs))
+    def close(self) -> None:
+        """Stop the receiver thread once the expected messages are in (idempotent)."""
+        if self._thread is not None:
+            self._credits.put(None)
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+    def _receive_loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device is per thread
+        while self._credits.get() is not None:
+            try:
+                self._inbox.put(self._receive_one())
+            except BaseException as e:  # handed to the owner's recv; this channel is dead
+                self._inbox.put(e)
+                return
+
+    def _receive_one(self) -> Message:
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        dist.irecv(header, self.peer, group=self.group).wait()
+        kind, step, flags, stats, specs, _ = decode_header(header.tolist())
+        tensors = tuple(None if spec is None else empty_like_spec(spec, self.device) for spec in specs)
+        works = [dist.irecv(t.reshape(-1).view(torch.uint8), self.peer, group=self.group)
+                 for t in tensors if t is not None and t.numel()]  # all posted before any wait
+        for w in works:
+            w.wait()
+        return Message(kind, step, flags, stats, tensors)

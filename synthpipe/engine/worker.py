@@ -45,6 +45,12 @@ class Channels:
             if ch is not None:
                 ch.flush()
 
+    def close(self) -> None:
+        """Stop the receiver threads (after a flush; nothing may still be expected)."""
+        for ch in (self.act_in, self.grad_in):
+            if ch is not None:
+                ch.close()
+
 
 class PipelineWorker:
     """Runs ``stage`` as rank ``stage.index`` of a pipeline of ``stage.n_stages`` processes."""
@@ -80,7 +86,7 @@ class PipelineWorker:
     def _receive_gradient(self) -> None:
         """Block for the next gradient message from rank + 1 and file it."""
         assert self.ch.grad_in is not None and self.outstanding > 0
-        msg = self.ch.grad_in.recv(post_next=self.outstanding > 1)
+        msg = self.ch.grad_in.recv()
         self.outstanding -= 1
         if msg.stats:
             n = min(len(msg.stats), len(self.stats))
@@ -134,7 +140,7 @@ class PipelineWorker:
             with tm.section("send", step):
                 self.ch.act_out.send(TRAIN, step, (*outputs, y))
             self.outstanding += 1
-            self.ch.grad_in.post()
+            self.ch.grad_in.expect()  # its gradient comes back on the receiver thread
             if cfg.trains_synthesizers:
                 self.cache.add(step, outputs, y)
         result: float | None = None
@@ -218,9 +224,9 @@ class PipelineWorker:
         assert self.ch.act_in is not None
         while True:
             with self.timers.section("wait"):
-                msg = self.ch.act_in.recv(post_next=False)
+                msg = self.ch.act_in.recv()
             if msg.kind in (TRAIN, EVAL):
-                self.ch.act_in.post()  # the next message is on its way; receive it ahead
+                self.ch.act_in.expect()  # another message always follows: take it while we compute
             if msg.kind == TRAIN:
                 self._train(msg.step, msg.tensors[:-1], msg.tensors[-1])
             elif msg.kind == EVAL:
