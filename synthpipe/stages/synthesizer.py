@@ -132,9 +132,14 @@ class LowRankSynth(_Conditioned):
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         z = h.flatten(1)
         labels = self._labels(y, h)
-        if labels is not None:
-            z = torch.cat([z, labels.reshape(len(h), -1)], dim=1)
-        return self.up(self.down(z)).view_as(h)
+        if labels is None:
+            return self.up(self.down(z)).view_as(h)
+        # down([z, labels]) without materialising the concatenation (a full copy of the
+        # activation): the label columns of the weight enter as the additive term.
+        weight = self.down.weight
+        features = z.shape[1]
+        code = torch.addmm(F.linear(labels.reshape(len(h), -1), weight[:, features:]), z, weight[:, :features].t())
+        return self.up(code).view_as(h)
 
 
 class MLPSynth(_Conditioned):

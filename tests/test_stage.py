@@ -1,0 +1,101 @@
+"""stages/stage.py: the update rule's pieces, checked against their textbook formulas."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import synthpipe as sp
+from synthpipe.stages.stage import Stage, all_finite
+from synthpipe.stages.synthesizer import per_batch, per_example
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def stage_with_synth(kind: str = "lowrank", scale: float = 1.0) -> Stage:
+    torch.manual_seed(0)
+    synth = sp.Synthesizer(kind, conditional=True, num_classes=5, **({"rank": 4} if kind == "lowrank" else {}))
+    return Stage(0, 2, nn.Linear(6, 6), sgd, synthesizer=synth, synth_optimizer=sgd, synthetic_scale=scale)
+
+
+def randomise(module: nn.Module) -> None:
+    """Synthesizers start at zero output; give every parameter a value so the test can fail."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
+def test_synthetic_gradient_is_scale_times_prediction_over_batch(kind):
+    stage = stage_with_synth(kind, scale=0.5)
+    h, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    stage.ensure_synthesizer((h,))
+    randomise(stage.synth)
+    stage.synth.eval()  # the mlp kind has BatchNorm: compare in a fixed mode
+    (grad,) = stage.synthetic_gradient((h,), y)
+    (pred,) = stage.synth((h,), y)
+    torch.testing.assert_close(grad, 0.5 * per_batch(pred.detach()), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["linear", "lowrank"])
+def test_train_synthesizer_matches_mse_on_per_example_targets(kind):
+    """The closed-form MSE step equals autograd through F.mse_loss(M(h, y), B * target)."""
+    stage = stage_with_synth(kind)
+    h, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    target = (torch.randn(8, 6) / 8,)
+    stage.ensure_synthesizer((h,))
+    randomise(stage.synth)
+    reference = copy.deepcopy(stage.synth)
+    ref_opt = sgd(reference.parameters())
+
+    loss = stage.train_synthesizer((h,), y, target)
+
+    (pred,) = reference((h,), y)
+    ref_loss = F.mse_loss(pred, per_example(target[0]))
+    ref_opt.zero_grad()
+    ref_loss.backward()
+    ref_opt.step()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    for p, q in zip(stage.synth.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_train_synthesizer_skips_tensors_without_target_and_sums_the_rest():
+    torch.manual_seed(0)
+    stage = Stage(0, 2, nn.Identity(), sgd, synthesizer=sp.Synthesizer("linear"), synth_optimizer=sgd)
+    h = (torch.randn(4, 3), torch.arange(4), torch.randn(4, 2))
+    stage.ensure_synthesizer(h)
+    randomise(stage.synth)
+    ones = (torch.ones(4, 3) / 4, None, torch.ones(4, 2) / 4)
+    preds = stage.synth(h)
+    expected = F.mse_loss(preds[0], torch.ones(4, 3)) + F.mse_loss(preds[2], torch.ones(4, 2))
+    assert stage.train_synthesizer(h, None, ones) == pytest.approx(expected.item(), rel=1e-5)
+    only_first = (ones[0], None, None)
+    before = [p.detach().clone() for p in stage.synth.parts[2].parameters()]
+    stage.train_synthesizer(h, None, only_first)
+    for p, b in zip(stage.synth.parts[2].parameters(), before):
+        assert torch.equal(p, b)  # no target, no update
+    assert stage.train_synthesizer(h, None, (None, None, None)) == 0.0
+
+
+def test_half_precision_regression_loss_is_reported_without_overflow():
+    stage = Stage(0, 2, nn.Identity(), sgd, synthesizer=sp.Synthesizer("linear"), synth_optimizer=sgd)
+    h = torch.randn(64, 512, dtype=torch.bfloat16)
+    loss = stage.train_synthesizer((h,), None, (torch.full((64, 512), 10.0, dtype=torch.bfloat16),))
+    assert loss == pytest.approx(640.0 ** 2, rel=1e-2)  # zero prediction, per-example target 640
+
+
+def test_all_finite():
+    big = torch.full((8,), 3e38)  # finite, but its float32 sum overflows
+    assert all_finite([torch.randn(5), None, torch.arange(3), big, torch.empty(0)])
+    assert not all_finite([torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.randn(3), torch.tensor([float("inf"), 1.0])])
+    assert not all_finite([torch.tensor([float("inf"), -float("inf")])])
+    assert not all_finite([torch.tensor([3e38, float("-inf")], dtype=torch.float32)])
+    assert all_finite([torch.full((4,), 60000.0, dtype=torch.float16)])  # half: sum overflows, values do not
