@@ -111,6 +111,32 @@ def test_variants_parse() -> None:
         Variant.parse("xdni")
 
 
+def test_baseline_runs_again_after_every_n_jobs() -> None:
+    from synthpipe.benchmark.bench import with_baseline_runs
+    from synthpipe.benchmark.methods import JobSpec
+    from synthpipe.benchmark.workload import Workload
+
+    w = Workload()
+    jobs = [JobSpec("single", "single", w)] + [JobSpec(f"j{i}", "synthpipe", w, ranks=2) for i in range(5)]
+    names = [j.name for j in with_baseline_runs(jobs, 2)]
+    assert names == ["single", "j0", "j1", "single", "j2", "j3", "single", "j4", "single"]
+    assert [j.name for j in with_baseline_runs(jobs, 0)] == [j.name for j in jobs]
+    assert [j.name for j in with_baseline_runs(jobs[:1], 2)] == ["single"]
+
+
+def test_speedups_are_against_the_baseline_runs_around_each_job() -> None:
+    from synthpipe.benchmark.bench import bracketed_speedups
+
+    # the machine slows down during the round: 100 -> 50 samples/s for the baseline
+    order = [("single", 100.0), ("a", 150.0), ("single", 50.0), ("b", 75.0), ("c", None), ("d", 60.0)]
+    ratios = bracketed_speedups(order)
+    assert ratios[0] is None and ratios[2] is None and ratios[4] is None  # baselines and a failed job
+    assert ratios[1] == pytest.approx(150.0 / 75.0)  # mean of 100 before and 50 after
+    assert ratios[3] == pytest.approx(75.0 / 50.0)  # only a baseline before it
+    assert ratios[5] == pytest.approx(60.0 / 50.0)
+    assert bracketed_speedups([("a", 1.0)]) == [None]  # no baseline at all
+
+
 # -- end to end ----------------------------------------------------------------------------------
 @pytest.mark.timeout(150)
 def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
@@ -155,6 +181,8 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
             assert 0 <= rank["busy_fraction"] <= 1.0 + 1e-6
     single = results["throughput"][0]
     assert single["speedup"] == pytest.approx(1.0)
+    assert len(single["samples_per_s_by_round"]) == 3  # first, after 4 jobs, after the last (8 jobs)
+    assert all(len(r["speedup_by_round"]) == 1 for r in results["throughput"][1:])
     # every exact method trains the same model on the same batches: the same losses (up to
     # float summation order over micro-batches, which Adam amplifies a little)
     by = {r["method"]: r for r in results["throughput"]}

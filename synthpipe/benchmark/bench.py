@@ -8,7 +8,11 @@ writing files (:mod:`synthpipe.benchmark.report`):
 3. *throughput* on the speed workload (a deep MLP, synthetic data): single-device
    backprop, every torch.distributed.pipelining schedule at every micro-batch count of
    the sweep, synthpipe ``backprop`` mode, and each synthetic-gradient variant (DNI,
-   cDNI, ...), in ``repeats`` interleaved rounds (the median round is reported);
+   cDNI, ...), in ``repeats`` interleaved rounds (the median round is reported). The
+   baseline runs again after every ``baseline_every`` jobs of a round, and each job's
+   speedup is against the baseline runs just before and after it: on a shared host the
+   machine's speed drifts within a round, and a ratio taken minutes apart measures the
+   drift as much as the method;
 4. the simulator's *profile* from those measurements, its check against every measured
    2-rank run, and its prediction for 2..16 devices;
 5. *convergence* on MNIST-1D with the paper's MLP: the same methods (torch schedules at
@@ -83,6 +87,7 @@ class BenchConfig:
     backprop: bool = True
     max_inflight: int = 4
     balance: list[int] | None = None
+    baseline_every: int = 4
     throughput: bool = True
     converge: bool = True
     conv_workload: Workload = dataclasses.field(default_factory=lambda: Workload(
@@ -152,6 +157,36 @@ def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
         jobs.append(JobSpec(v.name, "synthpipe", ranks=cfg.ranks, gradients="synthetic", synth=v.synth,
                             synth_rank=v.rank, conditional=v.mode == "cdni", max_inflight=cfg.max_inflight, **common))
     return jobs
+
+
+def with_baseline_runs(jobs: list[JobSpec], every: int) -> list[JobSpec]:
+    """One round's run order: the baseline (``jobs[0]``) first, again after every ``every``
+    other jobs and after the last one (``every <= 0``: only first)."""
+    base, others = jobs[0], jobs[1:]
+    if every <= 0 or not others:
+        return list(jobs)
+    order = [base]
+    for i, job in enumerate(others, 1):
+        order.append(job)
+        if i % every == 0 or i == len(others):
+            order.append(base)
+    return order
+
+
+def bracketed_speedups(sequence: list[tuple[str, float | None]], baseline: str = "single") -> list[float | None]:
+    """Per entry of one round's ``(name, samples_per_s)`` run order: its samples/s over the
+    mean of the nearest successful baseline runs before and after it (one side when only
+    one exists); ``None`` for the baseline itself and for failed entries."""
+    out: list[float | None] = []
+    for i, (name, value) in enumerate(sequence):
+        if name == baseline or not value:
+            out.append(None)
+            continue
+        before = next((v for n, v in reversed(sequence[:i]) if n == baseline and v), None)
+        after = next((v for n, v in sequence[i + 1:] if n == baseline and v), None)
+        refs = [v for v in (before, after) if v]
+        out.append(value / statistics.fmean(refs) if refs else None)
+    return out
 
 
 # -- rows --------------------------------------------------------------------------------
@@ -387,11 +422,13 @@ def run_benchmark(cfg: BenchConfig, verbose: bool = True,
             timelines: dict[str, Any] = {}
             for rep in range(cfg.repeats):
                 log(f"throughput, round {rep + 1}/{cfg.repeats}: {w.describe()}")
-                for spec in jobs:
+                order: list[tuple[str, dict[str, Any]]] = []
+                for spec in with_baseline_runs(jobs, cfg.baseline_every):
                     res, usage, err = run_job(spec)
                     if res is None:
                         log(f"  {spec.name}: FAILED: {err.strip().splitlines()[-1] if err else ''}")
                         runs[spec.name].append(error_row(spec, err or "failed"))
+                        order.append((spec.name, runs[spec.name][-1]))
                         continue
                     row = throughput_row(spec, res, usage, over and spec.device == "cpu" and spec.ranks > 1)
                     if spec.device == "cpu" and spec.ranks * cfg.threads > machine["usable_cores"]:
@@ -399,22 +436,23 @@ def run_benchmark(cfg: BenchConfig, verbose: bool = True,
                     row["_timeline"] = [{"rank": r["rank"], "origin": r.get("timeline_origin"),
                                          "segments": r.get("timeline", [])} for r in res]
                     runs[spec.name].append(row)
+                    order.append((spec.name, row))
+                ratios = bracketed_speedups([(name, row.get("samples_per_s")) for name, row in order], jobs[0].name)
+                for (name, row), ratio in zip(order, ratios):
+                    row["speedup_bracketed"] = 1.0 if name == jobs[0].name else ratio
             for spec in jobs:
                 chosen = _median_run(runs[spec.name])
                 timelines[spec.name] = chosen.pop("_timeline", None)
                 for r in runs[spec.name]:
                     r.pop("_timeline", None)
                 rows.append(chosen)
-            base = next((r for r in rows if r["schedule"] == "single" and r.get("error") is None), None)
             for r in rows:
-                if base is not None and r.get("samples_per_s"):
-                    # the median over rounds of the ratio to the baseline of the same round:
-                    # robust to a machine whose speed drifts between rounds
-                    ratios = [a / b for a, b in zip(r.get("samples_per_s_by_round", []),
-                                                     base.get("samples_per_s_by_round", [])) if a and b]
+                if r.get("samples_per_s"):
+                    # the median over rounds of the ratio to the baseline runs around it
+                    ratios = [x["speedup_bracketed"] for x in runs[r["method"]] if x.get("speedup_bracketed")]
                     r["speedup_by_round"] = ratios
-                    r["speedup"] = (statistics.median(ratios) if ratios
-                                    else r["samples_per_s"] / base["samples_per_s"])
+                    r["speedup"] = statistics.median(ratios) if ratios else None
+                r.pop("speedup_bracketed", None)
             best = best_of_sweep(rows)
             best_m = {s: r["microbatches"] for s, r in best.items()}
             for r in rows:

@@ -40,6 +40,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="torch threads of every rank and of the baseline (default: 1)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="rank r runs on cuda:r with --device cuda")
     g.add_argument("--repeats", type=int, default=None, help="interleaved rounds; the median is reported (default 3, quick 1)")
+    g.add_argument("--baseline-every", type=int, default=4,
+                   help="run single-device backprop again after every N jobs of a round; each speedup is "
+                        "against the baseline runs around it (default 4; 0: once per round)")
     g.add_argument("--pin", action="store_true", help="pin each rank to its own cores (sched_setaffinity)")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds before a job counts as hung (default: 600)")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
@@ -105,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg.conv_target = args.conv_target
     cfg.devices = args.devices
     cfg.pin, cfg.timeout, cfg.plots = args.pin, args.timeout, args.plots
+    cfg.baseline_every = args.baseline_every
     if cfg.ranks < 2:
         raise SystemExit("synthpipe bench: --ranks must be at least 2")
     return cfg

@@ -14,8 +14,10 @@ Files written by :func:`write_outputs` into the output directory:
 * ``warnings`` — list of strings (e.g. oversubscription);
 * ``throughput`` — one row per method (:data:`THROUGHPUT_KEYS`, below): ``samples_per_s``
   is the median of ``repeats`` interleaved rounds (the other fields come from that
-  round); ``speedup`` is the median over rounds of the ratio to single-device backprop
-  *of the same round* (``speedup_by_round``); ``per_rank`` holds :data:`RANK_KEYS` for each rank; ``losses`` are
+  round); ``speedup`` is the median over rounds of the ratio to the mean of the
+  single-device backprop runs just before and just after it in its round
+  (``speedup_by_round``; the baseline runs again after every ``baseline_every`` jobs,
+  and its own ``samples_per_s_by_round`` lists every baseline run); ``per_rank`` holds :data:`RANK_KEYS` for each rank; ``losses`` are
   the timed steps' training losses and ``param_checksum`` is ``[sum |p|, sum p^2]`` of all
   parameters after them (exact methods match ``single``: every stage trained);
 * ``sweep`` — ``microbatches``, ``schedules``, ``best_microbatches`` and
