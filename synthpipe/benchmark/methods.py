@@ -235,28 +235,49 @@ def chunk_times(model: nn.Module, loss_fn: Callable[..., torch.Tensor], batch: t
     return out
 
 
-def _converge_single(ctx: RankContext, spec: JobSpec, device: torch.device, model: nn.Module,
-                     step: Callable[[torch.Tensor, torch.Tensor], Any]) -> dict[str, Any]:
+def converge_run(ctx: RankContext, spec: JobSpec, device: torch.device, initial: tuple[float, float],
+                 train_epoch: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], None],
+                 evaluate: Callable[[], tuple[float, float]],
+                 before_epoch: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The time-to-accuracy loop of the unsplit and torch-pipelined methods.
+
+    ``spec.epochs`` epochs of the workload's data; ``train_epoch(batches)`` (which must
+    return synchronised) is the only timed part; ``evaluate()`` gives ``(accuracy, loss)``
+    after each epoch and ``initial`` before the first; ``before_epoch`` runs untimed
+    before each (e.g. a barrier).
+    """
     w = spec.workload
-    test = test_batches(w)
-    acc, loss = _accuracy(model, test, device)
+    acc, loss = initial
     curve = [{"time": 0.0, "epoch": 0, "steps": 0, "accuracy": acc, "loss": loss}]
     total, steps, samples = 0.0, 0, 0
     reset_peak_memory(device)
     t_start = time.time()
     for epoch in range(spec.epochs):
         batches = train_batches(w, epoch=epoch)
+        if before_epoch is not None:
+            before_epoch()
         t0 = time.perf_counter()
-        for x, y in batches:
-            step(x, y)
-        synchronize(device)
+        train_epoch(batches)
         total += time.perf_counter() - t0
         steps += len(batches)
         samples += sum(len(y) for _, y in batches)
-        acc, loss = _accuracy(model, test, device)
+        acc, loss = evaluate()
         curve.append({"time": total, "epoch": epoch + 1, "steps": steps, "accuracy": acc, "loss": loss})
     return rank_result(ctx, spec, device, wall=total, steps=steps, samples=samples, t_start=t_start,
                        t_end=time.time(), timers=None, curve=curve)
+
+
+def _converge_single(ctx: RankContext, spec: JobSpec, device: torch.device, model: nn.Module,
+                     step: Callable[[torch.Tensor, torch.Tensor], Any]) -> dict[str, Any]:
+    test = test_batches(spec.workload)
+
+    def train_epoch(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for x, y in batches:
+            step(x, y)
+        synchronize(device)
+
+    return converge_run(ctx, spec, device, _accuracy(model, test, device), train_epoch,
+                        lambda: _accuracy(model, test, device))
 
 
 # -- synthpipe ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..engine.metrics import Timers
 from .launcher import RankContext
-from .methods import JobSpec, _accuracy, param_checksum, rank_device, rank_result, synchronize
+from .methods import JobSpec, _accuracy, converge_run, param_checksum, rank_device, rank_result, synchronize
 from .monitor import reset_peak_memory
 from .workload import build_model, make_optimizer, test_batches, train_batches
 
@@ -254,26 +254,16 @@ def _converge(ctx: RankContext, spec: JobSpec, device: torch.device, pipe: _Pipe
 
     w = spec.workload
     test = test_batches(w)
-    # The untrained model's accuracy, computed locally: an evaluation through the schedule
-    # before the first training step would initialise torch's stages without their
-    # backward (and silently break the training that follows).
-    acc, loss = _accuracy(build_model(w).to(device), test, device)
-    curve = [{"time": 0.0, "epoch": 0, "steps": 0, "accuracy": acc, "loss": loss}]
-    total, steps, samples = 0.0, 0, 0
-    reset_peak_memory(device)
-    t_start = time.time()
-    for epoch in range(spec.epochs):
-        batches = train_batches(w, epoch=epoch)
-        dist.barrier()
-        t0 = time.perf_counter()
+
+    def train_epoch(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for x, y in batches:
             pipe.step(x, y)
         synchronize(device)
         dist.barrier()
-        total += time.perf_counter() - t0
-        steps += len(batches)
-        samples += sum(len(y) for _, y in batches)
-        acc, loss = pipe.accuracy(test, w.batch)
-        curve.append({"time": total, "epoch": epoch + 1, "steps": steps, "accuracy": acc, "loss": loss})
-    return rank_result(ctx, spec, device, wall=total, steps=steps, samples=samples, t_start=t_start,
-                       t_end=time.time(), timers=None, curve=curve)
+
+    # The untrained model's accuracy, computed locally: an evaluation through the schedule
+    # before the first training step would initialise torch's stages without their
+    # backward (and silently break the training that follows).
+    initial = _accuracy(build_model(w).to(device), test, device)
+    return converge_run(ctx, spec, device, initial, train_epoch, lambda: pipe.accuracy(test, w.batch),
+                        before_epoch=dist.barrier)

@@ -101,7 +101,7 @@ class ReferenceRunner:
             h = tuple(o.detach() if torch.is_tensor(o) else o for o in outputs)
 
         loss = self.stages[last].loss(saved[last][1], y)
-        finite = bool(torch.isfinite(loss.detach()).all())
+        finite = all_finite([loss.detach()])
         if not finite and cfg.nonfinite == "raise":
             raise NonFiniteError(nonfinite_message(self.stages[last], "the loss", step, loss))
         # Backward from the last stage: one stage when update-unlocked, all when locked.

@@ -362,7 +362,7 @@ class Trainer:
         """Finish cleanly (all ranks): stop the watchdog; leave the process group if this trainer made it."""
         if self.watchdog is not None:
             if isinstance(self.runner, PipelineWorker):
-                self.runner.ch.close()
+                self.runner.close()
             dist.barrier()
             self.watchdog.close()
             self.watchdog = None

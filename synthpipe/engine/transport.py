@@ -131,12 +131,6 @@ def as_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
 
 
-def empty_like_spec(spec: tuple[torch.dtype, tuple[int, ...]], device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor of ``spec``'s dtype and shape, to receive into."""
-    dtype, shape = spec
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 class Channel:
     """One direction between two ranks: ``send`` on one side, ``expect``/``recv`` on the other.
 
@@ -191,11 +185,6 @@ class Channel:
                 w.wait()
 
     # -- receiving ------------------------------------------------------------------
-    @property
-    def expected(self) -> int:
-        """Messages expected (:meth:`expect`) and not yet taken by :meth:`recv`."""
-        return self._expected
-
     def expect(self, n: int = 1) -> None:
         """``n`` more messages will come: receive them in the background, in order."""
         if n <= 0:
@@ -244,7 +233,8 @@ class Channel:
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         dist.irecv(header, self.peer, group=self.group).wait()
         kind, step, flags, stats, specs, _ = decode_header(header.tolist())
-        tensors = tuple(None if spec is None else empty_like_spec(spec, self.device) for spec in specs)
+        tensors = tuple(None if spec is None else torch.empty(spec[1], dtype=spec[0], device=self.device)
+                        for spec in specs)
         works = [dist.irecv(t.reshape(-1).view(torch.uint8), self.peer, group=self.group)
                  for t in tensors if t is not None and t.numel()]  # all posted before any wait
         for w in works:

@@ -147,7 +147,7 @@ class PipelineWorker:
         if self.is_last:
             with tm.section("forward", step):
                 loss = stage.loss(outputs, y)
-                ok = bool(torch.isfinite(loss.detach()).all())
+                ok = all_finite([loss.detach()])
             if not ok and cfg.nonfinite == "raise":
                 raise NonFiniteError(nonfinite_message(stage, "the loss", step, loss))
             if ok:
@@ -242,6 +242,10 @@ class PipelineWorker:
                 return None
             else:
                 raise RuntimeError(f"rank {self.rank}: unexpected message {KIND_NAMES.get(msg.kind, msg.kind)}")
+
+    def close(self) -> None:
+        """Stop the channels' receiver threads (after a fit or evaluation has ended)."""
+        self.ch.close()
 
     def end_fit(self) -> None:
         """Pass the end on, collect every gradient still in flight, finish all sends.

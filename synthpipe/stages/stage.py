@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .synthesizer import BoundarySynthesizer, Synthesizer
+from .synthesizer import BoundarySynthesizer, Synthesizer, per_batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -158,9 +158,7 @@ class Stage:
         self._check_boundary(h)
         with torch.no_grad():
             pred = synth(h, _labels_on(y, self.device))
-        # per_batch and the scale in one pass (not in place: a custom model may return a
-        # tensor it keeps)
-        return tuple(None if p is None else p * (self.synthetic_scale / p.shape[0]) for p in pred)
+        return tuple(None if p is None else per_batch(p, self.synthetic_scale) for p in pred)
 
     def train_synthesizer(self, h: Sequence[torch.Tensor], y: torch.Tensor | None,
                           target: Sequence[torch.Tensor | None]) -> float:
@@ -173,19 +171,21 @@ class Stage:
         pred = synth(h, _labels_on(y, self.device))
         # The MSE and its gradient in closed form: three passes over the boundary instead
         # of the half-dozen that mse_loss, per_example and autograd through them take.
-        # d = pred - B * g;  loss = mean(d^2);  dloss/dpred = 2 d / numel.
+        # d = pred - per_example(g) = pred - B * g (one fused pass);  loss = mean(d^2);
+        # dloss/dpred = 2 d / numel.
         outs, grads, total = [], [], 0.0
         with torch.no_grad():
             for p, g in zip(pred, target):
                 if p is None or g is None:
                     continue
                 d = torch.sub(p, g.to(p.device, p.dtype), alpha=g.shape[0])
+                n = max(d.numel(), 1)
                 flat = d.reshape(-1)
                 if flat.dtype not in (torch.float32, torch.float64):
                     flat = flat.float()  # no half-precision overflow in the reported loss
-                total += float(torch.dot(flat, flat)) / max(flat.numel(), 1)
+                total += float(torch.dot(flat, flat)) / n
                 outs.append(p)
-                grads.append(d.mul_(2.0 / max(flat.numel(), 1)))
+                grads.append(d.mul_(2.0 / n))
         if not outs:
             return 0.0
         if self.synth_optimizer is not None:

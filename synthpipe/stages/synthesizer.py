@@ -30,9 +30,10 @@ def per_example(grad: torch.Tensor) -> torch.Tensor:
     return grad * grad.shape[0]
 
 
-def per_batch(pred: torch.Tensor) -> torch.Tensor:
-    """Per-example prediction -> gradient of the batch-mean loss (divided by batch size)."""
-    return pred / pred.shape[0]
+def per_batch(pred: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Per-example prediction -> gradient of the batch-mean loss (divided by batch size),
+    times ``scale`` (in the same pass)."""
+    return pred * (scale / pred.shape[0])
 
 
 def one_hot_labels(y: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
