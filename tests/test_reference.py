@@ -95,30 +95,58 @@ def test_warmup_steps_use_true_gradients():
     assert synth.parts[0].out.weight.abs().sum() > 0, "targets trained the synthesizer during warm-up"
 
 
-def test_nonfinite_loss_raises_by_default_and_can_be_skipped():
-    def model():  # no BatchNorm: its running statistics would take the NaN batch in forward
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
-    batches = make_batches(n=4)
-    x, y = batches[2]
-    batches[2] = (torch.full_like(x, float("nan")), y)
-    for mode, message in [("backprop", r"stage 1: the loss is not finite \(nan\) at step 2"),
-                          ("synthetic", r"stage 0: the synthetic gradient is not finite at step 2")]:
-        trainer = sp.Trainer(sp.split(model(), n_stages=2), nn.CrossEntropyLoss(), adam, gradients=mode,
-                             synthesizer=sp.Synthesizer("linear"), delay=1, progress=False)
-        with pytest.raises(sp.NonFiniteError, match=message):
-            trainer.fit(batches)
-        assert all(torch.isfinite(v).all() for v in trainer.state_dict().values())
+def norm_model() -> nn.Sequential:
+    """BatchNorm in both stages of a 2-way split: a NaN batch reaches every running statistic."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32),
+                         nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 5))
 
-    for mode in ("backprop", "synthetic"):
-        skipping = sp.Trainer(sp.split(model(), n_stages=2), nn.CrossEntropyLoss(), adam, gradients=mode,
-                              nonfinite="skip", delay=1, progress=False)
-        history = skipping.fit(batches)
-        assert [s["step"] for s in history.steps if not math.isnan(s["loss"])] == [0, 1, 3]
-        assert all(torch.isfinite(v).all() for v in skipping.state_dict().values())
-        if mode == "synthetic":
-            synth = skipping.runner.stages[0].synth
-            assert all(torch.isfinite(p).all() for p in synth.parameters())
+
+def module_states(trainer: sp.Trainer) -> list[dict]:
+    return [{k: v.clone() for k, v in s.module.state_dict().items()} for s in trainer.runner.stages]
+
+
+def assert_unchanged(before: list[dict], after: list[dict]) -> None:
+    for r, (b, a) in enumerate(zip(before, after)):
+        assert any("running_mean" in k for k in b), f"stage {r} has no BatchNorm"
+        for k in b:
+            assert torch.equal(a[k], b[k]), f"stage {r}: {k} changed in a step that was not taken"
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("backprop", r"stage 1: the loss is not finite \(nan\) at step 2"),
+    ("synthetic", r"stage 0: the synthetic gradient is not finite at step 2")])
+def test_nonfinite_loss_raises_by_default_and_leaves_the_stages_as_they_were(mode, message):
+    batches = make_batches(n=4)
+    nan_batch = (torch.full_like(batches[2][0], float("nan")), batches[2][1])
+    trainer = sp.Trainer(sp.split(norm_model(), balance=[3, 4]), nn.CrossEntropyLoss(), adam, gradients=mode,
+                         synthesizer=sp.Synthesizer("linear"), delay=1, progress=False)
+    trainer.fit(batches[:2])
+    before = module_states(trainer)
+    with pytest.raises(sp.NonFiniteError, match=message):
+        trainer.fit([nan_batch], epochs=2)
+    assert_unchanged(before, module_states(trainer))
+    assert all(torch.isfinite(v).all() for v in trainer.state_dict().values())
+
+
+@pytest.mark.parametrize("mode", ["backprop", "synthetic"])
+def test_nonfinite_steps_can_be_skipped_without_touching_parameters_or_running_statistics(mode):
+    batches = make_batches(n=4)
+    nan_batch = (torch.full_like(batches[2][0], float("nan")), batches[2][1])
+    skipping = sp.Trainer(sp.split(norm_model(), balance=[3, 4]), nn.CrossEntropyLoss(), adam, gradients=mode,
+                          nonfinite="skip", delay=1, progress=False)
+    skipping.fit(batches[:2])
+    before = module_states(skipping)
+    skipped = skipping.fit([nan_batch], epochs=2)
+    assert [s["step"] for s in skipped.steps] == [2] and math.isnan(skipped.steps[0]["loss"])
+    assert_unchanged(before, module_states(skipping))
+    after = skipping.fit([batches[3]], epochs=3)
+    assert [s["step"] for s in after.steps] == [3] and math.isfinite(after.steps[0]["loss"])
+    assert all(torch.isfinite(v).all() for v in skipping.state_dict().values())
+    if mode == "synthetic":
+        synth = skipping.runner.stages[0].synth
+        assert all(torch.isfinite(p).all() for p in synth.parameters())
+    assert math.isfinite(skipping.evaluate(batches)["loss"])
 
 
 def test_shape_a_stage_cannot_take_is_reported_with_stage_and_shapes():

@@ -34,7 +34,7 @@ def randomise(module: nn.Module) -> None:
 @pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
 def test_synthetic_gradient_is_scale_times_prediction_over_batch(kind):
     stage = stage_with_synth(kind, scale=0.5)
-    h, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    h, y = torch.randn(8, 6, 5), torch.randint(0, 5, (8,))
     stage.ensure_synthesizer((h,))
     randomise(stage.synth)
     stage.synth.eval()  # the mlp kind has BatchNorm: compare in a fixed mode
@@ -47,8 +47,8 @@ def test_synthetic_gradient_is_scale_times_prediction_over_batch(kind):
 def test_train_synthesizer_matches_mse_on_per_example_targets(kind):
     """The closed-form MSE step equals autograd through F.mse_loss(M(h, y), B * target)."""
     stage = stage_with_synth(kind)
-    h, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
-    target = (torch.randn(8, 6) / 8,)
+    h, y = torch.randn(8, 6, 5), torch.randint(0, 5, (8,))
+    target = (torch.randn(8, 6, 5) / 8,)
     stage.ensure_synthesizer((h,))
     randomise(stage.synth)
     reference = copy.deepcopy(stage.synth)
@@ -99,3 +99,52 @@ def test_all_finite():
     assert not all_finite([torch.tensor([float("inf"), -float("inf")])])
     assert not all_finite([torch.tensor([3e38, float("-inf")], dtype=torch.float32)])
     assert all_finite([torch.full((4,), 60000.0, dtype=torch.float16)])  # half: sum overflows, values do not
+
+
+def norm_stage() -> Stage:
+    torch.manual_seed(0)
+    # inputs (B, 6, 5): Linear acts on the last dim, the norms on the 6 channels
+    module = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(5, 5),
+                           nn.InstanceNorm1d(6, track_running_stats=True), nn.LazyBatchNorm1d())
+    return Stage(1, 2, module, sgd, loss_fn=nn.MSELoss())
+
+
+def buffers(stage: Stage) -> dict:
+    return {k: v.clone() for k, v in stage.module.named_buffers()}
+
+
+def test_undo_forward_restores_the_running_statistics_of_a_skipped_batch():
+    stage = norm_stage()
+    stage.forward((torch.randn(8, 6, 5),))  # materialises the lazy layer; that forward is kept
+    before = buffers(stage)
+    assert before["1.num_batches_tracked"] == 1 and before["5.num_batches_tracked"] == 1
+    stage.forward((torch.full((8, 6, 5), float("nan")),))
+    poisoned = buffers(stage)
+    assert not torch.isfinite(poisoned["1.running_mean"]).all()
+    assert poisoned["1.num_batches_tracked"] == 2
+    stage.undo_forward()
+    after = buffers(stage)
+    assert after.keys() == before.keys() and len(after) == 9  # BatchNorm, InstanceNorm, lazy BatchNorm
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+
+
+def test_undo_forward_takes_back_only_the_last_training_forward():
+    stage = norm_stage()
+    stage.forward((torch.randn(8, 6, 5),))
+    stage.forward((torch.randn(8, 6, 5),))
+    kept = buffers(stage)
+    stage.forward((torch.randn(8, 6, 5) * 5,))
+    stage.module.eval()
+    stage.forward((torch.randn(8, 6, 5),), requires_grad=False)  # eval: statistics unchanged, nothing saved
+    stage.module.train()
+    stage.undo_forward()
+    stage.undo_forward()  # idempotent
+    assert all(torch.equal(buffers(stage)[k], v) for k, v in kept.items())
+
+
+def test_stage_without_norm_layers_saves_nothing():
+    stage = Stage(0, 2, nn.Sequential(nn.Linear(4, 4), nn.ReLU()), sgd, synthesizer=sp.Synthesizer("linear"))
+    stage.forward((torch.randn(3, 4),))
+    assert stage._stats_before is None
+    stage.undo_forward()  # a no-op

@@ -198,23 +198,40 @@ def test_nccl_transport_on_two_gpus_is_transparent():
         assert_states_close(r["model"], expected, atol=1e-4)
 
 
+def norm_model() -> nn.Sequential:
+    """BatchNorm in each of 3 stages (balance [3, 3, 4])."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 32), nn.BatchNorm1d(32),
+                         nn.Tanh(), nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 5))
+
+
 def fit_with_a_nan_batch(rank: int, batches: list, mode: str) -> dict:
-    trainer = trainer_for(3, gradients=mode, nonfinite="skip", synthesizer=sp.Synthesizer("linear"), delay=1)
-    history = trainer.fit(batches)
-    finite = all(bool(torch.isfinite(p).all()) for p in trainer.runner.stage.module.parameters())
+    trainer = sp.Trainer(sp.split(norm_model(), balance=[3, 3, 4]), loss_fn=nn.CrossEntropyLoss(), optimizer=adam,
+                         gradients=mode, nonfinite="skip", synthesizer=sp.Synthesizer("linear"), delay=1,
+                         progress=False)
+    module = trainer.runner.stage.module
+    losses = [s["loss"] for s in trainer.fit(batches[:2]).steps]
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    losses += [s["loss"] for s in trainer.fit(batches[2:3], epochs=2).steps]
+    after_skip = {k: v.clone() for k, v in module.state_dict().items()}
+    losses += [s["loss"] for s in trainer.fit(batches[3:], epochs=3).steps]
+    finite = all(bool(torch.isfinite(v).all()) for v in trainer.state_dict().values())
     trainer.close()
-    return {"finite": finite, "losses": [s["loss"] for s in history.steps]}
+    return {"finite": finite, "losses": losses, "before": before, "after_skip": after_skip}
 
 
 @pytest.mark.parametrize("mode", ["backprop", "synthetic"])
-def test_nonfinite_steps_are_skipped_on_every_rank(mode):
+def test_nonfinite_steps_are_skipped_on_every_rank_and_change_nothing(mode):
     batches = make_batches(n=5)
     x, y = batches[2]
     batches[2] = (torch.full_like(x, float("nan")), y)
     results = run_ranks(fit_with_a_nan_batch, 3, batches, mode)
-    for r in results:
-        assert r["finite"]
-        assert [v == v for v in r["losses"]] == [True, True, False, True, True]
+    for rank, r in enumerate(results):
+        assert [v == v for v in r["losses"]] == [True, True, False, True, True], f"rank {rank}"
+        assert r["finite"], f"rank {rank}"
+        assert any("running_mean" in k for k in r["before"]), f"rank {rank} has no BatchNorm"
+        for k, v in r["before"].items():  # parameters and running statistics alike
+            assert torch.equal(r["after_skip"][k], v), f"rank {rank}: {k} changed in the skipped step"
 
 
 def different_splits(rank: int) -> str:

@@ -94,18 +94,23 @@ class ReferenceRunner:
                     stage.step()
                     if r > 0:
                         self._put_target(r - 1, step, stage.input_gradient(inputs))
-                elif cfg.nonfinite == "raise":
-                    raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
-                elif r > 0:
-                    self._put_target(r - 1, step, (), skipped=True)
+                else:
+                    stage.undo_forward()
+                    if cfg.nonfinite == "raise":
+                        raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
+                    if r > 0:
+                        self._put_target(r - 1, step, (), skipped=True)
             h = tuple(o.detach() if torch.is_tensor(o) else o for o in outputs)
 
         loss = self.stages[last].loss(saved[last][1], y)
         finite = all_finite([loss.detach()])
-        if not finite and cfg.nonfinite == "raise":
-            raise NonFiniteError(nonfinite_message(self.stages[last], "the loss", step, loss))
         # Backward from the last stage: one stage when update-unlocked, all when locked.
         first_backward = 0 if locked else last
+        if not finite:
+            for stage in self.stages[first_backward:]:
+                stage.undo_forward()  # the stages this loss would have trained skip the step
+            if cfg.nonfinite == "raise":
+                raise NonFiniteError(nonfinite_message(self.stages[last], "the loss", step, loss))
         grad: tuple | None = None
         for r in range(last, first_backward - 1, -1):
             stage, (inputs, outputs) = self.stages[r], saved[r]

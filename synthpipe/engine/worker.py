@@ -148,9 +148,11 @@ class PipelineWorker:
             with tm.section("forward", step):
                 loss = stage.loss(outputs, y)
                 ok = all_finite([loss.detach()])
-            if not ok and cfg.nonfinite == "raise":
-                raise NonFiniteError(nonfinite_message(stage, "the loss", step, loss))
-            if ok:
+            if not ok:
+                stage.undo_forward()
+                if cfg.nonfinite == "raise":
+                    raise NonFiniteError(nonfinite_message(stage, "the loss", step, loss))
+            else:
                 with tm.section("backward", step):
                     stage.backward(outputs, loss=loss)
                 with tm.section("update", step):
@@ -168,9 +170,11 @@ class PipelineWorker:
                 with tm.section("synth", step):
                     grads = stage.synthetic_gradient(outputs, y)
                     ok = all_finite(grads)
-                if not ok and cfg.nonfinite == "raise":
+            if not ok:
+                stage.undo_forward()  # a skipped step leaves the stage as it was
+                if not locked and cfg.nonfinite == "raise":
                     raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
-            if ok:
+            else:
                 with tm.section("backward", step):
                     stage.backward(outputs, grads)
                 with tm.section("update", step):

@@ -8,6 +8,7 @@ they apply exactly the same update rule (DESIGN.md, "One training step on rank r
     grads = stage.synthetic_gradient(outputs, y)           # r < N-1: M_r(h_r, y) / B
       or  loss = stage.loss(outputs, y)                    # r = N-1
     stage.backward(outputs, grads or loss); stage.step()   # update-unlocked
+      or  stage.undo_forward()                             # a skipped (non-finite) step
     target = stage.input_gradient(inputs)                  # sent to rank r-1
     stage.train_synthesizer(h, y, target_from_r_plus_1)    # regress M_r (MSE)
 
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.parameter import UninitializedBuffer
 
 from .synthesizer import BoundarySynthesizer, Synthesizer, per_batch
 
@@ -80,6 +82,8 @@ class Stage:
         self.synthetic_scale = synthetic_scale
         self.synth: BoundarySynthesizer | None = None
         self.synth_optimizer: torch.optim.Optimizer | None = None
+        self._running_stats = running_statistics(self.module)
+        self._stats_before: list[torch.Tensor] | None = None  # saved by a training forward
         if self.is_last and loss_fn is None:
             raise ValueError("the last stage needs a loss_fn")
 
@@ -102,6 +106,8 @@ class Stage:
 
         For stages after the first, floating inputs are detached leaves with
         ``requires_grad`` (when ``requires_grad``) so their gradient can be sent back.
+        A training-mode forward first saves the running statistics of the stage's norm
+        layers, so that :meth:`undo_forward` can take back what this batch did to them.
         """
         prepared = []
         for t in inputs:
@@ -111,6 +117,8 @@ class Stage:
                     t = t.detach().requires_grad_(True)
             prepared.append(t)
         inputs = tuple(prepared)
+        if self._running_stats and self.module.training:
+            self._save_running_stats()
         try:
             out = self.module(*inputs)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
@@ -222,6 +230,25 @@ class Stage:
         if self.optimizer is not None:
             self.optimizer.step()
 
+    def undo_forward(self) -> None:
+        """Restore the norm layers' running statistics saved by the last training forward.
+
+        For a step that is skipped (a NaN or infinite loss or gradient): its forward has
+        already folded the batch into BatchNorm's running mean and variance, and a NaN
+        there would poison every later evaluation. Parameters and optimizer state are
+        untouched by a skipped step, so after this the stage is as it was before it.
+        """
+        if self._stats_before is not None:
+            torch._foreach_copy_(self._running_stats, self._stats_before)
+
+    def _save_running_stats(self) -> None:
+        if any(isinstance(t, UninitializedBuffer) for t in self._running_stats):
+            self._stats_before = None  # a lazy norm layer's first forward: nothing to restore yet
+        elif self._stats_before is None:
+            self._stats_before = [t.clone() for t in self._running_stats]
+        else:
+            torch._foreach_copy_(self._stats_before, self._running_stats)  # one call, not one per buffer
+
     def input_gradient(self, inputs: Sequence[Any]) -> tuple:
         """``dL/dh_{r-1}`` for each input (``None`` where none flows): the target sent back."""
         return tuple(t.grad if torch.is_tensor(t) and t.requires_grad else None for t in inputs)
@@ -251,6 +278,20 @@ class Stage:
             self.synth.load_state_dict(state["synth"])
             if self.synth_optimizer is not None and state["synth_optimizer"] is not None:
                 self.synth_optimizer.load_state_dict(state["synth_optimizer"])
+
+
+def running_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """The buffers a training-mode forward updates: BatchNorm / InstanceNorm running stats.
+
+    (``running_mean``, ``running_var`` and ``num_batches_tracked`` of every norm layer
+    that tracks running statistics; other buffers, such as positional tables, are
+    constants and are not copied.)
+    """
+    found = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            found += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    return found
 
 
 def _labels_on(y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
