@@ -157,3 +157,11 @@ def test_balance_by_time_errors():
         balance_by_time(model, 8, torch.randn(4, 8))
     with pytest.raises(ValueError, match=r"repeats must be at least 1, got 0"):
         balance_by_time(model, 2, torch.randn(4, 8), repeats=0)
+
+
+def test_a_meta_built_model_balances_by_params_but_not_by_time():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    assert balance_by_params(model, 2) == balance_by_params(copy.deepcopy(model).to_empty(device="cpu"), 2)
+    with pytest.raises(ValueError, match="built on the meta device"):
+        balance_by_time(model, 2, torch.randn(3, 8))

@@ -2,7 +2,8 @@
 
 With one process (no torchrun environment) every stage runs here through the reference
 trainer. Under torchrun with ``WORLD_SIZE == len(stages)``, rank r keeps only stage r and
-runs the pipeline worker; rank 0 reads the data. Everything else is identical.
+runs the pipeline worker; rank 0 reads the data. Everything else is identical. Stages
+built on the meta device are allocated only where they run (rank r: stage r).
 """
 from __future__ import annotations
 
@@ -76,6 +77,10 @@ class Trainer:
         synth_lr: learning rate of the default synthesizer optimizer (default 1e-3).
         device: this process's device (default: ``cuda:LOCAL_RANK`` if CUDA, else CPU).
         backend: ``"nccl"`` or ``"gloo"`` (default: nccl on CUDA, gloo on CPU).
+        init: for stages built on the meta device (each rank then allocates only its own
+            stage), ``init(module)`` runs after the stage is allocated on ``device`` and
+            its submodules' ``reset_parameters`` ran; needed only for tensors of modules
+            without one (see :mod:`synthpipe.stages.materialize`).
         **options: the remaining :class:`TrainConfig` fields (``delay``, ``synthetic_scale``,
             ``warmup_steps``, ``max_inflight``, ``nonfinite``, ``failure_timeout``, ...).
     """
@@ -86,7 +91,8 @@ class Trainer:
                  optimizer: OptimizerFactory | None = None, synthesizer: Synthesizer | None = None,
                  gradients: str = "synthetic", synth_optimizer: OptimizerFactory | None = None,
                  synth_lr: float = 1e-3, device: torch.device | str | None = None,
-                 backend: str | None = None, **options: Any):
+                 backend: str | None = None, init: Callable[[nn.Module], None] | None = None,
+                 **options: Any):
         if len(stages) < 1:
             raise ValueError("a Trainer needs at least one stage")
         self.config = TrainConfig(gradients=gradients, **options)
@@ -102,7 +108,7 @@ class Trainer:
             return Stage(r, self.n_stages, stages[r], optimizer, loss_fn=loss_fn,
                          synthesizer=synthesizer if r < self.n_stages - 1 else None,
                          synth_optimizer=synth_optimizer, synthetic_scale=self.config.synthetic_scale,
-                         device=self.device)
+                         device=self.device, init=init)
 
         world = env_world_size()
         self.distributed = world > 1

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .materialize import on_meta
+
 __all__ = ["partition", "balance_by_params", "balance_by_time", "block_sums"]
 
 
@@ -191,6 +193,9 @@ def balance_by_time(model: nn.Sequential, n_stages: int, example_input: Any,
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     children = list(model.children())
     _check_costs([0.0] * len(children), n_stages)  # fail before spending time profiling
+    if on_meta(model):
+        raise ValueError("by='time' runs the model, but it was built on the meta device (no values to "
+                         "compute with); balance it by='params' or give an explicit balance")
 
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]

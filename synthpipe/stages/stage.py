@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import UninitializedBuffer
 
+from .materialize import InitFn, materialize, on_meta
 from .synthesizer import BoundarySynthesizer, Synthesizer, per_batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -63,6 +64,9 @@ class Stage:
         synth_optimizer: factory for the synthesizer's optimizer (default Adam, lr 1e-3).
         synthetic_scale: factor on the synthetic gradient before it is applied.
         device: where the module and its synthesizer live.
+        init: for a module built on the meta device, called as ``init(module)`` after it
+            is allocated on ``device`` and every submodule's ``reset_parameters`` ran
+            (see :mod:`synthpipe.stages.materialize`).
     """
 
     def __init__(self, index: int, n_stages: int, module: nn.Module, optimizer: OptimizerFactory,
@@ -70,10 +74,15 @@ class Stage:
                  synthesizer: Synthesizer | None = None,
                  synth_optimizer: OptimizerFactory | None = None,
                  synthetic_scale: float = 1.0,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None,
+                 init: InitFn | None = None):
         self.index = index
         self.n_stages = n_stages
         self.device = torch.device(device) if device is not None else _module_device(module)
+        if self.device.type == "meta":
+            raise ValueError(f"stage {index}: give a device to run on; the module is on the meta device")
+        if on_meta(module):
+            module = materialize(module, self.device, init, name=f"stage {index}")
         self.module = module.to(self.device)
         self.optimizer = optimizer(list(self.module.parameters())) if any(True for _ in self.module.parameters()) else None
         self.loss_fn = loss_fn
