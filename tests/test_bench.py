@@ -170,7 +170,7 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
     assert results["machine"]["threads_per_rank"] == 1 and results["machine"]["torch"]
     names = [r["method"] for r in results["throughput"]]
     assert names == ["single", "gpipe-m2", "gpipe-m4", "1f1b-m2", "1f1b-m4", "zbv-m4", "backprop",
-                     "dni", "cdni-lowrank8"]
+                     "dni", "dni-alone", "cdni-lowrank8", "cdni-lowrank8-alone"]
     for row in results["throughput"]:
         assert row["error"] is None, row.get("error_detail")
         assert set(THROUGHPUT_KEYS) <= set(row), set(THROUGHPUT_KEYS) - set(row)
@@ -181,7 +181,7 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
             assert 0 <= rank["busy_fraction"] <= 1.0 + 1e-6
     single = results["throughput"][0]
     assert single["speedup"] == pytest.approx(1.0)
-    assert len(single["samples_per_s_by_round"]) == 3  # first, after 4 jobs, after the last (8 jobs)
+    assert len(single["samples_per_s_by_round"]) == 4  # first, after 4 and 8 jobs, after the last (10 jobs)
     assert all(len(r["speedup_by_round"]) == 1 for r in results["throughput"][1:])
     # every exact method trains the same model on the same batches: the same losses (up to
     # float summation order over micro-batches, which Adam amplifies a little)
@@ -192,6 +192,18 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
         # ... and end with the same parameters: every stage of every rank trained
         assert by[name]["param_checksum"] == pytest.approx(single["param_checksum"], rel=1e-5), name
     assert by["dni"]["param_checksum"] != pytest.approx(single["param_checksum"], rel=1e-5)
+    # the ceilings: each variant's stages alone on both ranks, computing but never communicating
+    for name in ("dni-alone", "cdni-lowrank8-alone"):
+        row = by[name]
+        assert row["family"] == "ceiling" and row["schedule"] == "alone" and row["ranks"] == 2
+        r0, r1 = row["per_rank"]
+        for rank in (r0, r1):
+            assert rank["forward_s"] > 0 and rank["backward_s"] > 0 and rank["update_s"] > 0
+            assert rank["send_s"] == rank["recv_s"] == rank["wait_s"] == 0
+        assert r0["synth_s"] > 0 and r1["synth_s"] == 0  # the synthesizer lives in front of the boundary
+    assert "(ceiling)" in by["dni-alone"]["label"] and "DNI (linear)" in by["dni-alone"]["label"]
+    assert "of its no-transfer ceiling" in stdout
+    assert not {v["name"] for v in results["validation"]} & {"dni-alone", "cdni-lowrank8-alone"}
     assert results["sweep"]["best_microbatches"].keys() == {"gpipe", "1f1b", "zbv"}
     assert sum(r["best_in_sweep"] for r in results["throughput"]) == 3
     assert {v["name"] for v in results["validation"]} >= {"single", "gpipe-m2", "1f1b-m4", "backprop", "dni"}

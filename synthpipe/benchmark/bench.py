@@ -8,7 +8,8 @@ writing files (:mod:`synthpipe.benchmark.report`):
 3. *throughput* on the speed workload (a deep MLP, synthetic data): single-device
    backprop, every torch.distributed.pipelining schedule at every micro-batch count of
    the sweep, synthpipe ``backprop`` mode, and each synthetic-gradient variant (DNI,
-   cDNI, ...), in ``repeats`` interleaved rounds (the median round is reported). The
+   cDNI, ...) with, for each, its ceiling (the same stages run alone on every rank at
+   once, with no transfers), in ``repeats`` interleaved rounds (the median round is reported). The
    baseline runs again after every ``baseline_every`` jobs of a round, and each job's
    speedup is against the baseline runs just before and after it: on a shared host the
    machine's speed drifts within a round, and a ratio taken minutes apart measures the
@@ -85,6 +86,7 @@ class BenchConfig:
     variants: list[Variant] = dataclasses.field(default_factory=lambda: [
         Variant("dni"), Variant("cdni"), Variant("cdni", "lowrank", 32)])
     backprop: bool = True
+    ceiling: bool = True
     max_inflight: int = 4
     balance: list[int] | None = None
     baseline_every: int = 4
@@ -117,7 +119,8 @@ def quick_config(**overrides: Any) -> BenchConfig:
 
 # -- planning ------------------------------------------------------------------------------
 def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
-    """Single, torch schedules x micro-batch sweep, synthpipe backprop, synthetic variants."""
+    """Single, torch schedules x micro-batch sweep, synthpipe backprop, synthetic variants
+    (each followed by its no-transfer ceiling, ``<variant>-alone``, when ``cfg.ceiling``)."""
     w = cfg.workload
     common = dict(workload=w, steps=cfg.steps, warmup=cfg.warmup, device=cfg.device, timeline=cfg.timeline)
     sweep = sorted({m for m in (1, 2, 4, 8, 16, 32, 64) if m <= w.batch} | set(cfg.microbatches))
@@ -137,6 +140,8 @@ def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
         jobs.append(JobSpec(v.name, "synthpipe", ranks=cfg.ranks, gradients="synthetic", synth=v.synth,
                             synth_rank=v.rank, conditional=v.mode == "cdni", max_inflight=cfg.max_inflight,
                             balance=cfg.balance, **common))
+        if cfg.ceiling:
+            jobs.append(dataclasses.replace(jobs[-1], name=f"{v.name}-alone", method="alone"))
     return jobs
 
 
@@ -195,6 +200,8 @@ def _schedule_of(spec: JobSpec) -> str:
         return "single"
     if spec.method == "pipelining":
         return spec.schedule
+    if spec.method == "alone":
+        return "alone"
     return "backprop" if spec.gradients == "backprop" else "dni"
 
 
@@ -331,7 +338,7 @@ def build_profile(cfg: BenchConfig, machine: dict[str, Any], rows: list[dict[str
     if single is not None and single.get("chunks"):
         profile["microbatch"] = single["chunks"]
     for r in ok:
-        if r["ranks"] < 2 and r["schedule"] != "single":
+        if (r["ranks"] < 2 and r["schedule"] != "single") or r["family"] == "ceiling":
             continue
         profile["runs"].append({
             "name": r["method"], "schedule": r["schedule"], "ranks": r["ranks"], "microbatches": r["microbatches"],

@@ -68,6 +68,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     t.add_argument("--variants", type=_strs, default=None,
                    help="synthetic-gradient rows as mode[:kind[:rank]], e.g. dni,cdni,cdni:lowrank:32 (the default)")
     t.add_argument("--no-backprop", dest="backprop", action="store_false", help="skip synthpipe backprop mode")
+    t.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                   help="skip the <variant>-alone rows (each variant's stages run alone, no transfers)")
     t.add_argument("--max-inflight", type=int, default=4, help="synthpipe max_inflight (default: 4)")
     t.add_argument("--balance", type=_ints, default=None, help="children per stage for synthpipe, e.g. 8,9")
     c = parser.add_argument_group("time to accuracy (paper MLP on MNIST-1D)")
@@ -102,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.variants is not None:
         cfg.variants = [Variant.parse(v) for v in args.variants]
     cfg.backprop = args.backprop
+    cfg.ceiling = args.ceiling
     cfg.max_inflight = args.max_inflight
     cfg.balance = args.balance
     cfg.throughput, cfg.converge = args.throughput, args.converge

@@ -5,6 +5,9 @@
 * :func:`run_synthpipe` — ``synthpipe`` on ``spec.ranks`` processes: ``backprop`` mode
   (naive, locked model parallelism), DNI and cDNI (synthetic gradients).
 * :func:`synthpipe.benchmark.pipelining.run_pipelining` — torch.distributed.pipelining.
+* :func:`run_alone` — every rank runs its synthpipe stage's training step on its own,
+  all ranks at once but with no transfers and no waiting: the ceiling that a perfect
+  transport and schedule would reach on this machine (not a method anyone would train with).
 * :func:`run_pingpong` — the one-way transfer time of a boundary tensor (for the simulator).
 
 Two modes. ``throughput``: ``spec.warmup`` steps, then ``spec.steps`` timed steps between
@@ -29,7 +32,7 @@ from .launcher import RankContext
 from .monitor import peak_memory, reset_peak_memory
 from .workload import Workload, build_model, make_optimizer, optimizer_factory, test_batches, train_batches
 
-METHODS = ("single", "synthpipe", "pipelining", "pingpong")
+METHODS = ("single", "synthpipe", "pipelining", "alone", "pingpong")
 
 
 @dataclasses.dataclass
@@ -75,7 +78,7 @@ class JobSpec:
     @property
     def family(self) -> str:
         return {"single": "baseline", "synthpipe": "synthpipe", "pipelining": "torch.distributed.pipelining",
-                "pingpong": "transport"}[self.method]
+                "alone": "ceiling", "pingpong": "transport"}[self.method]
 
     def label(self) -> str:
         """A readable description of the method's settings."""
@@ -88,6 +91,9 @@ class JobSpec:
             return f"synthpipe {'cDNI' if self.conditional else 'DNI'} ({kind} synthesizer)"
         if self.method == "pipelining":
             return f"torch {self.schedule} ({self.microbatches} micro-batches)"
+        if self.method == "alone":
+            kind = self.synth + (f"-r{self.synth_rank}" if self.synth == "lowrank" else "")
+            return f"{'cDNI' if self.conditional else 'DNI'} ({kind}) stages alone, no transfers (ceiling)"
         return self.method
 
 
@@ -99,6 +105,8 @@ def job_function(spec: JobSpec) -> Callable[[RankContext, JobSpec], dict[str, An
     if spec.method == "pipelining":
         from .pipelining import run_pipelining
         return run_pipelining
+    if spec.method == "alone":
+        return run_alone
     if spec.method == "pingpong":
         return run_pingpong
     raise ValueError(f"unknown method {spec.method!r}; choose one of {METHODS}")
@@ -281,7 +289,8 @@ def _converge_single(ctx: RankContext, spec: JobSpec, device: torch.device, mode
 
 
 # -- synthpipe ----------------------------------------------------------------------------
-def _synthpipe_trainer(spec: JobSpec, device: torch.device) -> Any:
+def _synthpipe_split(spec: JobSpec) -> tuple[list[nn.Module], Any]:
+    """The stages and the synthesizer recipe of a synthpipe job."""
     import synthpipe as sp
 
     w = spec.workload
@@ -293,6 +302,14 @@ def _synthpipe_trainer(spec: JobSpec, device: torch.device) -> Any:
     options: dict[str, Any] = {"rank": spec.synth_rank} if spec.synth == "lowrank" else {}
     synth = sp.Synthesizer(spec.synth, conditional=spec.conditional,
                            num_classes=w.num_classes if spec.conditional else None, **options)
+    return stages, synth
+
+
+def _synthpipe_trainer(spec: JobSpec, device: torch.device) -> Any:
+    import synthpipe as sp
+
+    w = spec.workload
+    stages, synth = _synthpipe_split(spec)
     return sp.Trainer(stages, nn.CrossEntropyLoss(), optimizer=make_optimizer(w), synthesizer=synth,
                       gradients=spec.gradients, synth_optimizer=optimizer_factory(w.optimizer, w.synth_lr),
                       device=device, progress=False,
@@ -358,6 +375,97 @@ def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, t
         curve.append({"time": total, "epoch": epoch + 1, "steps": steps, "accuracy": m["accuracy"], "loss": m["loss"]})
     return rank_result(ctx, spec, device, wall=total, steps=steps, samples=samples, t_start=t_start,
                        t_end=time.time(), timers=None, curve=curve)
+
+
+# -- the no-transfer ceiling ---------------------------------------------------------------
+def run_alone(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
+    """Rank r runs stage r of the synthpipe job ``spec`` describes, on its own.
+
+    The same split, synthesizer and optimizers as :func:`run_synthpipe`, and per step the
+    same calls as the pipeline worker's synthetic-gradient step: forward; the synthetic
+    gradient (not on the last stage) or the loss; backward; update; the input gradient
+    (not on rank 0); one synthesizer regression step (not on the last stage). Inputs are
+    the real boundary activations of the workload's batches, computed once beforehand;
+    the regression target is a fixed tensor of the boundary's shape (its value does not
+    change the cost). Nothing is sent and nothing waits, but all ranks run at the same
+    time (a barrier before the timed steps), so they still share the machine's cores,
+    caches and memory bandwidth: the step time is what a perfect transport and schedule
+    would reach here, a ceiling for the synthpipe row with the same settings.
+    """
+    import torch.distributed as dist
+
+    from ..stages.stage import Stage, all_finite
+
+    ctx.set_env()
+    w = spec.workload
+    device = rank_device(spec, ctx.rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    stages, synth = _synthpipe_split(spec)
+    r, n = ctx.rank, len(stages)
+    batches = train_batches(w, count=spec.warmup + spec.steps)
+    inputs = []
+    with torch.no_grad():  # the boundary activations rank r would receive, from the untrained model
+        for x, y in batches:
+            h: Any = (x,)
+            for s in stages[:r]:
+                out = s(*h)
+                h = out if isinstance(out, tuple) else (out,)
+            inputs.append((tuple(t.to(device) for t in h), y.to(device)))
+    stage = Stage(r, n, stages[r], make_optimizer(w), loss_fn=nn.CrossEntropyLoss(),
+                  synthesizer=synth if r < n - 1 else None,
+                  synth_optimizer=optimizer_factory(w.optimizer, w.synth_lr), device=device)
+    timers = Timers(device)
+    target: tuple | None = None
+
+    def step(h: tuple, y: torch.Tensor) -> None:
+        nonlocal target
+        with timers.section("forward"):
+            ins, outs = stage.forward(h)
+        if stage.is_last:
+            with timers.section("forward"):
+                loss = stage.loss(outs, y)
+                all_finite([loss.detach()])
+            with timers.section("backward"):
+                stage.backward(outs, loss=loss)
+            with timers.section("update"):
+                stage.step()
+            float(loss.detach())
+        else:
+            with timers.section("synth"):
+                grads = stage.synthetic_gradient(outs, y)
+                all_finite(grads)
+            with timers.section("backward"):
+                stage.backward(outs, grads)
+            with timers.section("update"):
+                stage.step()
+        stage.input_gradient(ins)
+        if not stage.is_last:
+            detached = tuple(o.detach() for o in outs)
+            if target is None:
+                target = tuple(torch.randn_like(o) * 1e-4 for o in detached)
+            with timers.section("synth"):
+                stage.train_synthesizer(detached, y, target)
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        for h, y in inputs[:spec.warmup]:
+            step(h, y)
+        synchronize(device)
+        dist.barrier()
+        reset_peak_memory(device)
+        timers.reset()
+        t_start, t0 = time.time(), time.perf_counter()
+        for h, y in inputs[spec.warmup:]:
+            step(h, y)
+        synchronize(device)
+        wall = time.perf_counter() - t0
+        result = rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
+                             t_start=t_start, t_end=time.time(), timers=timers)
+        dist.barrier()
+        return result
+    finally:
+        dist.destroy_process_group()
 
 
 # -- transfer time ------------------------------------------------------------------------

@@ -19,7 +19,10 @@ Files written by :func:`write_outputs` into the output directory:
   (``speedup_by_round``; the baseline runs again after every ``baseline_every`` jobs,
   and its own ``samples_per_s_by_round`` lists every baseline run); ``per_rank`` holds :data:`RANK_KEYS` for each rank; ``losses`` are
   the timed steps' training losses and ``param_checksum`` is ``[sum |p|, sum p^2]`` of all
-  parameters after them (exact methods match ``single``: every stage trained);
+  parameters after them (exact methods match ``single``: every stage trained); rows of
+  ``family`` ``"ceiling"`` (method ``<variant>-alone``, schedule ``"alone"``) time the
+  synthetic-gradient variant's stages run alone on every rank at once, with no
+  transfers: the speedup a perfect transport and schedule would reach on this machine;
 * ``sweep`` — ``microbatches``, ``schedules``, ``best_microbatches`` and
   ``best_samples_per_s`` per torch schedule;
 * ``transfer`` — ping-pong ``[{bytes, one_way_s}]``;
@@ -180,6 +183,8 @@ def markdown(results: dict[str, Any]) -> str:
             notes = []
             if r.get("best_in_sweep"):
                 notes.append("**best**")
+            if r["family"] == "ceiling":
+                notes.append("ceiling: the stages alone, no transfers")
             if r.get("oversubscribed"):
                 notes.append("* oversubscribed")
             if r.get("other_cpu_cores") is not None and r["other_cpu_cores"] > 0.25:
@@ -272,6 +277,10 @@ def headline(results: dict[str, Any]) -> str:
         if r["family"] != "synthpipe" or r.get("error") or not r.get("samples_per_s"):
             continue
         text = f"**{r['method']}** {r['speedup']:.2f}x single" if r.get("speedup") else f"**{r['method']}**"
+        alone = by_name.get(r["method"] + "-alone")
+        if r.get("speedup") and alone and not alone.get("error") and alone.get("speedup"):
+            text += (f" ({_vs(r, alone, alone['samples_per_s']):.0%} of its no-transfer ceiling, "
+                     f"{alone['speedup']:.2f}x)")
         if top:
             text += f", {_vs(r, by_name.get(top_name + '-m' + str(results['sweep']['best_microbatches'][top_name])), top):.2f}x the best torch schedule"
         parts.append(text)
