@@ -130,6 +130,16 @@ class PipelineWorker:
                 self.ch.grad_out.send(TRAIN, step, () if skipped else grads,
                                       flags=FLAG_SKIPPED if skipped else 0, stats=self.stats)
 
+    def _backward_and_update(self, step: int, inputs: tuple, outputs: tuple, grads: tuple | None = None,
+                             loss: torch.Tensor | None = None) -> None:
+        # The input gradient is final once backward is done: send it before the update, so
+        # it crosses (and rank - 1 can train its synthesizer) while this rank updates.
+        with self.timers.section("backward", step):
+            self.stage.backward(outputs, grads, loss=loss)
+        self._send_back(step, self.stage.input_gradient(inputs), skipped=False)
+        with self.timers.section("update", step):
+            self.stage.step()
+
     def _train(self, step: int, x: tuple, y: torch.Tensor) -> float | None:
         cfg, stage, tm = self.config, self.stage, self.timers
         locked = cfg.locked(step)
@@ -153,13 +163,10 @@ class PipelineWorker:
                 if cfg.nonfinite == "raise":
                     raise NonFiniteError(nonfinite_message(stage, "the loss", step, loss))
             else:
-                with tm.section("backward", step):
-                    stage.backward(outputs, loss=loss)
-                with tm.section("update", step):
-                    stage.step()
                 result = float(loss.detach())
-                self.stats[0], self.stats[1] = result, float(step)
+                self.stats[0], self.stats[1] = result, float(step)  # travels with this step's gradient
                 self.log.put(step, "loss", result)
+                self._backward_and_update(step, inputs, outputs, loss=loss)
         else:
             if locked:
                 msg = self._wait_locked(step)
@@ -175,11 +182,9 @@ class PipelineWorker:
                 if not locked and cfg.nonfinite == "raise":
                     raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
             else:
-                with tm.section("backward", step):
-                    stage.backward(outputs, grads)
-                with tm.section("update", step):
-                    stage.step()
-        self._send_back(step, stage.input_gradient(inputs) if ok else (), skipped=not ok)
+                self._backward_and_update(step, inputs, outputs, grads=grads)
+        if not ok:
+            self._send_back(step, (), skipped=True)
         if self.ch.act_out is not None and cfg.trains_synthesizers:
             with tm.section("synth", step):
                 trained = train_due_synthesizer(stage, self.cache, step, cfg.delay, cfg.max_inflight, self._wait_target)
