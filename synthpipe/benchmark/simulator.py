@@ -12,7 +12,8 @@ Schedules (:data:`SCHEDULES`):
 
 * ``single`` — one device runs every stage's forward, backward and update in turn.
 * ``backprop`` — naive model parallelism (synthpipe ``backprop`` mode): one batch,
-  forward down the ranks, backward up, each rank updates right after its backward.
+  forward down the ranks, backward up, each rank updates right after its backward
+  (after sending its input gradient, so the updates overlap the backwards upstream).
 * ``gpipe`` — m micro-batches: all forwards, then all backwards, then the update (flush).
 * ``1f1b`` — torch's Schedule1F1B order: ``min(m, p - r)`` warm-up forwards, then one
   backward / one forward alternately, then the remaining backwards; update at the flush.
@@ -256,7 +257,7 @@ def simulate(schedule: str, stages: Sequence[StageCost], microbatches: int = 1,
     if schedule == "dni":
         engine = _dni(stages, t, max_inflight, steps)
     elif schedule == "backprop":
-        engine = _microbatched(stages, 1, t, steps, order="gpipe", update_first=True)
+        engine = _microbatched(stages, 1, t, steps, order="gpipe")  # m=1; the update follows the send
     elif schedule == "zb":
         engine = _zero_bubble(stages, m, t, steps)
     else:
@@ -274,16 +275,13 @@ def _flush_dep(stage: int, step: int) -> list[tuple[tuple, float]]:
     return [(("U", stage, 0, step - 1), 0.0)] if step > 0 else []
 
 
-def _microbatched(stages: Sequence[StageCost], m: int, t: float, steps: int, order: str,
-                  update_first: bool = False) -> _Engine:
-    """Fixed-order schedules; ``update_first``: the update runs before the gradient is sent
-    back (synthpipe's locked mode), so it lies on the backward critical path."""
+def _microbatched(stages: Sequence[StageCost], m: int, t: float, steps: int, order: str) -> _Engine:
+    """Fixed-order schedules: forwards and backwards in ``order``, the update after the last
+    backward (its gradient already sent back, so the update is off the critical path)."""
     p = len(stages)
     eng = _Engine(p)
     for r, s in enumerate(stages):
         f, b, u = _chunk(s, m)
-        if update_first:
-            b, u = b + u, 0.0
         ops: list[_Op] = []
         for k in range(steps):
             def F(i: int) -> _Op:
