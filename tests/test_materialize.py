@@ -120,19 +120,26 @@ def test_trainer_in_one_process_trains_a_meta_built_model():
     assert_states_close(trainer.state_dict(), plain_backprop(dense, batches(), adam), atol=1e-5)
 
 
-def fit_meta(rank: int, data: list) -> dict:
+def fit_meta(rank: int, data: list, directory: str) -> dict:
     stages = sp.split(meta_model(), balance=[3, 3])
     trainer = sp.Trainer(stages, nn.CrossEntropyLoss(), adam, gradients="backprop", init=fixed_init, progress=False)
     trainer.fit(data)
+    trainer.save(directory)
     out = {"state": trainer.state_dict(), "mine_on_meta": on_meta(stages[rank]),
            "other_on_meta": on_meta(stages[1 - rank])}
     trainer.close()
+    # a fresh meta-built trainer (default initialisation) resumes from the checkpoint
+    resumed = sp.Trainer(sp.split(meta_model(), balance=[3, 3]), nn.CrossEntropyLoss(), adam,
+                         gradients="backprop", progress=False)
+    resumed.load(directory)
+    out["resumed"] = resumed.state_dict()
+    resumed.close()
     return out
 
 
 @pytest.mark.timeout(120)
-def test_each_rank_allocates_only_its_own_stage_and_trains_like_the_dense_model():
-    results = run_ranks(fit_meta, 2, batches())
+def test_each_rank_allocates_only_its_own_stage_and_trains_like_the_dense_model(tmp_path):
+    results = run_ranks(fit_meta, 2, batches(), str(tmp_path / "ckpt"))
     dense = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Tanh(),
                           nn.Linear(32, 5))
     with torch.no_grad():
@@ -142,3 +149,4 @@ def test_each_rank_allocates_only_its_own_stage_and_trains_like_the_dense_model(
         assert not r["mine_on_meta"], f"rank {rank}: its stage was not allocated"
         assert r["other_on_meta"], f"rank {rank} allocated a stage it does not run"
         assert_states_close(r["state"], expected, atol=1e-5)
+        assert_states_close(r["resumed"], r["state"], atol=0.0)
