@@ -137,6 +137,20 @@ def test_speedups_are_against_the_baseline_runs_around_each_job() -> None:
     assert bracketed_speedups([("a", 1.0)]) == [None]  # no baseline at all
 
 
+def test_a_drifting_baseline_is_reported_as_machine_noise() -> None:
+    from synthpipe.benchmark.bench import _median_run, baseline_drift_warning
+
+    def rows(values):
+        runs = [{"method": "single", "family": "baseline", "samples_per_s": v, "error": None} for v in values]
+        return [_median_run(runs), {"method": "cdni", "family": "synthpipe", "samples_per_s": 3000.0, "error": None}]
+
+    message = baseline_drift_warning(rows([1900.0, 1400.0, 1880.0, 1900.0]))
+    assert message is not None and "varied by 26%" in message and "(4 runs)" in message
+    assert baseline_drift_warning(rows([1900.0, 1850.0, 1880.0])) is None  # 3%: quiet enough
+    assert baseline_drift_warning(rows([1900.0])) is None  # one run: no spread to judge
+    assert baseline_drift_warning([]) is None
+
+
 # -- end to end ----------------------------------------------------------------------------------
 @pytest.mark.timeout(150)
 def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:

@@ -275,6 +275,22 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+def baseline_drift_warning(rows: list[dict[str, Any]], limit: float = 0.10) -> str | None:
+    """A warning when the baseline's own speed moved by more than ``limit`` within the run.
+
+    The baseline runs the same job every time, so its spread measures the machine, not a
+    method: on a shared host other tenants can slow a core without any hypervisor steal.
+    """
+    base = next((r for r in rows if r.get("family") == "baseline" and r.get("error") is None), None)
+    spread = base.get("samples_per_s_spread") if base else None
+    if spread is None or spread <= limit:
+        return None
+    return (f"the single-device baseline's own speed varied by {100 * spread:.0f}% during this run "
+            f"({len(base['samples_per_s_runs'])} runs): the machine's speed drifted (other tenants of a shared "
+            f"host?). Speedups are taken against the baseline runs next to each method, but expect noise "
+            f"of that order; rerun when the machine is quiet for firmer numbers")
+
+
 def best_of_sweep(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The fastest row of each torch schedule (by samples/s)."""
     best: dict[str, dict[str, Any]] = {}
@@ -460,6 +476,10 @@ def run_benchmark(cfg: BenchConfig, verbose: bool = True,
                     r["speedup_by_round"] = ratios
                     r["speedup"] = statistics.median(ratios) if ratios else None
                 r.pop("speedup_bracketed", None)
+            drift = baseline_drift_warning(rows)
+            if drift:
+                warnings_out.append(drift)
+                log(f"warning: {drift}")
             best = best_of_sweep(rows)
             best_m = {s: r["microbatches"] for s, r in best.items()}
             for r in rows:
