@@ -247,3 +247,25 @@ def test_ranks_that_split_the_model_differently_are_stopped():
     messages = run_ranks(different_splits, 2)
     assert "rank 0 and rank 1 split the model differently (stage 0" in messages[0], messages[0]
     assert "rank 1 and rank 0 split the model differently" in messages[1], messages[1]
+
+
+def two_trainers_in_a_row(rank: int, batches: list) -> dict:
+    first = trainer_for(2, gradients="backprop")
+    first.fit(batches[:3])
+    first.close()
+    group_kept = torch.distributed.is_initialized()
+    second = trainer_for(2, gradients="backprop")  # same processes, same MASTER_PORT
+    second.fit(batches)
+    state = second.state_dict()
+    second.close()
+    return {"group_kept": group_kept, "state": state}
+
+
+@pytest.mark.parametrize("attempt", range(3))  # the old re-initialisation hung in most attempts
+def test_a_trainer_after_a_closed_one_reuses_the_process_group(attempt):
+    batches = make_batches()
+    results = run_ranks(two_trainers_in_a_row, 2, batches, timeout=60)
+    expected = plain_backprop(make_model(), batches, adam)
+    for r in results:
+        assert r["group_kept"]
+        assert_states_close(r["state"], expected, atol=1e-5)

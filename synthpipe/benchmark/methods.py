@@ -349,6 +349,10 @@ def run_synthpipe(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
         return result
     finally:
         trainer.close()
+        # The trainer keeps the group for later trainers of the process; the pool's next
+        # job makes its own, on a port of its own.
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, trainer: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Process-group setup: the backend follows the device, and failures are reported by name."""
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -58,3 +59,26 @@ def is_communication_error(error: BaseException) -> bool:
         return True
     text = str(error)
     return any(s in text for s in ("Connection closed", "Connection reset", "Broken pipe", "gloo", "NCCL", "Socket"))
+
+
+_exit_hook_registered = False
+
+
+def keep_until_exit() -> None:
+    """Keep the default process group for the rest of this process; destroy it at exit.
+
+    A trainer that made the group does not destroy it when it closes: the next trainer
+    of the process (a resumed run, a second model) would create a new group on the same
+    MASTER_PORT, and a rank that gets there first can join the old group's store just
+    before rank 0 shuts it down, then wait forever. Reusing the group avoids that race.
+    Call ``torch.distributed.destroy_process_group()`` yourself to end it earlier.
+    """
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_destroy_if_initialized)
+        _exit_hook_registered = True
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

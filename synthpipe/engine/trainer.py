@@ -21,7 +21,7 @@ from ..stages.stage import OptimizerFactory, Stage
 from ..stages.synthesizer import Synthesizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .distributed import (backend_for, default_device, env_world_size, init_process_group,
+from .distributed import (backend_for, default_device, env_world_size, init_process_group, keep_until_exit,
                           is_communication_error)
 from .history import History, merge_logs
 from .prefetch import PrefetchQueue
@@ -365,15 +365,19 @@ class Trainer:
         self._guard(run)
 
     def close(self) -> None:
-        """Finish cleanly (all ranks): stop the watchdog; leave the process group if this trainer made it."""
+        """Finish cleanly (all ranks): stop the receiver threads and the watchdog.
+
+        The process group stays up for later trainers of this process and is destroyed
+        when the process exits (see :func:`synthpipe.engine.distributed.keep_until_exit`).
+        """
         if self.watchdog is not None:
             if isinstance(self.runner, PipelineWorker):
                 self.runner.close()
             dist.barrier()
             self.watchdog.close()
             self.watchdog = None
-            if self._owns_group and dist.is_initialized():
-                dist.destroy_process_group()
+            if self._owns_group:
+                keep_until_exit()
 
     def __enter__(self) -> "Trainer":
         return self
