@@ -305,15 +305,26 @@ def _synthpipe_split(spec: JobSpec) -> tuple[list[nn.Module], Any]:
     return stages, synth
 
 
-def _synthpipe_trainer(spec: JobSpec, device: torch.device) -> Any:
+def _synthpipe_trainer(spec: JobSpec, device: torch.device,
+                       split: tuple[list[nn.Module], Any] | None = None) -> Any:
     import synthpipe as sp
 
     w = spec.workload
-    stages, synth = _synthpipe_split(spec)
+    stages, synth = split if split is not None else _synthpipe_split(spec)
     return sp.Trainer(stages, nn.CrossEntropyLoss(), optimizer=make_optimizer(w), synthesizer=synth,
                       gradients=spec.gradients, synth_optimizer=optimizer_factory(w.optimizer, w.synth_lr),
                       device=device, progress=False,
                       max_inflight=spec.max_inflight, failure_timeout=120.0)
+
+
+def _close_trainer(trainer: Any) -> None:
+    """Close a job's trainer and end its process group: the trainer keeps the group for
+    later trainers of the process, but the pool's next job makes its own, on its own port."""
+    import torch.distributed as dist
+
+    trainer.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_synthpipe(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
@@ -348,11 +359,7 @@ def run_synthpipe(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
         trainer.runner.timers = NULL_TIMERS  # stop recording
         return result
     finally:
-        trainer.close()
-        # The trainer keeps the group for later trainers of the process; the pool's next
-        # job makes its own, on a port of its own.
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _close_trainer(trainer)
 
 
 def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, trainer: Any) -> dict[str, Any]:
@@ -398,15 +405,13 @@ def run_alone(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
     """
     import torch.distributed as dist
 
-    from ..stages.stage import Stage, all_finite
+    from ..stages.stage import all_finite
 
     ctx.set_env()
     w = spec.workload
     device = rank_device(spec, ctx.rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     stages, synth = _synthpipe_split(spec)
-    r, n = ctx.rank, len(stages)
+    r = ctx.rank
     batches = train_batches(w, count=spec.warmup + spec.steps)
     inputs = []
     with torch.no_grad():  # the boundary activations rank r would receive, from the untrained model
@@ -416,9 +421,9 @@ def run_alone(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
                 out = s(*h)
                 h = out if isinstance(out, tuple) else (out,)
             inputs.append((tuple(t.to(device) for t in h), y.to(device)))
-    stage = Stage(r, n, stages[r], make_optimizer(w), loss_fn=nn.CrossEntropyLoss(),
-                  synthesizer=synth if r < n - 1 else None,
-                  synth_optimizer=optimizer_factory(w.optimizer, w.synth_lr), device=device)
+    # The trainer builds the stage exactly as for run_synthpipe; its worker is not used.
+    trainer = _synthpipe_trainer(spec, device, (stages, synth))
+    stage = trainer.runner.stage
     timers = Timers(device)
     target: tuple | None = None
 
@@ -451,7 +456,6 @@ def run_alone(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
             with timers.section("synth"):
                 stage.train_synthesizer(detached, y, target)
 
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         for h, y in inputs[:spec.warmup]:
             step(h, y)
@@ -464,12 +468,10 @@ def run_alone(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
             step(h, y)
         synchronize(device)
         wall = time.perf_counter() - t0
-        result = rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
-                             t_start=t_start, t_end=time.time(), timers=timers)
-        dist.barrier()
-        return result
+        return rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
+                           t_start=t_start, t_end=time.time(), timers=timers)
     finally:
-        dist.destroy_process_group()
+        _close_trainer(trainer)  # a barrier first: no rank leaves while another still times
 
 
 # -- transfer time ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..stages.materialize import InitFn
 from ..stages.stage import OptimizerFactory, Stage
 from ..stages.synthesizer import Synthesizer
 from . import checkpoint as ckpt
@@ -91,7 +92,7 @@ class Trainer:
                  optimizer: OptimizerFactory | None = None, synthesizer: Synthesizer | None = None,
                  gradients: str = "synthetic", synth_optimizer: OptimizerFactory | None = None,
                  synth_lr: float = 1e-3, device: torch.device | str | None = None,
-                 backend: str | None = None, init: Callable[[nn.Module], None] | None = None,
+                 backend: str | None = None, init: InitFn | None = None,
                  **options: Any):
         if len(stages) < 1:
             raise ValueError("a Trainer needs at least one stage")

@@ -32,7 +32,7 @@ InitFn = Callable[[nn.Module], None]
 
 def on_meta(module: nn.Module) -> bool:
     """True if any parameter or buffer of ``module`` is on the meta device."""
-    return any(t.is_meta for t in _tensors(module))
+    return any(t.is_meta for _, t in _named_tensors(module))
 
 
 def materialize(module: nn.Module, device: torch.device, init: InitFn | None = None,
@@ -87,10 +87,6 @@ def _reset_fn(m: nn.Module) -> Callable[[], None] | None:
         if callable(fn):
             return fn
     return None
-
-
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    return list(module.parameters()) + list(module.buffers())
 
 
 def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

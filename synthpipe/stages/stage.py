@@ -251,12 +251,11 @@ class Stage:
             torch._foreach_copy_(self._running_stats, self._stats_before)
 
     def _save_running_stats(self) -> None:
-        if any(isinstance(t, UninitializedBuffer) for t in self._running_stats):
-            self._stats_before = None  # a lazy norm layer's first forward: nothing to restore yet
-        elif self._stats_before is None:
-            self._stats_before = [t.clone() for t in self._running_stats]
-        else:
+        if self._stats_before is not None:
             torch._foreach_copy_(self._stats_before, self._running_stats)  # one call, not one per buffer
+        elif not any(isinstance(t, UninitializedBuffer) for t in self._running_stats):
+            self._stats_before = [t.clone() for t in self._running_stats]
+        # else: a lazy norm layer's first forward; nothing to restore yet
 
     def input_gradient(self, inputs: Sequence[Any]) -> tuple:
         """``dL/dh_{r-1}`` for each input (``None`` where none flows): the target sent back."""
