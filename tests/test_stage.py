@@ -129,6 +129,30 @@ def test_undo_forward_restores_the_running_statistics_of_a_skipped_batch():
         assert torch.equal(after[k], before[k]), k
 
 
+def test_undo_forward_of_a_lazy_norm_layers_first_forward_leaves_fresh_statistics():
+    stage = norm_stage()
+    # BatchNorm and InstanceNorm have statistics; the lazy layer's buffers do not exist yet
+    before = {k: v.clone() for k, v in stage.module.named_buffers() if not k.startswith("5.")}
+    assert before
+    stage.forward((torch.full((8, 6, 5), float("nan")),))
+    assert not torch.isfinite(stage.module[5].running_mean).all()  # the lazy layer took the NaN batch
+    stage.undo_forward()
+    after = buffers(stage)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    # the lazy layer now has its shape and a fresh layer's statistics, as if it had never seen a batch
+    assert torch.equal(after["5.running_mean"], torch.zeros(6))
+    assert torch.equal(after["5.running_var"], torch.ones(6))
+    assert after["5.num_batches_tracked"] == 0
+    # later steps save and undo as usual
+    stage.forward((torch.randn(8, 6, 5),))
+    kept = buffers(stage)
+    stage.forward((torch.full((8, 6, 5), float("nan")),))
+    stage.undo_forward()
+    for k, v in buffers(stage).items():
+        assert torch.equal(v, kept[k]), k
+
+
 def test_undo_forward_takes_back_only_the_last_training_forward():
     stage = norm_stage()
     stage.forward((torch.randn(8, 6, 5),))

@@ -93,6 +93,10 @@ class Stage:
         self.synth_optimizer: torch.optim.Optimizer | None = None
         self._running_stats = running_statistics(self.module)
         self._stats_before: list[torch.Tensor] | None = None  # saved by a training forward
+        # A lazy norm layer's first forward: the saved copies of the statistics that
+        # existed, and the layers that had none yet (undone by resetting them).
+        self._first_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._first_lazy: list[nn.Module] = []
         if self.is_last and loss_fn is None:
             raise ValueError("the last stage needs a loss_fn")
 
@@ -245,17 +249,29 @@ class Stage:
         For a step that is skipped (a NaN or infinite loss or gradient): its forward has
         already folded the batch into BatchNorm's running mean and variance, and a NaN
         there would poison every later evaluation. Parameters and optimizer state are
-        untouched by a skipped step, so after this the stage is as it was before it.
+        untouched by a skipped step, so after this the stage is as it was before it. A
+        lazy norm layer whose first forward is undone keeps its (now known) shape, with
+        the statistics of a freshly built layer: mean 0, variance 1, no batch counted.
         """
         if self._stats_before is not None:
             torch._foreach_copy_(self._running_stats, self._stats_before)
+            return
+        for t, saved in self._first_saved:
+            t.copy_(saved)
+        for m in self._first_lazy:
+            m.reset_running_stats()
 
     def _save_running_stats(self) -> None:
         if self._stats_before is not None:
             torch._foreach_copy_(self._stats_before, self._running_stats)  # one call, not one per buffer
         elif not any(isinstance(t, UninitializedBuffer) for t in self._running_stats):
             self._stats_before = [t.clone() for t in self._running_stats]
-        # else: a lazy norm layer's first forward; nothing to restore yet
+            self._first_saved, self._first_lazy = [], []
+        else:  # a lazy norm layer's first forward (rare: the per-step path above stays one call)
+            self._first_saved = [(t, t.clone()) for t in self._running_stats if not isinstance(t, UninitializedBuffer)]
+            self._first_lazy = [m for m in self.module.modules()
+                                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                                and isinstance(m.running_mean, UninitializedBuffer)]
 
     def input_gradient(self, inputs: Sequence[Any]) -> tuple:
         """``dL/dh_{r-1}`` for each input (``None`` where none flows): the target sent back."""
