@@ -137,3 +137,46 @@ def test_resume_with_a_shuffled_loader_sees_the_same_order(tmp_path):
     resumed.fit(data.loader(dataset, 16, shuffle=True, seed=5), epochs=3, resume=str(tmp_path))
     assert resumed.step == straight.step == 18
     assert_equal(everything(resumed), everything(straight))
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    import os
+
+    import synthpipe.engine.checkpoint as ckpt
+
+    directory = str(tmp_path)
+    batches = make_batches()
+    t = trainer()
+    t.fit(batches, max_steps=4)
+    t.save(directory)
+    at_4 = everything(t)
+    t.fit(batches, max_steps=8)
+
+    def die(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(ckpt, "write_meta", die)  # every stage file of step 8 is written, meta.json is not
+    with pytest.raises(OSError, match="disk full"):
+        t.save(directory)
+    monkeypatch.undo()
+    assert read_meta(directory)["step"] == 4
+    restored = trainer().load(directory)
+    assert restored.step == 4
+    assert_equal(everything(restored), at_4)
+
+    t.save(directory)  # a save that completes replaces it, and removes step 4's files
+    assert sorted(os.listdir(directory)) == ["meta.json", "stage-0-8.pt", "stage-1-8.pt", "stage-2-8.pt"]
+    assert_equal(everything(trainer().load(directory)), everything(t))
+
+
+def test_a_checkpoint_with_version_1_file_names_still_loads(tmp_path):
+    import os
+
+    t = trainer(2)
+    t.fit(make_batches(), max_steps=3)
+    t.save(str(tmp_path))
+    for r in range(2):  # version 1 named the files stage-<r>.pt
+        os.replace(tmp_path / f"stage-{r}-3.pt", tmp_path / f"stage-{r}.pt")
+    assert_equal(everything(trainer(2).load(str(tmp_path))), everything(t))
+    os.remove(tmp_path / "stage-1.pt")
+    with pytest.raises(FileNotFoundError, match="step 3.*stage-1-3.pt"):
+        trainer(2).load(str(tmp_path))

@@ -2,18 +2,27 @@
 
 Layout of a checkpoint directory::
 
-    meta.json        n_stages, step, epoch, step_in_epoch, config, version (written last)
-    stage-<r>.pt     stage r: module, optimizer, synthesizer, its optimizer, the cache of
-                     activations waiting for targets, and the RNG state of its process
+    meta.json             n_stages, step, epoch, step_in_epoch, config, version (written last)
+    stage-<r>-<step>.pt   stage r at that step: module, optimizer, synthesizer, its
+                          optimizer, the cache of activations waiting for targets, and
+                          the RNG state of its process
 
 A single-process run writes the same files, so a checkpoint moves between a one-process
 run and an N-process run of the same split.
+
+Saving again into the same directory never leaves a mixed or broken checkpoint: the new
+stage files get new names, ``meta.json`` (which names the step, hence the files) is
+replaced in one atomic rename once every stage file is complete, and only then are the
+previous step's files removed. A crash at any point leaves ``meta.json`` pointing at a
+complete set of stage files, the old one or the new one. (Checkpoints of version 1 named
+their files ``stage-<r>.pt``; they still load.)
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,8 +31,19 @@ import torch
 META = "meta.json"
 
 
-def stage_file(directory: str, rank: int) -> str:
-    return os.path.join(directory, f"stage-{rank}.pt")
+def stage_file(directory: str, rank: int, step: int) -> str:
+    """Where stage ``rank``'s state at ``step`` is saved."""
+    return os.path.join(directory, f"stage-{rank}-{step}.pt")
+
+
+def _saved_stage_file(directory: str, meta: Mapping[str, Any], rank: int) -> str:
+    path = stage_file(directory, rank, meta["step"])
+    legacy = os.path.join(directory, f"stage-{rank}.pt")  # version 1
+    if not os.path.exists(path) and os.path.exists(legacy):
+        return legacy
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {directory} (step {meta['step']}) is missing {os.path.basename(path)}")
+    return path
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,9 +67,18 @@ def _atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def save_stage(directory: str, rank: int, state: dict[str, Any]) -> None:
+def save_stage(directory: str, rank: int, step: int, state: dict[str, Any]) -> None:
     os.makedirs(directory, exist_ok=True)
-    _atomic_save(state, stage_file(directory, rank))
+    _atomic_save(state, stage_file(directory, rank, step))
+
+
+def remove_stale_stages(directory: str, rank: int, step: int) -> None:
+    """Delete stage ``rank``'s files of other steps (once ``meta.json`` names ``step``)."""
+    own = re.compile(rf"stage-{rank}(-\d+)?\.pt(\.tmp)?")
+    keep = os.path.basename(stage_file(directory, rank, step))
+    for name in os.listdir(directory):
+        if own.fullmatch(name) and name != keep:
+            os.remove(os.path.join(directory, name))
 
 
 def write_meta(directory: str, meta: dict[str, Any]) -> None:
@@ -71,7 +100,7 @@ def load_stage(directory: str, rank: int, n_stages: int, device: torch.device | 
     meta = read_meta(directory)
     if meta["n_stages"] != n_stages:
         raise ValueError(f"checkpoint {directory} has {meta['n_stages']} stages, this trainer has {n_stages}")
-    return torch.load(stage_file(directory, rank), map_location=device, weights_only=False)
+    return torch.load(_saved_stage_file(directory, meta, rank), map_location=device, weights_only=False)
 
 
 def merge_module_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -88,7 +117,7 @@ def merge_module_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[st
 def export_checkpoint(directory: str, path: str) -> dict[str, torch.Tensor]:
     """Write the model's state_dict (original names, no synthesizers) from a checkpoint."""
     meta = read_meta(directory)
-    states = [torch.load(stage_file(directory, r), map_location="cpu", weights_only=False)["stage"]["module"]
+    states = [torch.load(_saved_stage_file(directory, meta, r), map_location="cpu", weights_only=False)["stage"]["module"]
               for r in range(meta["n_stages"])]
     merged = merge_module_states(states)
     _atomic_save(merged, path)

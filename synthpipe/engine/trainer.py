@@ -30,7 +30,7 @@ from .reference import ReferenceRunner
 from .watchdog import Watchdog, open_store
 from .worker import Channels, PipelineWorker
 
-_VERSION = 1
+_VERSION = 2  # 2: stage files named by step (crash-safe saves)
 
 
 def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -311,12 +311,18 @@ class Trainer:
         return list(enumerate(self.runner.state_dicts()))
 
     def save(self, directory: str) -> None:
-        """Write a checkpoint: every rank its stage file, then rank 0 ``meta.json``."""
+        """Write a checkpoint: every rank its stage file, then rank 0 ``meta.json``.
+
+        Saving into a directory that holds an earlier checkpoint is crash-safe: the
+        earlier one stays loadable until the new one is complete (see
+        :mod:`synthpipe.engine.checkpoint`).
+        """
         def run() -> None:
             rng = ckpt.rng_state()
-            for r, state in self._states():
+            states = self._states()
+            for r, state in states:
                 state.update(rng=rng, step=self.step)
-                ckpt.save_stage(directory, r, state)
+                ckpt.save_stage(directory, r, self.step, state)
             if self.distributed:
                 dist.barrier()
             if self.is_main:
@@ -325,6 +331,8 @@ class Trainer:
                     "step_in_epoch": self.step_in_epoch, "config": vars(self.config)})
             if self.distributed:
                 dist.barrier()
+            for r, _ in states:  # meta.json names this step now: the older files are unreachable
+                ckpt.remove_stale_stages(directory, r, self.step)
         self._guard(run)
 
     def load(self, directory: str) -> "Trainer":
