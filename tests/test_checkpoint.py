@@ -180,3 +180,76 @@ def test_a_checkpoint_with_version_1_file_names_still_loads(tmp_path):
     os.remove(tmp_path / "stage-1.pt")
     with pytest.raises(FileNotFoundError, match="step 3.*stage-1-3.pt"):
         trainer(2).load(str(tmp_path))
+
+
+def test_periodic_checkpoints_train_exactly_as_one_fit(tmp_path):
+    import os
+
+    batches = make_batches(n=10)
+    straight = trainer()
+    straight_history = straight.fit(batches, epochs=2)
+    periodic = trainer()
+    history = periodic.fit(batches, epochs=2, checkpoint=str(tmp_path), checkpoint_every=3)
+    assert_equal(everything(periodic), everything(straight))
+    assert [s["step"] for s in history.steps] == list(range(20))
+    # the epoch records span the checkpoints (steps 3, 6, 9 fall inside epoch 0)
+    assert [(e["epoch"], e["steps"], e["samples"]) for e in history.epochs] == [(0, 10, 160), (1, 10, 160)]
+    assert [e["steps"] for e in straight_history.epochs] == [10, 10]
+    assert read_meta(str(tmp_path))["step"] == 20  # the last save is the end of training
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "stage-0-20.pt", "stage-1-20.pt", "stage-2-20.pt"]
+
+
+class FailingBatches:
+    """The batches, but the loader fails when asked for batch ``fail_at`` (a crash mid-run)."""
+
+    def __init__(self, batches: list, fail_at: int):
+        self.batches, self.fail_at = batches, fail_at
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, b in enumerate(self.batches):
+            if i == self.fail_at:
+                raise RuntimeError("the data server went away")
+            yield b
+
+
+def test_a_run_that_dies_loses_only_the_steps_since_the_last_periodic_checkpoint(tmp_path):
+    batches = make_batches(n=10)
+    straight = trainer()
+    straight.fit(batches, max_steps=10)
+    dying = trainer()
+    with pytest.raises(RuntimeError, match="data server"):
+        dying.fit(FailingBatches(batches, fail_at=7), max_steps=10, checkpoint=str(tmp_path), checkpoint_every=3)
+    assert read_meta(str(tmp_path))["step"] == 6  # saved at 3 and 6; steps 6..7 were lost
+    resumed = trainer()
+    history = resumed.fit(batches, max_steps=10, resume=str(tmp_path))
+    assert [s["step"] for s in history.steps] == [6, 7, 8, 9]
+    assert_equal(everything(resumed), everything(straight))
+
+
+def test_periodic_checkpoint_arguments_are_checked():
+    with pytest.raises(ValueError, match="needs a checkpoint directory"):
+        trainer().fit(make_batches(2), checkpoint_every=2)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        trainer().fit(make_batches(2), checkpoint="unused", checkpoint_every=0)
+
+
+def periodic_across_ranks(rank: int, directory: str, batches: list) -> dict:
+    t = trainer()
+    history = t.fit(batches, max_steps=10, checkpoint=directory, checkpoint_every=4)
+    result = {"state": everything(t), "steps": [s["step"] for s in history.steps], "step": t.step}
+    t.close()
+    return result
+
+
+def test_periodic_checkpoints_across_ranks_equal_one_uninterrupted_run(tmp_path):
+    batches = make_batches()
+    directory = str(tmp_path / "ckpt")
+    periodic = run_ranks(periodic_across_ranks, 3, directory, batches)
+    straight = run_ranks(straight_through, 3, batches)
+    for r in range(3):
+        assert_equal(periodic[r]["state"], straight[r]["state"])
+        assert periodic[r]["steps"] == list(range(10)) and periodic[r]["step"] == 10
+    assert read_meta(directory)["step"] == 10

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from multiprocess import free_port
+from synthpipe.engine.checkpoint import read_meta
 from synthpipe.launch import cli
 from synthpipe.launch.config import FLAGS, JobConfig, load_config, overrides_from_args, overrides_to_argv
 
@@ -57,13 +58,13 @@ ALL_FLAGS = ["--model", "deep_mlp", "--depth", "4", "--hidden", "32", "--data", 
              "--synthesizer", "mlp", "--no-conditional", "--synth-lr", "0.002", "--scale", "0.5", "--delay", "1",
              "--warmup-steps", "3", "--max-inflight", "2", "--nonfinite", "skip", "--failure-timeout", "12",
              "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck", "--resume", "old",
-             "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out"]
+             "--checkpoint-every", "4", "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out"]
 EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samples=300, features=16, batch_size=32,
                 epochs=2, max_steps=7, lr=0.01, seed=5, n_stages=3, balance=[3, 3, 3], split_by="time",
                 gradients="backprop", synthesizer="mlp", conditional=False, synth_lr=0.002, synthetic_scale=0.5,
                 delay=1, warmup_steps=3, max_inflight=2, nonfinite="skip", failure_timeout=12.0, device="cpu",
-                backend="gloo", threads=2, checkpoint="ck", resume="old", export="m.pt", compare_backprop=False,
-                progress=False, output="out")
+                backend="gloo", threads=2, checkpoint="ck", checkpoint_every=4, resume="old", export="m.pt",
+                compare_backprop=False, progress=False, output="out")
 
 
 def parse_train(argv: list[str]):
@@ -205,10 +206,13 @@ def test_entry_point_names_both_numbers_when_world_size_differs_from_stages(tmp_
 @pytest.mark.timeout(150)
 def test_nproc_2_runs_torchrun_and_its_checkpoint_exports_into_the_model(tmp_path, capsys):
     code, out, err = run([*SYNTHPIPE, "train", "--nproc", "2", "--stages", "2", *TINY, "--checkpoint", "ck",
-                          "--export", "direct.pt"], str(tmp_path), timeout=140)
+                          "--checkpoint-every", "4", "--export", "direct.pt"], str(tmp_path), timeout=140)
     assert code == 0, err[-3000:]
     assert "2 stages, 2 processes" in out and "cDNI test accuracy" in out and "vs backprop" in out
     assert "--standalone" in err  # the torchrun command line is shown
+    steps = int(out.split("trained ")[1].split()[0])
+    assert steps > 4 and read_meta(str(tmp_path / "ck"))["step"] == steps  # the last periodic save is the end
+    assert sorted(os.listdir(tmp_path / "ck")) == ["meta.json", f"stage-0-{steps}.pt", f"stage-1-{steps}.pt"]
 
     assert cli.main(["export", str(tmp_path / "ck"), str(tmp_path / "exported.pt")]) == 0
     assert "tensors" in capsys.readouterr().out

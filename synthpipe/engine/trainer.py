@@ -137,6 +137,10 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
+        self._fit_finished = True  # set by rank 0's data loop, shared by _collect
+        self._fit_start = time.perf_counter()
+        self._partial_epoch: tuple[int, int, int, float] | None = None  # epoch, steps, samples, seconds
+        self._bar: Any = None
 
     def _channel_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -162,31 +166,66 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------
     def fit(self, train_loader: Iterable[Any], epochs: int = 1, eval_loader: Iterable[Any] | None = None,
-            max_steps: int | None = None, resume: str | None = None) -> History:
+            max_steps: int | None = None, resume: str | None = None, checkpoint: str | None = None,
+            checkpoint_every: int | None = None) -> History:
         """Train until ``epochs`` epochs (or ``max_steps`` steps) in total have run.
 
         Both limits count from the start of the run, so ``fit(..., resume=dir)`` with the
         same arguments continues where the checkpoint stopped. ``train_loader`` yields
         ``(input, target)`` batches; it is only read on rank 0 (other ranks may pass the
         same object or ``None``). Calls ``set_epoch`` on its sampler when it has one.
-        Returns the :class:`History` (the same on every rank).
+
+        With ``checkpoint`` (a directory) the state is saved there when training ends;
+        with ``checkpoint_every=N`` as well, also at every N-th step (counted from the
+        start of the run): the pipeline drains, every rank saves its stage, and training
+        goes on from there exactly as a resume from that checkpoint would. A run that is
+        killed loses at most the steps since the last save, and a save that is cut short
+        leaves the one before it intact. ``checkpoint_every`` must be the same on every
+        rank. Returns the :class:`History` (the same on every rank).
         """
+        if checkpoint_every is not None:
+            if checkpoint is None:
+                raise ValueError("checkpoint_every needs a checkpoint directory to save into")
+            if checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every must be >= 1 step, got {checkpoint_every}")
         if resume is not None:
             self.load(resume)
-        return self._guard(lambda: self._fit(train_loader, epochs, eval_loader, max_steps))
+        self._fit_start = time.perf_counter()
+        self._partial_epoch = None
+        history = History()
+        try:
+            while True:
+                goal = max_steps
+                if checkpoint_every is not None:
+                    nxt = (self.step // checkpoint_every + 1) * checkpoint_every
+                    goal = nxt if max_steps is None else min(nxt, max_steps)
+                part = self._guard(lambda: self._fit(train_loader, epochs, eval_loader, max_steps, goal))
+                history.steps += part.steps
+                history.epochs += part.epochs
+                if checkpoint is not None:
+                    self.save(checkpoint)
+                    if self._bar is not None and self.config.progress and not self._fit_finished:
+                        self._bar.write(f"checkpoint at step {self.step} saved to {checkpoint}")
+                if self._fit_finished or checkpoint_every is None:
+                    return history
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
 
     def _fit(self, loader: Iterable[Any], epochs: int, eval_loader: Iterable[Any] | None,
-             max_steps: int | None) -> History:
+             max_steps: int | None, goal: int | None) -> History:
         epoch_rows: list[dict[str, Any]] = []
         if self.runner.drives_data:
-            epoch_rows = self._drive(loader, epochs, eval_loader, max_steps)
+            epoch_rows = self._drive(loader, epochs, eval_loader, max_steps, goal)
         else:
             self._serve_fit()
         return self._collect(epoch_rows)
 
     def _drive(self, loader: Iterable[Any], epochs: int, eval_loader: Iterable[Any] | None,
-               max_steps: int | None) -> list[dict[str, Any]]:
-        """Rank 0 (or the single process): the data loop."""
+               max_steps: int | None, goal: int | None) -> list[dict[str, Any]]:
+        """Rank 0 (or the single process): the data loop, until ``goal`` steps (a
+        checkpoint or ``max_steps``) or the last epoch's end."""
         from tqdm.auto import tqdm
 
         cfg, runner = self.config, self.runner
@@ -196,49 +235,57 @@ class Trainer:
         except TypeError:
             per_epoch = None
         total = max_steps if max_steps is not None else (per_epoch * epochs if per_epoch else None)
-        bar = tqdm(total=total, initial=self.step, disable=not cfg.progress, unit="step",
-                   desc=f"synthpipe {cfg.gradients} x{self.n_stages}", dynamic_ncols=True, file=sys.stderr)
-        start = time.perf_counter()
-        done = max_steps is not None and self.step >= max_steps
-        try:
-            while self.epoch < epochs and not done:
-                sampler = getattr(loader, "sampler", None)
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(self.epoch)
-                t_epoch, samples, steps = time.perf_counter(), 0, 0
-                batches = itertools.islice(iter(loader), self.step_in_epoch, None)
-                with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as queue:
-                    for batch in queue:
-                        x, y = _input_and_target(batch, self.step)
-                        loss = runner.train_step(self.step, x, y)
-                        runner.log.put(self.step, "time", time.perf_counter() - start)
-                        runner.log.put(self.step, "epoch", self.epoch)
-                        self.step += 1
-                        self.step_in_epoch += 1
-                        samples += int(y.shape[0])
-                        steps += 1
-                        bar.update(1)
-                        if self.step % cfg.log_every == 0:
-                            bar.set_postfix(self._live_stats(loss, samples / max(time.perf_counter() - t_epoch, 1e-9)),
-                                            refresh=False)
-                        if max_steps is not None and self.step >= max_steps:
-                            done = True
-                            break
-                elapsed = time.perf_counter() - t_epoch
-                if done and per_epoch is not None and self.step_in_epoch < per_epoch:
-                    break  # stopped inside an epoch: no epoch record
-                row = {"epoch": self.epoch, "steps": steps, "samples": samples, "time": elapsed,
-                       "samples_per_s": samples / max(elapsed, 1e-9)}
-                if eval_loader is not None:
-                    metrics = self._evaluate(eval_loader)
-                    row.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"])
-                rows.append(row)
-                if cfg.progress:
-                    bar.write(self._epoch_line(row))
-                self.epoch += 1
-                self.step_in_epoch = 0
-        finally:
-            bar.close()
+        if self._bar is None:  # one bar for the whole fit, across checkpoints
+            self._bar = tqdm(total=total, initial=self.step, disable=not cfg.progress, unit="step",
+                             desc=f"synthpipe {cfg.gradients} x{self.n_stages}", dynamic_ncols=True, file=sys.stderr)
+        bar = self._bar
+        start = self._fit_start
+        done = goal is not None and self.step >= goal
+        while self.epoch < epochs and not done:
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            steps, samples, before = 0, 0, 0.0
+            if self._partial_epoch is not None and self._partial_epoch[0] == self.epoch:
+                _, steps, samples, before = self._partial_epoch  # the epoch went on across a checkpoint
+            self._partial_epoch = None
+            t_epoch = time.perf_counter() - before
+            exhausted = False
+            batches = itertools.islice(iter(loader), self.step_in_epoch, None)
+            with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as queue:
+                for batch in queue:
+                    x, y = _input_and_target(batch, self.step)
+                    loss = runner.train_step(self.step, x, y)
+                    runner.log.put(self.step, "time", time.perf_counter() - start)
+                    runner.log.put(self.step, "epoch", self.epoch)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    samples += int(y.shape[0])
+                    steps += 1
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0:
+                        bar.set_postfix(self._live_stats(loss, samples / max(time.perf_counter() - t_epoch, 1e-9)),
+                                        refresh=False)
+                    if goal is not None and self.step >= goal:
+                        done = True
+                        break
+                else:
+                    exhausted = True
+            elapsed = time.perf_counter() - t_epoch
+            if done and not exhausted and (per_epoch is None or self.step_in_epoch < per_epoch):
+                self._partial_epoch = (self.epoch, steps, samples, elapsed)
+                break  # stopped inside an epoch: no epoch record yet
+            row = {"epoch": self.epoch, "steps": steps, "samples": samples, "time": elapsed,
+                   "samples_per_s": samples / max(elapsed, 1e-9)}
+            if eval_loader is not None:
+                metrics = self._evaluate(eval_loader)
+                row.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"])
+            rows.append(row)
+            if cfg.progress:
+                bar.write(self._epoch_line(row))
+            self.epoch += 1
+            self.step_in_epoch = 0
+        self._fit_finished = self.epoch >= epochs or (max_steps is not None and self.step >= max_steps)
         runner.end_fit()
         return rows
 
@@ -277,10 +324,10 @@ class Trainer:
         if self.distributed:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (self.runner.log.values, epoch_rows,
-                                              (self.step, self.epoch, self.step_in_epoch)))
+                                              (self.step, self.epoch, self.step_in_epoch, self._fit_finished)))
             logs = [g[0] for g in gathered]
             epoch_rows = gathered[0][1]
-            self.step, self.epoch, self.step_in_epoch = gathered[0][2]
+            self.step, self.epoch, self.step_in_epoch, self._fit_finished = gathered[0][2]
         history = History(steps=merge_logs(logs, self.n_stages - 1), epochs=epoch_rows)
         self.runner.log.clear()
         return history

@@ -111,6 +111,8 @@ class JobConfig:
 
     Outputs:
         checkpoint: directory; a checkpoint is saved there at the end. Flag ``--checkpoint``.
+        checkpoint_every: also save it every this many steps, so that a run killed midway
+            loses at most that many (``None``: only at the end). Flag ``--checkpoint-every``.
         resume: checkpoint directory to continue from. Flag ``--resume``.
         export: path; the trained model's ``state_dict`` (original parameter names, for
             ``model.load_state_dict``) is written there. Flag ``--export``.
@@ -159,6 +161,7 @@ class JobConfig:
     threads: int = 1
     # outputs
     checkpoint: Optional[str] = None
+    checkpoint_every: Optional[int] = None
     resume: Optional[str] = None
     export: Optional[str] = None
     compare_backprop: bool = True
@@ -184,7 +187,7 @@ class JobConfig:
         for name in ("num_samples", "batch_size", "n_stages", "threads", "max_inflight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("depth", "hidden", "features", "max_steps"):
+        for name in ("depth", "hidden", "features", "max_steps", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "depth" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'depth' else 1}; got {value}")
@@ -196,6 +199,8 @@ class JobConfig:
         for name in ("lr", "synth_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.checkpoint_every is not None and self.checkpoint is None:
+            raise ValueError("checkpoint_every needs a checkpoint directory (--checkpoint DIR) to save into")
         if self.failure_timeout <= 1:
             raise ValueError(f"failure_timeout must exceed 1 second; got {self.failure_timeout}")
         if self.balance is not None:
@@ -398,6 +403,8 @@ FLAGS: tuple[Flag, ...] = (
          group="placement", none="nccl on CUDA, gloo on CPU"),
     Flag("threads", "--threads", "torch threads per rank", int, metavar="T", group="placement"),
     Flag("checkpoint", "--checkpoint", "save a checkpoint here at the end", str, metavar="DIR", group="outputs"),
+    Flag("checkpoint_every", "--checkpoint-every", "also save the checkpoint every N steps", int, metavar="N",
+         group="outputs"),
     Flag("resume", "--resume", "continue from this checkpoint", str, metavar="DIR", group="outputs"),
     Flag("export", "--export", "write the trained model's state_dict here", str, metavar="PATH", group="outputs"),
     Flag("compare_backprop", "--compare", "also train with plain backprop and compare accuracy", boolean=True,

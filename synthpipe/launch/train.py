@@ -306,7 +306,7 @@ def run(cfg: JobConfig) -> int:
     start = time.perf_counter()
     try:
         history = trainer.fit(loader, epochs=cfg.epochs, eval_loader=loader_eval, max_steps=cfg.max_steps,
-                              resume=cfg.resume)
+                              resume=cfg.resume, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every)
         final_epoch_eval = (bool(history.epochs) and "eval_accuracy" in history.final
                             and history.final["epoch"] == trainer.epoch - 1 and trainer.step_in_epoch == 0)
         if final_epoch_eval:
@@ -314,8 +314,6 @@ def run(cfg: JobConfig) -> int:
         else:
             metrics = trainer.evaluate(loader_eval)  # every rank takes part
         wall = time.perf_counter() - start
-        if cfg.checkpoint is not None:
-            trainer.save(cfg.checkpoint)
         if cfg.export is not None:
             trainer.export(cfg.export)
         steps_total = trainer.step
