@@ -253,3 +253,99 @@ def test_periodic_checkpoints_across_ranks_equal_one_uninterrupted_run(tmp_path)
         assert_equal(periodic[r]["state"], straight[r]["state"])
         assert periodic[r]["steps"] == list(range(10)) and periodic[r]["step"] == 10
     assert read_meta(directory)["step"] == 10
+
+
+class SignallingBatches:
+    """The batches; at batch ``at`` the loader sends SIGTERM to ``pid`` (a scheduler stopping the
+    job) and from then on takes ``delay`` seconds per batch, so the run is still going when
+    the request arrives. It refuses to signal a process without a SIGTERM handler of its own
+    making (that would kill the test run) by raising instead."""
+
+    def __init__(self, batches: list, at: int, pid: int, delay: float = 0.0):
+        self.batches, self.at, self.pid, self.delay = batches, at, pid, delay
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        import os
+        import signal
+        import time
+
+        for i, b in enumerate(self.batches):
+            if i == self.at:
+                if self.pid == os.getpid() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                    raise AssertionError("fit installed no SIGTERM handler")
+                os.kill(self.pid, signal.SIGTERM)
+            if i >= self.at:
+                time.sleep(self.delay)
+            yield b
+
+
+@pytest.mark.parametrize("every", [None, 1])  # 1: a save after every step, the stop still gets through
+def test_sigterm_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, every):
+    import os
+    import signal
+
+    batches = make_batches(n=40)
+    t = trainer()
+    history = t.fit(SignallingBatches(batches, at=5, pid=os.getpid(), delay=0.01), max_steps=40,
+                    checkpoint=str(tmp_path), checkpoint_every=every)
+    s = t.step
+    assert t.stopped == "SIGTERM on rank 0"
+    assert 0 < s < 40 and [x["step"] for x in history.steps] == list(range(s))  # (the loader reads ahead)
+    assert read_meta(str(tmp_path))["step"] == s
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the fit's handler is gone
+    straight = trainer()
+    straight.fit(batches, max_steps=40)
+    resumed = trainer()
+    resumed.fit(batches, max_steps=40, resume=str(tmp_path))
+    assert resumed.stopped is None and resumed.step == 40
+    assert_equal(everything(resumed), everything(straight))
+
+
+def test_without_a_checkpoint_sigterm_is_left_alone():
+    import signal
+
+    seen = []
+
+    class Watching(list):
+        def __iter__(self):
+            for b in super().__iter__():
+                seen.append(signal.getsignal(signal.SIGTERM))
+                yield b
+    trainer().fit(Watching(make_batches(3)))
+    assert seen and all(h is signal.SIG_DFL for h in seen)
+
+
+def stop_across_ranks(rank: int, directory: str, batches: list) -> dict:
+    import os
+
+    import torch.distributed as dist
+
+    t = trainer(2)
+    pids: list = [None, None]
+    dist.all_gather_object(pids, os.getpid())
+    loader = SignallingBatches(batches, at=5, pid=pids[1], delay=0.02)  # the signal goes to rank 1
+    history = t.fit(loader if rank == 0 else None, max_steps=len(batches), checkpoint=directory)
+    result = {"stopped": t.stopped, "step": t.step, "steps": [s["step"] for s in history.steps],
+              "state": everything(t)}
+    straight = trainer(2)
+    straight.fit(batches if rank == 0 else None, max_steps=t.step)
+    result["straight"] = everything(straight)
+    t.close()
+    straight.close()
+    return result
+
+
+def test_sigterm_on_another_rank_stops_the_pipeline_and_every_rank_saves(tmp_path):
+    batches = make_batches(n=400)
+    directory = str(tmp_path / "ckpt")
+    results = run_ranks(stop_across_ranks, 2, directory, batches)
+    s = results[0]["step"]
+    assert 0 < s < 400
+    for r in range(2):
+        assert results[r]["stopped"] == "SIGTERM on rank 1"
+        assert results[r]["step"] == s and results[r]["steps"] == list(range(s))
+        assert_equal(results[r]["state"], results[r]["straight"])  # as if max_steps had been s
+    assert read_meta(directory)["step"] == s

@@ -244,3 +244,29 @@ def test_two_nodes_on_one_machine(tmp_path):
         assert code == 0, err[-3000:]
     out = "".join(r[1] for r in results)
     assert "2 stages, 2 processes" in out and out.count("test accuracy") == 1  # rank 0 reports, once
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_to_the_command_stops_torchrun_s_ranks_after_they_save(tmp_path, capsys):
+    import time
+
+    proc = start([*SYNTHPIPE, "train", "--nproc", "2", "--stages", "2", "--num-samples", "600", "--epochs", "1000",
+                  "--no-progress", "--no-compare", "--checkpoint", "ck", "--checkpoint-every", "1"], str(tmp_path))
+    meta = tmp_path / "ck" / "meta.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not meta.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert meta.exists() and proc.poll() is None, "training never saved its first checkpoint"
+        proc.send_signal(signal.SIGTERM)  # as a scheduler would: to the command only
+        code, out, err = finish(proc, timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert code != 0
+    assert "stopped by SIGTERM" in err and "continue with --resume ck" in err, err[-3000:]
+    step = read_meta(str(tmp_path / "ck"))["step"]
+    assert 1 <= step < 1000 * 8
+    assert sorted(os.listdir(tmp_path / "ck")) == ["meta.json", f"stage-0-{step}.pt", f"stage-1-{step}.pt"]
+    assert cli.main(["export", str(tmp_path / "ck"), str(tmp_path / "m.pt")]) == 0  # the checkpoint is whole

@@ -56,3 +56,19 @@ def test_a_rank_that_finished_is_not_dead():
 def test_timeout_must_exceed_interval():
     with pytest.raises(ValueError, match="must exceed the heartbeat interval"):
         Watchdog(dist.HashStore(), 0, 2, timeout=0.1, interval=0.5)
+
+
+def test_a_stop_request_reaches_every_rank_by_name():
+    store, failures = dist.HashStore(), []
+    a, b = make(store, 0, failures, timeout=5), make(store, 1, failures, timeout=5)
+    a.start()
+    b.start()
+    assert a.stops == 0 and a.stop_reason is None
+    b.request_stop("SIGTERM")
+    deadline = time.monotonic() + 5
+    while (a.stops == 0 or b.stops == 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    a.close()
+    b.close()
+    assert (a.stops, a.stop_reason) == (b.stops, b.stop_reason) == (1, "SIGTERM on rank 1")
+    assert failures == []  # a stop is not a failure

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -141,6 +143,9 @@ class Trainer:
         self._fit_start = time.perf_counter()
         self._partial_epoch: tuple[int, int, int, float] | None = None  # epoch, steps, samples, seconds
         self._bar: Any = None
+        self.stopped: str | None = None  # why the last fit ended early (e.g. "SIGTERM on rank 1")
+        self._stop_here: str | None = None  # set by this process's SIGTERM handler
+        self._stops_before = 0  # the watchdog's stop count when the fit began
 
     def _channel_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -181,7 +186,15 @@ class Trainer:
         goes on from there exactly as a resume from that checkpoint would. A run that is
         killed loses at most the steps since the last save, and a save that is cut short
         leaves the one before it intact. ``checkpoint_every`` must be the same on every
-        rank. Returns the :class:`History` (the same on every rank).
+        rank.
+
+        With a ``checkpoint``, SIGTERM (what torchrun and cluster schedulers send before
+        killing a job) stops the run cleanly instead of killing it: whichever rank gets
+        it, rank 0 ends the data loop after its current step, the pipeline drains, every
+        rank saves, and ``fit`` returns with :attr:`stopped` naming the signal and rank
+        (the run continues with ``resume=checkpoint``). The handler is installed only for
+        the fit, in the main thread, and only where SIGTERM has no handler already.
+        Returns the :class:`History` (the same on every rank).
         """
         if checkpoint_every is not None:
             if checkpoint is None:
@@ -192,7 +205,10 @@ class Trainer:
             self.load(resume)
         self._fit_start = time.perf_counter()
         self._partial_epoch = None
+        self.stopped, self._stop_here = None, None
+        self._stops_before = self.watchdog.stops if self.watchdog is not None else 0
         history = History()
+        previous_handler = self._catch_sigterm() if checkpoint is not None else None
         try:
             while True:
                 goal = max_steps
@@ -209,9 +225,32 @@ class Trainer:
                 if self._fit_finished or checkpoint_every is None:
                     return history
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+
+    def _catch_sigterm(self) -> Any:
+        """Turn SIGTERM into a clean stop for this fit; returns the handler to restore (or None)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None  # the application handles SIGTERM itself
+
+        def stop(signum: int, frame: Any) -> None:
+            self._stop_here = f"{signal.Signals(signum).name} on rank {self.rank}"
+            if self.watchdog is not None:
+                self.watchdog.request_stop(signal.Signals(signum).name)  # for rank 0, if this is not it
+        return signal.signal(signal.SIGTERM, stop)
+
+    def _stop_requested(self) -> str | None:
+        """Rank 0: the reason to stop now, if this process or another rank was asked to."""
+        if self._stop_here is not None:
+            return self._stop_here
+        if self.watchdog is not None and self.watchdog.stops > self._stops_before:
+            return self.watchdog.stop_reason
+        return None
 
     def _fit(self, loader: Iterable[Any], epochs: int, eval_loader: Iterable[Any] | None,
              max_steps: int | None, goal: int | None) -> History:
@@ -240,7 +279,8 @@ class Trainer:
                              desc=f"synthpipe {cfg.gradients} x{self.n_stages}", dynamic_ncols=True, file=sys.stderr)
         bar = self._bar
         start = self._fit_start
-        done = goal is not None and self.step >= goal
+        self.stopped = self._stop_requested()  # (it may have come during a checkpoint's save)
+        done = self.stopped is not None or (goal is not None and self.step >= goal)
         while self.epoch < epochs and not done:
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
@@ -266,7 +306,8 @@ class Trainer:
                     if self.step % cfg.log_every == 0:
                         bar.set_postfix(self._live_stats(loss, samples / max(time.perf_counter() - t_epoch, 1e-9)),
                                         refresh=False)
-                    if goal is not None and self.step >= goal:
+                    self.stopped = self._stop_requested()
+                    if self.stopped is not None or (goal is not None and self.step >= goal):
                         done = True
                         break
                 else:
@@ -285,7 +326,8 @@ class Trainer:
                 bar.write(self._epoch_line(row))
             self.epoch += 1
             self.step_in_epoch = 0
-        self._fit_finished = self.epoch >= epochs or (max_steps is not None and self.step >= max_steps)
+        self._fit_finished = (self.stopped is not None or self.epoch >= epochs
+                              or (max_steps is not None and self.step >= max_steps))
         runner.end_fit()
         return rows
 
@@ -324,10 +366,11 @@ class Trainer:
         if self.distributed:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (self.runner.log.values, epoch_rows,
-                                              (self.step, self.epoch, self.step_in_epoch, self._fit_finished)))
+                                              (self.step, self.epoch, self.step_in_epoch, self._fit_finished,
+                                               self.stopped)))
             logs = [g[0] for g in gathered]
             epoch_rows = gathered[0][1]
-            self.step, self.epoch, self.step_in_epoch, self._fit_finished = gathered[0][2]
+            self.step, self.epoch, self.step_in_epoch, self._fit_finished, self.stopped = gathered[0][2]
         history = History(steps=merge_logs(logs, self.n_stages - 1), epochs=epoch_rows)
         self.runner.log.clear()
         return history

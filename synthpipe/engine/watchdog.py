@@ -7,9 +7,12 @@ Each rank runs a :class:`Watchdog` thread that, through the rendezvous key-value
 * writes a heartbeat counter every ``interval`` seconds;
 * watches the other ranks' counters: one that has not moved for ``timeout`` seconds
   belongs to a dead (killed, crashed, out-of-memory) rank;
-* watches an error key that a rank sets when it raises (first error wins).
+* watches an error key that a rank sets when it raises (first error wins);
+* carries *stop requests*: a rank asked to stop (SIGTERM) counts one in the store, and
+  every watchdog sees it within an interval, so rank 0, which drives the data, can end
+  the run cleanly (drain, save a checkpoint) whichever rank got the signal.
 
-On either, it prints a message naming the failed rank and ends this process with exit
+On a failure, it prints a message naming the failed rank and ends this process with exit
 code 1 (``os._exit``, because the main thread may be blocked inside a receive). This
 works with and without torchrun's agent; losing the store itself (its host died) counts
 as a failure of the rank that hosts it.
@@ -73,6 +76,9 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="synthpipe-watchdog", daemon=True)
         self.failure: str | None = None
+        self.stops = 0  # stop requests seen in the job so far (any rank's)
+        self.stop_reason: str | None = None  # the latest request's reason
+        self._asked: list[str] = []  # this rank's requests, published by the thread
 
     def _key(self, *parts: Any) -> str:
         return "/".join([self.prefix, *map(str, parts)])
@@ -96,6 +102,10 @@ class Watchdog:
                 time.sleep(3 * self.interval)
         except Exception:
             pass
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the job to stop cleanly; safe to call from a signal handler (the thread publishes it)."""
+        self._asked.append(f"{reason} on rank {self.rank}")
 
     def wait_for_verdict(self, seconds: float | None = None) -> str | None:
         """After a communication error: give the watchdog time to find the dead rank.
@@ -148,6 +158,13 @@ class Watchdog:
             try:
                 beats += 1
                 self.store.set(self._key("hb", self.rank), str(beats))
+                while self._asked:
+                    self.store.set(self._key("stop-reason"), self._asked.pop(0))
+                    self.store.add(self._key("stops"), 1)
+                stops = self.store.add(self._key("stops"), 0)
+                if stops != self.stops:
+                    self.stop_reason = self.store.get(self._key("stop-reason")).decode()
+                    self.stops = stops
                 if self.store.check([self._key("error")]):
                     error = self.store.get(self._key("error")).decode()
                     if error:

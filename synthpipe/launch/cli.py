@@ -144,6 +144,9 @@ def run_train(args: argparse.Namespace) -> int:
     env.setdefault("OMP_NUM_THREADS", str(cfg.threads))  # also keeps torchrun from printing its warning
     print("synthpipe train: running " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
+    # A scheduler that stops this command stops the job: torchrun passes SIGTERM on to the
+    # ranks, which save their checkpoint (with --checkpoint) before exiting.
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -307,6 +308,12 @@ def run(cfg: JobConfig) -> int:
     try:
         history = trainer.fit(loader, epochs=cfg.epochs, eval_loader=loader_eval, max_steps=cfg.max_steps,
                               resume=cfg.resume, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every)
+        if trainer.stopped is not None:  # SIGTERM: the checkpoint is saved; skip the rest
+            if rank == 0:
+                print(f"synthpipe train: stopped by {trainer.stopped} at step {trainer.step}; checkpoint saved "
+                      f"to {cfg.checkpoint}; continue with --resume {cfg.checkpoint}", file=sys.stderr, flush=True)
+            trainer.close()
+            return 128 + signal.SIGTERM
         final_epoch_eval = (bool(history.epochs) and "eval_accuracy" in history.final
                             and history.final["epoch"] == trainer.epoch - 1 and trainer.step_in_epoch == 0)
         if final_epoch_eval:
