@@ -151,6 +151,31 @@ def test_a_drifting_baseline_is_reported_as_machine_noise() -> None:
     assert baseline_drift_warning([]) is None
 
 
+def test_the_best_torch_schedule_and_the_headline_use_the_drift_corrected_speedups() -> None:
+    from synthpipe.benchmark.bench import best_of_sweep
+    from synthpipe.benchmark.report import headline
+
+    def row(method, family, schedule, m, raw, speedups):
+        return {"method": method, "family": family, "schedule": schedule, "microbatches": m, "error": None,
+                "samples_per_s": raw[1], "samples_per_s_by_round": raw, "speedup": sorted(speedups)[1],
+                "speedup_by_round": speedups}
+    # gpipe ran while the machine was fast (more samples/s), interleaved while it was slow:
+    # against the baseline runs around each, interleaved is the faster schedule
+    rows = [row("single", "baseline", "single", 0, [1000.0, 1000.0, 1000.0], [1.0, 1.0, 1.0]),
+            row("gpipe-m2", "torch.distributed.pipelining", "gpipe", 2, [1000.0, 1000.0, 1000.0], [0.80, 0.80, 0.80]),
+            row("gpipe-m4", "torch.distributed.pipelining", "gpipe", 4, [900.0, 900.0, 900.0], [0.85, 0.85, 0.85]),
+            row("interleaved1f1b-m2", "torch.distributed.pipelining", "interleaved1f1b", 2,
+                [700.0, 700.0, 700.0], [0.90, 0.92, 0.94]),
+            row("cdni", "synthpipe", "dni", 0, [1400.0, 1400.0, 1400.0], [1.60, 1.62, 1.64])]
+    best = best_of_sweep(rows)
+    assert best["gpipe"]["method"] == "gpipe-m4"  # 0.85x beats 0.80x although it has fewer samples/s
+    for r in rows:
+        r["best_in_sweep"] = best.get(r["schedule"]) is r
+    line = headline({"throughput": rows})
+    assert "the best torch schedule (interleaved1f1b, m=2) is 0.92x single" in line
+    assert "**cdni** 1.62x single, 1.76x the best torch schedule" in line  # 1.62 / 0.92 by round
+
+
 # -- end to end ----------------------------------------------------------------------------------
 @pytest.mark.timeout(150)
 def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:

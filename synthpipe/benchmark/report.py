@@ -253,26 +253,38 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rank_key(row: dict[str, Any]) -> tuple[bool, float, float]:
+    """Sort key of a throughput row: speedup first (where measured), then samples/s."""
+    return row.get("speedup") is not None, row.get("speedup") or 0.0, row.get("samples_per_s") or 0.0
+
+
 def _vs(row: dict[str, Any], ref: dict[str, Any] | None, ref_value: float) -> float:
-    """Median over rounds of ``row / ref`` (same round), else the ratio of the medians."""
+    """``row`` against ``ref``: the median over rounds of the ratio of their speedups in that
+    round (each already taken against the baseline runs around it, so a machine whose speed
+    drifts within a round does not bias it), else of their samples/s in that round, else the
+    ratio of the medians."""
     import statistics
     if ref is not None:
-        ratios = [a / b for a, b in zip(row.get("samples_per_s_by_round") or [], ref.get("samples_per_s_by_round") or [])
-                  if a and b]
-        if ratios:
-            return statistics.median(ratios)
+        for key in ("speedup_by_round", "samples_per_s_by_round"):
+            mine, theirs = row.get(key) or [], ref.get(key) or []
+            ratios = [a / b for a, b in zip(mine, theirs) if a and b]
+            if ratios and len(mine) == len(theirs):
+                return statistics.median(ratios)
     return row["samples_per_s"] / ref_value
 
 
 def headline(results: dict[str, Any]) -> str:
-    """synthpipe rows against single-device backprop and the best torch schedule of the same run."""
+    """synthpipe rows against single-device backprop and the best torch schedule of the same run.
+
+    The best torch schedule is the row marked best in its sweep with the highest speedup,
+    and every figure is the table's own (same-round ratios), so the headline and the table
+    agree even when the machine's speed drifts during the run.
+    """
     rows = results.get("throughput") or []
-    best = results.get("sweep", {}).get("best_samples_per_s", {})
-    single = next((r for r in rows if r["schedule"] == "single" and not r.get("error")), None)
     parts = []
     by_name = {r["method"]: r for r in rows}
-    top_name = max(best, key=best.get) if best else None
-    top = best[top_name] if top_name else None
+    marked = [r for r in rows if r.get("best_in_sweep") and not r.get("error") and r.get("samples_per_s")]
+    top = max(marked, key=rank_key) if marked else None
     for r in rows:
         if r["family"] != "synthpipe" or r.get("error") or not r.get("samples_per_s"):
             continue
@@ -281,13 +293,12 @@ def headline(results: dict[str, Any]) -> str:
         if r.get("speedup") and alone and not alone.get("error") and alone.get("speedup"):
             text += (f" ({_vs(r, alone, alone['samples_per_s']):.0%} of its no-transfer ceiling, "
                      f"{alone['speedup']:.2f}x)")
-        if top:
-            text += f", {_vs(r, by_name.get(top_name + '-m' + str(results['sweep']['best_microbatches'][top_name])), top):.2f}x the best torch schedule"
+        if top is not None:
+            text += f", {_vs(r, top, top['samples_per_s']):.2f}x the best torch schedule"
         parts.append(text)
     line = "Headline (same run): " + "; ".join(parts)
-    if top and single:
-        line += f"; the best torch schedule ({top_name}, m={results['sweep']['best_microbatches'][top_name]}) " \
-                f"is {top / single['samples_per_s']:.2f}x single."
+    if top is not None and top.get("speedup"):
+        line += f"; the best torch schedule ({top['schedule']}, m={top['microbatches']}) is {top['speedup']:.2f}x single."
     return line
 
 
