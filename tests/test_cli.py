@@ -191,6 +191,8 @@ def test_entry_point_trains_in_one_process(tmp_path):
     assert code == 0, err[-3000:]
     assert "cDNI test accuracy" in out and "3 stages, 1 process" in out
     assert (tmp_path / "out" / "history.json").exists() and (tmp_path / "out" / "summary.json").exists()
+    with open(tmp_path / "out" / "training.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"  # the training curves
 
 
 @pytest.mark.timeout(90)

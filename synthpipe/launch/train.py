@@ -363,7 +363,10 @@ def run(cfg: JobConfig) -> int:
         history.to_json(os.path.join(cfg.output, "history.json"))
         with open(os.path.join(cfg.output, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, default=str)
-        print(f"history and summary written to {cfg.output}")
+        history.plot(os.path.join(cfg.output, "training.png"),
+                     title=f"{name}: {cfg.model} on {cfg.data}, {cfg.n_stages} stages, {procs}",
+                     reference_accuracy=summary["backprop"]["accuracy"] if "backprop" in summary else None)
+        print(f"history, summary and training curves (training.png) written to {cfg.output}")
     sys.stdout.flush()
     return 0
 
