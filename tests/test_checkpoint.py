@@ -305,6 +305,25 @@ def test_sigterm_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, 
     assert_equal(everything(resumed), everything(straight))
 
 
+def test_a_sigterm_that_comes_during_the_last_save_is_acted_on_after_it(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    t = trainer()
+    save = t.save
+
+    def save_and_get_signalled(directory):
+        save(directory)
+        signal.raise_signal(signal.SIGTERM)  # the fit's handler takes it: the loop is over already
+    monkeypatch.setattr(t, "save", save_and_get_signalled)
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))  # (not this test run)
+    t.fit(make_batches(4), checkpoint=str(tmp_path))
+    assert t.stopped is None and t.step == 4  # the run completed
+    assert read_meta(str(tmp_path))["step"] == 4  # and was saved
+    assert killed == [(os.getpid(), signal.SIGTERM)]  # then the signal gets its default action
+
+
 def test_without_a_checkpoint_sigterm_is_left_alone():
     import signal
 

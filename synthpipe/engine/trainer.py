@@ -223,13 +223,18 @@ class Trainer:
                     if self._bar is not None and self.config.progress and not self._fit_finished:
                         self._bar.write(f"checkpoint at step {self.step} saved to {checkpoint}")
                 if self._fit_finished or checkpoint_every is None:
-                    return history
+                    break
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+        if previous_handler is not None and self._stop_here is not None and self.stopped is None:
+            # The signal came after the data loop had ended (during the last save, say): the
+            # run is complete and saved, so act on it now as SIGTERM's default would have.
+            os.kill(os.getpid(), signal.SIGTERM)
+        return history
 
     def _catch_sigterm(self) -> Any:
         """Turn SIGTERM into a clean stop for this fit; returns the handler to restore (or None)."""
