@@ -306,7 +306,6 @@ def best_of_sweep(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-
 # -- profile for the simulator -------------------------------------------------------------
 def build_profile(cfg: BenchConfig, machine: dict[str, Any], rows: list[dict[str, Any]],
                   transfers: list[dict[str, Any]]) -> dict[str, Any]:

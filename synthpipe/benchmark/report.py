@@ -258,19 +258,18 @@ def rank_key(row: dict[str, Any]) -> tuple[bool, float, float]:
     return row.get("speedup") is not None, row.get("speedup") or 0.0, row.get("samples_per_s") or 0.0
 
 
-def _vs(row: dict[str, Any], ref: dict[str, Any] | None, ref_value: float) -> float:
+def _vs(row: dict[str, Any], ref: dict[str, Any]) -> float:
     """``row`` against ``ref``: the median over rounds of the ratio of their speedups in that
     round (each already taken against the baseline runs around it, so a machine whose speed
     drifts within a round does not bias it), else of their samples/s in that round, else the
     ratio of the medians."""
     import statistics
-    if ref is not None:
-        for key in ("speedup_by_round", "samples_per_s_by_round"):
-            mine, theirs = row.get(key) or [], ref.get(key) or []
-            ratios = [a / b for a, b in zip(mine, theirs) if a and b]
-            if ratios and len(mine) == len(theirs):
-                return statistics.median(ratios)
-    return row["samples_per_s"] / ref_value
+    for key in ("speedup_by_round", "samples_per_s_by_round"):
+        mine, theirs = row.get(key) or [], ref.get(key) or []
+        ratios = [a / b for a, b in zip(mine, theirs) if a and b]
+        if ratios and len(mine) == len(theirs):
+            return statistics.median(ratios)
+    return row["samples_per_s"] / ref["samples_per_s"]
 
 
 def headline(results: dict[str, Any]) -> str:
@@ -291,10 +290,10 @@ def headline(results: dict[str, Any]) -> str:
         text = f"**{r['method']}** {r['speedup']:.2f}x single" if r.get("speedup") else f"**{r['method']}**"
         alone = by_name.get(r["method"] + "-alone")
         if r.get("speedup") and alone and not alone.get("error") and alone.get("speedup"):
-            text += (f" ({_vs(r, alone, alone['samples_per_s']):.0%} of its no-transfer ceiling, "
+            text += (f" ({_vs(r, alone):.0%} of its no-transfer ceiling, "
                      f"{alone['speedup']:.2f}x)")
         if top is not None:
-            text += f", {_vs(r, top, top['samples_per_s']):.2f}x the best torch schedule"
+            text += f", {_vs(r, top):.2f}x the best torch schedule"
         parts.append(text)
     line = "Headline (same run): " + "; ".join(parts)
     if top is not None and top.get("speedup"):

@@ -38,12 +38,12 @@ def stage_file(directory: str, rank: int, step: int) -> str:
 
 def _saved_stage_file(directory: str, meta: Mapping[str, Any], rank: int) -> str:
     path = stage_file(directory, rank, meta["step"])
+    if os.path.exists(path):
+        return path
     legacy = os.path.join(directory, f"stage-{rank}.pt")  # version 1
-    if not os.path.exists(path) and os.path.exists(legacy):
+    if os.path.exists(legacy):
         return legacy
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {directory} (step {meta['step']}) is missing {os.path.basename(path)}")
-    return path
+    raise FileNotFoundError(f"checkpoint {directory} (step {meta['step']}) is missing {os.path.basename(path)}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -96,8 +96,9 @@ def read_meta(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def load_stage(directory: str, rank: int, n_stages: int, device: torch.device | str = "cpu") -> dict[str, Any]:
-    meta = read_meta(directory)
+def load_stage(directory: str, meta: Mapping[str, Any], rank: int, n_stages: int,
+               device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Stage ``rank``'s saved state, from the checkpoint ``meta`` (:func:`read_meta`) describes."""
     if meta["n_stages"] != n_stages:
         raise ValueError(f"checkpoint {directory} has {meta['n_stages']} stages, this trainer has {n_stages}")
     return torch.load(_saved_stage_file(directory, meta, rank), map_location=device, weights_only=False)

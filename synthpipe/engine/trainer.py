@@ -435,11 +435,12 @@ class Trainer:
         def run() -> None:
             meta = ckpt.read_meta(directory)
             if isinstance(self.runner, PipelineWorker):
-                state = ckpt.load_stage(directory, self.rank, self.n_stages, self.device)
+                state = ckpt.load_stage(directory, meta, self.rank, self.n_stages, self.device)
                 self.runner.load_state_dict(state)
                 self.runner.next_step = meta["step"]
             else:
-                states = [ckpt.load_stage(directory, r, self.n_stages, self.device) for r in range(self.n_stages)]
+                states = [ckpt.load_stage(directory, meta, r, self.n_stages, self.device)
+                          for r in range(self.n_stages)]
                 self.runner.load_state_dicts(states)
                 state = states[0]
             ckpt.set_rng_state(state["rng"])

@@ -269,9 +269,8 @@ class Stage:
             self._first_saved, self._first_lazy = [], []
         else:  # a lazy norm layer's first forward (rare: the per-step path above stays one call)
             self._first_saved = [(t, t.clone()) for t in self._running_stats if not isinstance(t, UninitializedBuffer)]
-            self._first_lazy = [m for m in self.module.modules()
-                                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-                                and isinstance(m.running_mean, UninitializedBuffer)]
+            self._first_lazy = [m for m in _tracking_norms(self.module)
+                                if isinstance(m.running_mean, UninitializedBuffer)]
 
     def input_gradient(self, inputs: Sequence[Any]) -> tuple:
         """``dL/dh_{r-1}`` for each input (``None`` where none flows): the target sent back."""
@@ -311,11 +310,13 @@ def running_statistics(module: nn.Module) -> list[torch.Tensor]:
     that tracks running statistics; other buffers, such as positional tables, are
     constants and are not copied.)
     """
-    found = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            found += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    return found
+    return [b for m in _tracking_norms(module) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None]
+
+
+def _tracking_norms(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm / InstanceNorm layers of ``module`` that track running statistics."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
 
 
 def _labels_on(y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
