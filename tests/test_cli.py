@@ -248,27 +248,97 @@ def test_two_nodes_on_one_machine(tmp_path):
     assert "2 stages, 2 processes" in out and out.count("test accuracy") == 1  # rank 0 reports, once
 
 
+def _ranks_of(proc: subprocess.Popen) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if "synthpipe.launch.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.mark.timeout(200)
-def test_sigterm_to_the_command_stops_torchrun_s_ranks_after_they_save(tmp_path, capsys):
+@pytest.mark.parametrize("to", ["command", "group", "rank 1"])
+def test_sigterm_stops_torchrun_s_ranks_after_they_save(tmp_path, to):
+    """SIGTERM as schedulers send it: to the command (Kubernetes), to its process group (a
+    terminal, ``kill -- -PGID``), or to one rank. Every rank stops cleanly, the checkpoint
+    is whole, torchrun is hit once, and the command ends only after its ranks have."""
+    import re
     import time
 
     proc = start([*SYNTHPIPE, "train", "--nproc", "2", "--stages", "2", "--num-samples", "600", "--epochs", "1000",
                   "--no-progress", "--no-compare", "--checkpoint", "ck", "--checkpoint-every", "1"], str(tmp_path))
     meta = tmp_path / "ck" / "meta.json"
+    ranks = []
     try:
         deadline = time.monotonic() + 120
         while not meta.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert meta.exists() and proc.poll() is None, "training never saved its first checkpoint"
-        proc.send_signal(signal.SIGTERM)  # as a scheduler would: to the command only
+        ranks = _ranks_of(proc)
+        assert len(ranks) == 2, ranks
+        if to == "command":
+            proc.send_signal(signal.SIGTERM)
+        elif to == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+            rank1.send_signal(signal.SIGTERM)
         code, out, err = finish(proc, timeout=90)
+        orphans = [p.pid for p in ranks if _running(p)]
     finally:
+        for p in ranks:
+            if _running(p):
+                p.kill()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert code != 0
-    assert "stopped by SIGTERM" in err and "continue with --resume ck" in err, err[-3000:]
+    assert not orphans, f"the command exited while ranks {orphans} were still running\n{err[-3000:]}"
+    who = "rank 1" if to == "rank 1" else "rank "
+    assert f"stopped by SIGTERM on {who}" in err and "continue with --resume ck" in err, err[-3000:]
+    assert not re.search(r"exitcode\s*:\s*-15", err), f"a rank was killed by SIGTERM\n{err[-3000:]}"
+    assert "During handling of the above exception" not in err, f"torchrun got SIGTERM twice\n{err[-3000:]}"
     step = read_meta(str(tmp_path / "ck"))["step"]
     assert 1 <= step < 1000 * 8
     assert sorted(os.listdir(tmp_path / "ck")) == ["meta.json", f"stage-0-{step}.pt", f"stage-1-{step}.pt"]
     assert cli.main(["export", str(tmp_path / "ck"), str(tmp_path / "m.pt")]) == 0  # the checkpoint is whole
+
+
+_SIGTERM_AGAIN_WHILE_CLOSING = """
+import os, signal, sys
+from synthpipe.engine.trainer import Trainer
+from synthpipe.launch import train
+
+saves, save, close = [], Trainer.save, Trainer.close
+
+def save_then_stop(self, directory):
+    save(self, directory)
+    saves.append(self.step)
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # during the fit: a request to stop
+
+def sigterm_then_close(self):
+    os.kill(os.getpid(), signal.SIGTERM)  # after it: what torchrun sends once another rank exits 143
+    close(self)
+
+Trainer.save, Trainer.close = save_then_stop, sigterm_then_close
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_second_sigterm_after_a_stopped_fit_does_not_kill_the_rank(tmp_path):
+    code, out, err = run([sys.executable, "-c", _SIGTERM_AGAIN_WHILE_CLOSING, "--num-samples", "600", "--epochs", "50",
+                          "--no-progress", "--no-compare", "--checkpoint", "ck", "--checkpoint-every", "2"],
+                         str(tmp_path))
+    assert code == 128 + signal.SIGTERM, (code, err[-3000:])  # -15 if the second SIGTERM killed it
+    assert "stopped by SIGTERM on rank 0 at step 4" in err, err[-3000:]
+    assert read_meta(str(tmp_path / "ck"))["step"] == 4

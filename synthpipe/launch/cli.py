@@ -7,11 +7,11 @@
 
 ``synthpipe train`` with no flags trains the DNI paper's MLP on MNIST-1D with cDNI in 3
 stages, on CPU in this process, and prints its test accuracy next to plain backprop's.
-With ``--nproc N`` (N > 1) or ``--nnodes M`` (M > 1) it runs torchrun for you::
+With ``--nproc N`` (N > 1) or ``--nnodes M`` (M > 1) it checks its arguments, then execs torchrun::
 
     python -m torch.distributed.run --nproc-per-node N [torchrun flags] -m synthpipe.launch.train [flags]
 
-and returns its exit code. Without ``--stages`` (or a balance) the job then gets one stage
+so its exit code and its signals are torchrun's. Without ``--stages`` (or a balance) the job then gets one stage
 per process: ``n_stages = N * M``. torchrun's multi-node flags pass through (dash or
 underscore spelling); on one node without rendezvous flags ``--standalone`` is used, so
 concurrent jobs never collide on a port.
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 from typing import Any, Sequence
 
@@ -143,20 +141,13 @@ def run_train(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(cfg.threads))  # also keeps torchrun from printing its warning
     print("synthpipe train: running " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=env)
-    # A scheduler that stops this command stops the job: torchrun passes SIGTERM on to the
-    # ranks, which save their checkpoint (with --checkpoint) before exiting.
-    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        return 130
+    sys.stdout.flush()
+    # Become torchrun rather than wrap it: a signal sent to this command (a scheduler's
+    # SIGTERM, to this process or to its whole group, or Ctrl-C) then reaches torchrun
+    # exactly once. Forwarding from a parent doubled it when both got it, and torchrun,
+    # hit again while waiting for its ranks to save, gave up on them and exited early.
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
 
 
 # -- export -------------------------------------------------------------------------------

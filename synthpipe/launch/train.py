@@ -309,6 +309,9 @@ def run(cfg: JobConfig) -> int:
         history = trainer.fit(loader, epochs=cfg.epochs, eval_loader=loader_eval, max_steps=cfg.max_steps,
                               resume=cfg.resume, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every)
         if trainer.stopped is not None:  # SIGTERM: the checkpoint is saved; skip the rest
+            # We are already exiting as asked. A second SIGTERM (torchrun sends one to the
+            # other ranks when the first exits with 143) must not kill us mid-close.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if rank == 0:
                 print(f"synthpipe train: stopped by {trainer.stopped} at step {trainer.step}; checkpoint saved "
                       f"to {cfg.checkpoint}; continue with --resume {cfg.checkpoint}", file=sys.stderr, flush=True)
