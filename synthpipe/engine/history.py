@@ -48,7 +48,6 @@ class History:
         with open(path, "w") as f:
             json.dump(clean(self.as_dict()), f, indent=1)
 
-
     def plot(self, path: str, title: str = "", reference_accuracy: float | None = None,
              reference_label: str = "backprop") -> None:
         """Write the training curves as a PNG: the loss per step (and its moving average), each

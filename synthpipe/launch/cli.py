@@ -146,8 +146,7 @@ def run_train(args: argparse.Namespace) -> int:
     # SIGTERM, to this process or to its whole group, or Ctrl-C) then reaches torchrun
     # exactly once. Forwarding from a parent doubled it when both got it, and torchrun,
     # hit again while waiting for its ranks to save, gave up on them and exited early.
-    os.execve(cmd[0], cmd, env)
-    return 0  # not reached
+    os.execve(cmd[0], cmd, env)  # does not return
 
 
 # -- export -------------------------------------------------------------------------------
