@@ -1,6 +1,8 @@
 """Checkpoints (engine/checkpoint.py): save, resume, export, in one process and across ranks."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -140,7 +142,6 @@ def test_resume_with_a_shuffled_loader_sees_the_same_order(tmp_path):
 
 
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    import os
 
     import synthpipe.engine.checkpoint as ckpt
 
@@ -169,7 +170,6 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tmp_pat
 
 
 def test_a_checkpoint_with_version_1_file_names_still_loads(tmp_path):
-    import os
 
     t = trainer(2)
     t.fit(make_batches(), max_steps=3)
@@ -183,7 +183,6 @@ def test_a_checkpoint_with_version_1_file_names_still_loads(tmp_path):
 
 
 def test_periodic_checkpoints_train_exactly_as_one_fit(tmp_path):
-    import os
 
     batches = make_batches(n=10)
     straight = trainer()
@@ -256,6 +255,75 @@ def test_periodic_checkpoints_across_ranks_equal_one_uninterrupted_run(tmp_path)
     assert read_meta(directory)["step"] == 10
 
 
+def mismatched_fit_plans(rank: int, directory: str, batches: list) -> dict:
+    """Two fits whose checkpoint plans differ between the ranks, then the right one."""
+    import time
+
+    t = trainer(2)
+    before = everything(t)
+    errors, seconds = [], []
+    for kwargs in ({"checkpoint": directory} if rank == 0 else {},  # "only rank 0 saves": a DDP habit
+                   {"checkpoint": directory, "checkpoint_every": 4 if rank == 0 else 5}):
+        start = time.monotonic()
+        try:
+            t.fit(batches, max_steps=10, **kwargs)
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
+        seconds.append(time.monotonic() - start)
+    untouched = everything(t)
+    t.fit(batches, max_steps=10, checkpoint=directory, checkpoint_every=4)
+    straight = trainer(2)
+    straight.fit(batches, max_steps=10)
+    result = {"errors": errors, "seconds": seconds, "before": before, "untouched": untouched,
+              "state": everything(t), "straight": everything(straight), "step": t.step}
+    t.close()
+    straight.close()
+    return result
+
+
+def test_ranks_with_different_checkpoint_plans_fail_at_once_and_keep_their_state(tmp_path):
+    # Before, a checkpoint on rank 0 only died in a barrier ("Connection closed by peer") and
+    # a different checkpoint_every waited forever.
+    directory = str(tmp_path / "ckpt")
+    results = run_ranks(mismatched_fit_plans, 2, directory, make_batches(), timeout=120)
+    for r in results:
+        only_rank_0, every = r["errors"]
+        assert "rank 0 called fit(checkpoint=...); rank 1 called fit()" in only_rank_0, only_rank_0
+        assert ("rank 0 called fit(checkpoint=..., checkpoint_every=4); "
+                "rank 1 called fit(checkpoint=..., checkpoint_every=5)") in every, every
+        assert "call them on every rank" in every
+        assert max(r["seconds"]) < 20  # well within the failure timeout: nothing was waited for
+        assert_equal(r["untouched"], r["before"])  # nothing trained, nothing saved
+        assert_equal(r["state"], r["straight"]) and r["step"] == 10  # and the trainer still works
+    assert read_meta(directory)["step"] == 10
+
+
+def save_on_rank_0_only(rank: int, directory: str, batches: list) -> dict:
+    t = trainer(2)
+    t.fit(batches, max_steps=4)
+    try:
+        if rank == 0:
+            t.save(directory)
+        else:
+            t.close()
+        error = "no error"
+    except ValueError as e:
+        error = str(e)
+    saved_early = os.path.exists(directory)
+    t.save(directory)  # what was meant: every rank saves, then closes
+    t.close()
+    return {"error": error, "saved_early": saved_early}
+
+
+def test_save_called_on_one_rank_only_is_an_error_on_every_rank_not_a_hang(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    for r in run_ranks(save_on_rank_0_only, 2, directory, make_batches(), timeout=120):
+        assert "rank 0 called save(); rank 1 called close()" in r["error"], r["error"]
+        assert not r["saved_early"]
+    assert read_meta(directory)["step"] == 4
+
+
 class SignallingBatches:
     """The batches; at batch ``at`` the loader sends SIGTERM to ``pid`` (a scheduler stopping the
     job) and from then on takes ``delay`` seconds per batch, so the run is still going when
@@ -269,7 +337,6 @@ class SignallingBatches:
         return len(self.batches)
 
     def __iter__(self):
-        import os
         import signal
         import time
 
@@ -285,7 +352,6 @@ class SignallingBatches:
 
 @pytest.mark.parametrize("every", [None, 1])  # 1: a save after every step, the stop still gets through
 def test_sigterm_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, every):
-    import os
     import signal
 
     batches = make_batches(n=40)
@@ -306,7 +372,6 @@ def test_sigterm_stops_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, 
 
 
 def test_a_sigterm_that_comes_during_the_last_save_is_acted_on_after_it(tmp_path, monkeypatch):
-    import os
     import signal
 
     t = trainer()
@@ -339,7 +404,6 @@ def test_without_a_checkpoint_sigterm_is_left_alone():
 
 
 def stop_across_ranks(rank: int, directory: str, batches: list) -> dict:
-    import os
 
     import torch.distributed as dist
 

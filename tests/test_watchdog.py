@@ -72,3 +72,59 @@ def test_a_stop_request_reaches_every_rank_by_name():
     b.close()
     assert (a.stops, a.stop_reason) == (b.stops, b.stop_reason) == (1, "SIGTERM on rank 1")
     assert failures == []  # a stop is not a failure
+
+
+def agree_in_threads(dogs, calls, delays=None):
+    """Each watchdog agrees on its call in a thread of its own (as its rank would); what each got."""
+    import threading
+
+    outcome: dict[int, str] = {}
+
+    def one(rank):
+        time.sleep((delays or {}).get(rank, 0.0))
+        try:
+            for call in calls[rank]:
+                dogs[rank].agree(call)
+            outcome[rank] = "agreed"
+        except Exception as e:
+            outcome[rank] = f"{type(e).__name__}: {e}"
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(len(dogs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "agree hung"
+    return outcome
+
+
+def test_ranks_making_the_same_calls_agree_even_when_one_is_late():
+    store = dist.HashStore()
+    dogs = [make(store, r, [], timeout=5) for r in range(2)]
+    calls = ["fit(checkpoint=..., checkpoint_every=4)", "save()", "close()"]
+    assert agree_in_threads(dogs, {0: calls, 1: calls}, delays={1: 0.3}) == {0: "agreed", 1: "agreed"}
+
+
+def test_different_calls_are_an_error_on_every_rank_naming_both():
+    store = dist.HashStore()
+    dogs = [make(store, r, [], timeout=5) for r in range(2)]
+    outcome = agree_in_threads(dogs, {0: ["fit()", "save()"], 1: ["fit()", "close()"]})
+    for r in range(2):
+        assert outcome[r].startswith("ValueError: the ranks made different calls: rank 0 called save(); "
+                                     "rank 1 called close()"), outcome[r]
+        assert "call them on every rank, in the same order" in outcome[r]
+
+
+def test_a_rank_that_closed_without_the_call_is_an_error_not_a_wait():
+    store = dist.HashStore()
+    dog = make(store, 0, [], timeout=5)
+    make(store, 1, [], timeout=5).close()  # rank 1 finished (its trainer closed) without calling save
+    with pytest.raises(RuntimeError, match="rank 0 called save.. but rank 1 has closed its trainer"):
+        dog.agree("save()")
+
+
+def test_a_long_wait_for_a_call_warns_naming_the_missing_rank():
+    store = dist.HashStore()
+    dogs = [make(store, r, [], timeout=0.3) for r in range(2)]
+    with pytest.warns(RuntimeWarning, match=r"rank 0 has waited 0.3 s in evaluate\(\) for rank 1 to call it too"):
+        outcome = agree_in_threads(dogs, {0: ["evaluate()"], 1: ["evaluate()"]}, delays={1: 0.8})
+    assert outcome == {0: "agreed", 1: "agreed"}

@@ -156,6 +156,11 @@ class Trainer:
         return self.rank == 0
 
     # -- failure handling ---------------------------------------------------------------
+    def _agree(self, call: str) -> None:
+        """Every rank must make this collective call next (see :meth:`Watchdog.agree`)."""
+        if self.watchdog is not None:
+            self.watchdog.agree(call)
+
     def _guard(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn``; on error tell the other ranks which rank failed and why."""
         try:
@@ -185,8 +190,9 @@ class Trainer:
         start of the run): the pipeline drains, every rank saves its stage, and training
         goes on from there exactly as a resume from that checkpoint would. A run that is
         killed loses at most the steps since the last save, and a save that is cut short
-        leaves the one before it intact. ``checkpoint_every`` must be the same on every
-        rank.
+        leaves the one before it intact. Every rank must pass a ``checkpoint`` (its own
+        stage is saved there), the same ``checkpoint_every`` and, when resuming, a
+        ``resume``: a different plan is a ``ValueError`` on every rank before anything runs.
 
         With a ``checkpoint``, SIGTERM (what torchrun and cluster schedulers send before
         killing a job) stops the run cleanly instead of killing it: whichever rank gets
@@ -196,6 +202,9 @@ class Trainer:
         the fit, in the main thread, and only where SIGTERM has no handler already.
         Returns the :class:`History` (the same on every rank).
         """
+        given = [f"{name}=..." for name, value in (("checkpoint", checkpoint), ("resume", resume)) if value is not None]
+        given += [f"checkpoint_every={checkpoint_every}"] if checkpoint_every is not None else []
+        self._agree(f"fit({', '.join(given)})")  # (paths may differ between hosts: only their presence must agree)
         if checkpoint_every is not None:
             if checkpoint is None:
                 raise ValueError("checkpoint_every needs a checkpoint directory to save into")
@@ -387,6 +396,7 @@ class Trainer:
 
     def evaluate(self, loader: Iterable[Any] | None) -> dict[str, float]:
         """Forward-only pass over ``loader`` (read on rank 0): ``{"loss", "accuracy", "samples"}`` on every rank."""
+        self._agree("evaluate()")
         def run() -> dict[str, float]:
             if self.runner.drives_data:
                 if loader is None:
@@ -412,6 +422,7 @@ class Trainer:
         earlier one stays loadable until the new one is complete (see
         :mod:`synthpipe.engine.checkpoint`).
         """
+        self._agree("save()")
         def run() -> None:
             rng = ckpt.rng_state()
             states = self._states()
@@ -432,6 +443,7 @@ class Trainer:
 
     def load(self, directory: str) -> "Trainer":
         """Restore a checkpoint written by :meth:`save` (same number of stages)."""
+        self._agree("load()")
         def run() -> None:
             meta = ckpt.read_meta(directory)
             if isinstance(self.runner, PipelineWorker):
@@ -450,6 +462,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The original model's state_dict (all stages, no synthesizers), on every rank."""
+        self._agree("state_dict()")
         if isinstance(self.runner, PipelineWorker):
             own = {k: v.detach().cpu() for k, v in self.runner.stage.module.state_dict().items()}
             gathered: list[Any] = [None] * dist.get_world_size()
@@ -459,6 +472,7 @@ class Trainer:
 
     def export(self, path: str) -> None:
         """Write the original model's state_dict (for ``model.load_state_dict``); rank 0 writes."""
+        self._agree("export()")
         def run() -> None:
             state = self.state_dict()
             if self.is_main:
@@ -476,6 +490,7 @@ class Trainer:
         when the process exits (see :func:`synthpipe.engine.distributed.keep_until_exit`).
         """
         if self.watchdog is not None:
+            self.watchdog.agree("close()")
             if isinstance(self.runner, PipelineWorker):
                 self.runner.close()
             dist.barrier()

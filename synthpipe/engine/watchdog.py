@@ -10,7 +10,10 @@ Each rank runs a :class:`Watchdog` thread that, through the rendezvous key-value
 * watches an error key that a rank sets when it raises (first error wins);
 * carries *stop requests*: a rank asked to stop (SIGTERM) counts one in the store, and
   every watchdog sees it within an interval, so rank 0, which drives the data, can end
-  the run cleanly (drain, save a checkpoint) whichever rank got the signal.
+  the run cleanly (drain, save a checkpoint) whichever rank got the signal;
+* checks that the ranks make the same collective call (:meth:`Watchdog.agree`): a
+  trainer method called on one rank only, or with a different checkpoint plan, is an
+  error on every rank rather than a wait that never ends.
 
 On a failure, it prints a message naming the failed rank and ends this process with exit
 code 1 (``os._exit``, because the main thread may be blocked inside a receive). This
@@ -24,12 +27,18 @@ import os
 import sys
 import threading
 import time
+import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch.distributed as dist
 
 EXIT_CODE = 1
+
+
+COLLECTIVE_RULE = ("a Trainer's fit, evaluate, save, load, export, state_dict and close are collective: call them on "
+                   "every rank, in the same order, with the same checkpoint, checkpoint_every and resume "
+                   "(every rank saves and loads its own stage)")
 
 
 def _default_exit(message: str) -> None:
@@ -79,6 +88,7 @@ class Watchdog:
         self.stops = 0  # stop requests seen in the job so far (any rank's)
         self.stop_reason: str | None = None  # the latest request's reason
         self._asked: list[str] = []  # this rank's requests, published by the thread
+        self._calls = 0  # collective calls agreed so far
 
     def _key(self, *parts: Any) -> str:
         return "/".join([self.prefix, *map(str, parts)])
@@ -117,6 +127,55 @@ class Watchdog:
         while time.monotonic() < deadline and self.failure is None:
             time.sleep(self.interval / 2)
         return self.failure
+
+    def agree(self, call: str) -> None:
+        """Check that every rank's next collective call is ``call``; wait for them to make it.
+
+        ``call`` describes the call and the arguments that decide what it communicates (for
+        example ``"save()"`` or ``"fit(checkpoint=..., checkpoint_every=4)"``). Each rank
+        publishes it as its n-th call and reads the others' n-th. Raises ``ValueError`` on
+        every rank, before anything is sent, if they differ, and ``RuntimeError`` if a rank
+        closed (or exited) without making it: a method called on one rank only would
+        otherwise wait in a receive or a barrier forever. A rank that is merely late is
+        waited for, with a warning naming it after ``timeout`` seconds.
+        """
+        self._calls += 1
+        n = self._calls
+        self.store.set(self._key("call", n, self.rank), call)
+        calls = {self.rank: call}
+        missing = [r for r in range(self.world_size) if r != self.rank]
+        started, pause, warned = time.monotonic(), 0.0005, False
+        while missing:
+            for r in list(missing):
+                if self.store.check([self._key("call", n, r)]):
+                    calls[r] = self.store.get(self._key("call", n, r)).decode()
+                    missing.remove(r)
+                elif self.store.check([self._key("done", r)]):
+                    raise RuntimeError(
+                        f"rank {self.rank} called {call} but rank {r} has closed its trainer (or exited) "
+                        f"without making that call; {COLLECTIVE_RULE}")
+            if missing:
+                if not warned and time.monotonic() - started > self.timeout:
+                    warnings.warn(f"synthpipe: rank {self.rank} has waited {self.timeout:g} s in {call} for "
+                                  f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} to call "
+                                  f"it too; {COLLECTIVE_RULE}", RuntimeWarning, stacklevel=3)
+                    warned = True
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
+        if len(set(calls.values())) > 1:
+            self._confirm_seen(n)
+            made = "; ".join(f"rank {r} called {c}" for r, c in sorted(calls.items()))
+            raise ValueError(f"the ranks made different calls: {made}; {COLLECTIVE_RULE}")
+
+    def _confirm_seen(self, n: int) -> None:
+        """After a disagreement: the store's host waits (briefly) until every rank has read it."""
+        self.store.set(self._key("call", n, "seen", self.rank), "1")
+        if not self.hosts_store:
+            return
+        deadline = time.monotonic() + 6 * self.interval
+        keys = [self._key("call", n, "seen", r) for r in range(self.world_size)]
+        while not self.store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def close(self) -> None:
         """Mark this rank as finished (not dead) and stop the thread."""
