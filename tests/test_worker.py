@@ -249,6 +249,22 @@ def test_ranks_that_split_the_model_differently_are_stopped():
     assert "rank 1 and rank 0 split the model differently" in messages[1], messages[1]
 
 
+def different_options(rank: int) -> str:
+    options = {"gradients": "backprop"} if rank == 1 else {"warmup_steps": 5}
+    try:
+        sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), progress=rank == 0, **options)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_given_different_training_options_are_stopped():
+    messages = run_ranks(different_options, 2)
+    assert ("rank 0 and rank 1 were given different training options (gradients='synthetic' here and "
+            "'backprop' there, warmup_steps=5 here and 0 there)") in messages[0], messages[0]
+    assert "rank 1 and rank 0 were given different training options" in messages[1], messages[1]
+
+
 def two_trainers_in_a_row(rank: int, batches: list) -> dict:
     first = trainer_for(2, gradients="backprop")
     first.fit(batches[:3])

@@ -51,19 +51,30 @@ def _split_fingerprint(stages: Sequence[nn.Module]) -> list[list[tuple[str, tupl
     return [[(k, tuple(v.shape)) for k, v in m.state_dict().items()] for m in stages]
 
 
-def _check_same_split(stages: Sequence[nn.Module], rank: int) -> None:
-    """Every rank must hold the same split (a per-rank ``by="time"`` profile may differ)."""
-    mine = _split_fingerprint(stages)
+# The options that decide each stage's update rule; the others (progress, prefetch, ...) may differ.
+_RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "nonfinite")
+
+
+def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int) -> None:
+    """Every rank must hold the same split (a per-rank ``by="time"`` profile may differ) and
+    train it by the same rule (a rank in ``backprop`` mode beside ranks in ``synthetic``
+    mode would run, but not the method anyone asked for)."""
+    mine = (_split_fingerprint(stages), {k: getattr(config, k) for k in _RULE_OPTIONS})
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     for other, theirs in enumerate(gathered):
-        if theirs != mine:
-            stage = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        if theirs[0] != mine[0]:
+            stage = next(i for i, (a, b) in enumerate(zip(mine[0], theirs[0])) if a != b)
             raise ValueError(
                 f"rank {rank} and rank {other} split the model differently (stage {stage} holds "
-                f"{[k for k, _ in mine[stage]][:4]}... here and {[k for k, _ in theirs[stage]][:4]}... there); "
+                f"{[k for k, _ in mine[0][stage]][:4]}... here and {[k for k, _ in theirs[0][stage]][:4]}... there); "
                 f"build the same model on every rank and split it with an explicit balance (a by='time' "
                 f"profile can differ between ranks: compute it on one rank and broadcast it)")
+        differ = [k for k in _RULE_OPTIONS if theirs[1][k] != mine[1][k]]
+        if differ:
+            shown = ", ".join(f"{k}={mine[1][k]!r} here and {theirs[1][k]!r} there" for k in differ)
+            raise ValueError(f"rank {rank} and rank {other} were given different training options ({shown}); "
+                             f"pass the same Trainer options on every rank")
 
 
 class Trainer:
@@ -124,7 +135,7 @@ class Trainer:
             init_process_group(self.device, backend_for(self.device, backend))
             self.rank = dist.get_rank()
             Trainer._instances += 1  # every rank creates its trainers in the same order
-            _check_same_split(stages, self.rank)
+            _check_same_job(stages, self.config, self.rank)
             self.runner: ReferenceRunner | PipelineWorker = PipelineWorker(
                 make(self.rank), self.config, Channels(self.rank, world, self._channel_device()))
             prefix = "synthpipe/{}/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
