@@ -59,20 +59,20 @@ def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int)
     """Every rank must hold the same split (a per-rank ``by="time"`` profile may differ) and
     train it by the same rule (a rank in ``backprop`` mode beside ranks in ``synthetic``
     mode would run, but not the method anyone asked for)."""
-    mine = (_split_fingerprint(stages), {k: getattr(config, k) for k in _RULE_OPTIONS})
+    my_split, my_rule = _split_fingerprint(stages), {k: getattr(config, k) for k in _RULE_OPTIONS}
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    for other, theirs in enumerate(gathered):
-        if theirs[0] != mine[0]:
-            stage = next(i for i, (a, b) in enumerate(zip(mine[0], theirs[0])) if a != b)
+    dist.all_gather_object(gathered, (my_split, my_rule))
+    for other, (their_split, their_rule) in enumerate(gathered):
+        if their_split != my_split:
+            stage = next(i for i, (a, b) in enumerate(zip(my_split, their_split)) if a != b)
             raise ValueError(
                 f"rank {rank} and rank {other} split the model differently (stage {stage} holds "
-                f"{[k for k, _ in mine[0][stage]][:4]}... here and {[k for k, _ in theirs[0][stage]][:4]}... there); "
+                f"{[k for k, _ in my_split[stage]][:4]}... here and {[k for k, _ in their_split[stage]][:4]}... there); "
                 f"build the same model on every rank and split it with an explicit balance (a by='time' "
                 f"profile can differ between ranks: compute it on one rank and broadcast it)")
-        differ = [k for k in _RULE_OPTIONS if theirs[1][k] != mine[1][k]]
+        differ = [k for k in _RULE_OPTIONS if their_rule[k] != my_rule[k]]
         if differ:
-            shown = ", ".join(f"{k}={mine[1][k]!r} here and {theirs[1][k]!r} there" for k in differ)
+            shown = ", ".join(f"{k}={my_rule[k]!r} here and {their_rule[k]!r} there" for k in differ)
             raise ValueError(f"rank {rank} and rank {other} were given different training options ({shown}); "
                              f"pass the same Trainer options on every rank")
 
@@ -474,6 +474,9 @@ class Trainer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The original model's state_dict (all stages, no synthesizers), on every rank."""
         self._agree("state_dict()")
+        return self._merged_state_dict()
+
+    def _merged_state_dict(self) -> dict[str, torch.Tensor]:
         if isinstance(self.runner, PipelineWorker):
             own = {k: v.detach().cpu() for k, v in self.runner.stage.module.state_dict().items()}
             gathered: list[Any] = [None] * dist.get_world_size()
@@ -485,7 +488,7 @@ class Trainer:
         """Write the original model's state_dict (for ``model.load_state_dict``); rank 0 writes."""
         self._agree("export()")
         def run() -> None:
-            state = self.state_dict()
+            state = self._merged_state_dict()  # (export's own agreement covers the gather)
             if self.is_main:
                 parent = os.path.dirname(os.path.abspath(path))
                 os.makedirs(parent, exist_ok=True)
@@ -501,7 +504,7 @@ class Trainer:
         when the process exits (see :func:`synthpipe.engine.distributed.keep_until_exit`).
         """
         if self.watchdog is not None:
-            self.watchdog.agree("close()")
+            self._agree("close()")
             if isinstance(self.runner, PipelineWorker):
                 self.runner.close()
             dist.barrier()
