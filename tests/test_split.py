@@ -359,6 +359,46 @@ def test_sequential_errors():
         split(nn.Sequential(), n_stages=1)
 
 
+def test_a_module_object_used_twice_is_kept_at_both_places():
+    # named_children() lists a repeated object once: the second ReLU used to vanish.
+    torch.manual_seed(0)
+    act, block = nn.ReLU(), nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(3, 4), act, block, act, block, act, nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    for kwargs in ({"balance": [1, 6]}, {"balance": [2, 5]}, {"points": ["2"]}):
+        stages = split(model, **kwargs)
+        assert sum(len(s) for s in stages) == len(model) == 7
+        assert torch.equal(compose(stages, x), model(x))
+    stages = split(model, balance=[2, 5])
+    assert list(stages[1].state_dict()) == ["2.weight", "2.bias", "4.weight", "4.bias", "6.weight", "6.bias"]
+    assert list(stages[1].parameters()) == [block.weight, block.bias, model[6].weight, model[6].bias]  # once each
+
+
+def test_a_tensor_shared_by_two_stages_is_refused():
+    block = nn.Linear(4, 4)
+    model = nn.Sequential(block, nn.ReLU(), block)
+    with pytest.raises(ValueError, match=r"'0.weight' \(stage 0\) and '2.weight' \(stage 1\) are the same tensor"):
+        split(model, balance=[2, 1])
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match="put the children that share it in one stage"):
+        split(tied, balance=[1, 2])
+    assert [len(s) for s in split(tied, balance=[3])] == [3]  # one stage may share
+
+
+def test_balance_takes_any_integer_type_and_points_must_be_a_list():
+    import numpy as np
+
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(5)])
+    assert [len(s) for s in split(model, balance=np.array([3, 2]))] == [3, 2]
+    with pytest.raises(ValueError, match=r"has entry 0 = 2.5; every stage needs a positive whole number"):
+        split(model, balance=[2.5, 2.5])
+    with pytest.raises(ValueError, match=r"has entry 1 = True"):
+        split(model, balance=[4, True])
+    with pytest.raises(ValueError, match=r"points must be a list of submodule names, got the string '3'"):
+        split(model, points="3")
+
+
 def test_traced_errors():
     model = resnet()
     x = torch.randn(2, 3, 8, 8)

@@ -105,6 +105,16 @@ def partition(costs: Sequence[float], n_parts: int) -> list[int]:
     return sizes
 
 
+def sequential_children(model: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    """Every ``(name, child)`` of ``model`` in call order.
+
+    Unlike ``named_children()``, a module object used twice (``act = nn.ReLU()`` placed at
+    several positions, a block applied twice) is listed at each of its positions, as
+    ``nn.Sequential.forward`` calls it and ``len(model)`` counts it.
+    """
+    return [(name, child) for name, child in model._modules.items() if child is not None]
+
+
 def balance_by_params(model: nn.Sequential, n_stages: int) -> list[int]:
     """Balance ``model``'s children by parameter count.
 
@@ -116,7 +126,7 @@ def balance_by_params(model: nn.Sequential, n_stages: int) -> list[int]:
     Returns:
         A balance: ``n_stages`` positive ints summing to ``len(model)``.
     """
-    costs = [1 + sum(p.numel() for p in child.parameters()) for child in model.children()]
+    costs = [1 + sum(p.numel() for p in child.parameters()) for _, child in sequential_children(model)]
     return partition(costs, n_stages)
 
 
@@ -191,7 +201,7 @@ def balance_by_time(model: nn.Sequential, n_stages: int, example_input: Any,
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    children = list(model.children())
+    children = [child for _, child in sequential_children(model)]
     _check_costs([0.0] * len(children), n_stages)  # fail before spending time profiling
     if on_meta(model):
         raise ValueError("by='time' runs the model, but it was built on the meta device (no values to "

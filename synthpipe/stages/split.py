@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .balance import balance_by_params, balance_by_time
+from .balance import balance_by_params, balance_by_time, sequential_children
 
 __all__ = ["split", "compose", "as_tuple", "StageSequential"]
 
@@ -126,6 +126,9 @@ def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] 
     """
     if by not in _BY:
         raise ValueError(f"unknown by={by!r}; expected one of {list(_BY)}")
+    if isinstance(points, str):
+        raise ValueError(f"points must be a list of submodule names, got the string {points!r}; "
+                         f"write points=[{points!r}]")
     if _is_plain_sequential(model):
         return _split_sequential(model, n_stages, balance, by, points, example_input)
     if balance is not None:
@@ -153,7 +156,8 @@ def _is_plain_sequential(model: nn.Module) -> bool:
 
 def _split_sequential(model: nn.Sequential, n_stages: int | None, balance: Sequence[int] | None,
                       by: str, points: Sequence[str] | None, example_input: Any) -> list[nn.Module]:
-    names = [name for name, _ in model.named_children()]
+    children = sequential_children(model)
+    names = [name for name, _ in children]
     n = len(names)
     if n == 0:
         raise ValueError("cannot split an empty nn.Sequential (0 children)")
@@ -181,26 +185,52 @@ def _split_sequential(model: nn.Sequential, n_stages: int | None, balance: Seque
         else:
             balance = balance_by_params(model, n_stages)
 
-    balance = list(balance)  # type: ignore[arg-type]
-    for i, size in enumerate(balance):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"balance {balance} has entry {i} = {size!r}; every stage needs "
-                             f"a positive number of children")
+    balance = [_stage_size(balance, i, size) for i, size in enumerate(balance)]  # type: ignore[arg-type]
     if sum(balance) != n:
         raise ValueError(f"balance {balance} sums to {sum(balance)} but the model has "
                          f"{n} children")
 
-    children = list(model.named_children())
-    stages: list[nn.Module] = []
+    blocks = []
     start = 0
     for size in balance:
+        blocks.append(children[start:start + size])
+        start += size
+    _check_no_state_shared_across(blocks)
+    stages: list[nn.Module] = []
+    for block in blocks:
         # Original names and objects: state_dict keys and parameters stay the model's.
-        stage = StageSequential(OrderedDict(children[start:start + size]))
+        stage = StageSequential(OrderedDict(block))
         # Only the container's flag: train(mode) would recurse into the model's children.
         stage.training = model.training
         stages.append(stage)
-        start += size
     return stages
+
+
+def _stage_size(balance: Sequence[Any], i: int, size: Any) -> int:
+    """``balance[i]`` as a positive int (numpy integers are fine, floats and bools are not)."""
+    try:
+        value = operator.index(size) if not isinstance(size, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"balance {list(balance)} has entry {i} = {size!r}; every stage needs "
+                         f"a positive whole number of children")
+    return value
+
+
+def _check_no_state_shared_across(blocks: list[list[tuple[str, nn.Module]]]) -> None:
+    """A parameter or buffer in two stages would become two tensors, one per process."""
+    owner: dict[int, tuple[int, str]] = {}
+    for stage, block in enumerate(blocks):
+        for child_name, child in block:
+            for name, t in [*child.named_parameters(), *child.named_buffers()]:
+                first = owner.setdefault(id(t), (stage, f"{child_name}.{name}"))
+                if first[0] != stage:
+                    raise ValueError(
+                        f"'{first[1]}' (stage {first[0]}) and '{child_name}.{name}' (stage {stage}) are the "
+                        f"same tensor: each stage trains its own copy in its own process, so the weight "
+                        f"would stop being shared; put the children that share it in one stage "
+                        f"(choose balance=[...]) or untie them")
 
 
 def _points_to_balance(names: list[str], points: list[str]) -> list[int]:
