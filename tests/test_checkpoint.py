@@ -127,6 +127,98 @@ def test_loading_an_incomplete_or_mismatched_checkpoint_fails_clearly(tmp_path):
         trainer(3).load(str(tmp_path))
 
 
+def other_trainer(balance: list, optimizer=None, synthesizer=None) -> sp.Trainer:
+    options = dict(OPTIONS, synthesizer=synthesizer or OPTIONS["synthesizer"])
+    return sp.Trainer(sp.split(make_model(), balance=balance), nn.CrossEntropyLoss(),
+                      optimizer or (lambda p: torch.optim.Adam(p, lr=1e-2)), progress=False, **options)
+
+
+@pytest.mark.parametrize("load_into, message", [
+    (lambda: other_trainer([2, 4, 2]), r"stage 0: the checkpoint's stage 0 has 2\.weight, 2\.bias besides: "
+                                        r"the model was split differently"),
+    (lambda: other_trainer([3, 3, 2], optimizer=lambda p: torch.optim.SGD(p, lr=0.1)),
+     "saved with torch.optim.adam.Adam, this trainer uses torch.optim.sgd.SGD"),
+    (lambda: other_trainer([3, 3, 2], synthesizer=sp.Synthesizer("mlp", conditional=True, num_classes=5)),
+     "stage 0: the checkpoint's synthesizer does not fit"),
+])
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_loaded(tmp_path, load_into, message):
+    saved = other_trainer([3, 3, 2])
+    assert [len(s.module) for s in saved.runner.stages] == [3, 3, 2]
+    saved.fit(make_batches(4))
+    saved.save(str(tmp_path))
+    target = load_into()
+    target.fit(make_batches(2))
+    before, step = everything(target), target.step
+    with pytest.raises(ValueError, match=message):
+        target.load(str(tmp_path))
+    # Every stage was checked before any was loaded: the trainer is exactly as it was.
+    assert_equal(everything(target), before) and target.step == step
+
+
+def test_loading_a_checkpoint_saved_before_training_drops_the_synthesizers_trained_since(tmp_path):
+    t = trainer()
+    t.save(str(tmp_path))  # step 0: no synthesizer exists yet
+    t.fit(make_batches(4))
+    assert t.runner.stages[0].synth is not None
+    t.load(str(tmp_path))
+    assert [s.synth for s in t.runner.stages] == [None, None, None]
+    t.fit(make_batches(4))
+    fresh = trainer()
+    fresh.fit(make_batches(4))
+    assert_equal(everything(t), everything(fresh))
+
+
+def load_checkpoints_that_do_not_fit(rank: int, directory: str, batches: list) -> dict:
+    t = trainer(2)
+    assert [len(s) for s in sp.split(make_model(), n_stages=2)] == [3, 5]
+    t.fit(batches, max_steps=3)
+    t.save(directory)
+    errors = []
+    other = sp.Trainer(sp.split(make_model(), balance=[5, 3]), nn.CrossEntropyLoss(),
+                       lambda p: torch.optim.Adam(p, lr=1e-2), progress=False, **OPTIONS)
+    other_before = everything(other)
+    try:
+        other.load(directory)  # split differently: every rank's part is refused
+        errors.append("no error")
+    except ValueError as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    other_untouched = everything(other)
+    other.close()
+    t.fit(batches, max_steps=5)
+    trained = everything(t)
+    if rank == 1:  # one rank's file is gone (a host that lost it): rank 0 has what it needs
+        os.rename(os.path.join(directory, "stage-1-3.pt"), os.path.join(directory, "moved.pt"))
+    try:
+        t.load(directory)
+        errors.append("no error")
+    except (ValueError, FileNotFoundError) as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    untouched = everything(t)
+    if rank == 1:
+        os.rename(os.path.join(directory, "moved.pt"), os.path.join(directory, "stage-1-3.pt"))
+    t.load(directory)  # the same trainers and group go on working
+    t.fit(batches, max_steps=5)
+    result = {"errors": errors, "other_before": other_before, "other_untouched": other_untouched,
+              "trained": trained, "untouched": untouched, "reloaded_and_trained": everything(t), "step": t.step}
+    t.close()
+    return result
+
+
+def test_a_checkpoint_that_does_not_fit_some_rank_is_an_error_on_every_rank_and_loads_nowhere(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    results = run_ranks(load_checkpoints_that_do_not_fit, 2, directory, make_batches(), timeout=120)
+    for rank, r in enumerate(results):
+        split, missing_file = r["errors"]
+        assert split.startswith(f"ValueError: stage {rank}: the checkpoint's stage {rank} ") and \
+            "split differently" in split, split
+        assert_equal(r["other_untouched"], r["other_before"])
+        assert_equal(r["untouched"], r["trained"])  # rank 0 could have loaded its part, and did not
+        assert_equal(r["reloaded_and_trained"], r["trained"]) and r["step"] == 5
+    assert results[1]["errors"][1].startswith("FileNotFoundError: ") and "stage-1-3.pt" in results[1]["errors"][1]
+    assert results[0]["errors"][1].startswith(
+        "ValueError: the checkpoint was not loaded on any rank: rank 1: FileNotFoundError: "), results[0]["errors"][1]
+
+
 def test_resume_with_a_shuffled_loader_sees_the_same_order(tmp_path):
     from synthpipe import data
     dataset = torch.utils.data.TensorDataset(*[torch.cat(t) for t in zip(*make_batches(6))])

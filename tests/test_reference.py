@@ -171,6 +171,47 @@ def test_history_and_evaluate():
     assert [s["step"] for s in trainer.fit(batches, epochs=3).steps] == list(range(12, 18))
 
 
+def test_evaluate_restores_each_layers_own_mode():
+    model = make_model()
+    model.eval()  # inference after training: evaluate must leave every layer in eval mode
+    trainer = sp.Trainer(sp.split(model, n_stages=3), nn.CrossEntropyLoss(), adam, progress=False)
+    trainer.evaluate(make_batches(n=1))
+    assert not any(m.training for m in model.modules())
+    model.train()
+    model[4].eval()  # a frozen BatchNorm
+    trainer.evaluate(make_batches(n=1))
+    assert [m.training for m in model.modules()] == [True] * 5 + [False] + [True] * 3
+
+
+def test_empty_loaders_warn_and_report_nan_not_zero():
+    trainer = sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), adam, progress=False)
+    one_shot = (b for b in make_batches(n=3))
+    with pytest.warns(RuntimeWarning, match="epoch 1: the training loader yielded no batches") as caught:
+        history = trainer.fit(one_shot, epochs=3)
+    assert caught[0].filename == __file__  # the user's line, not synthpipe's
+    assert [(e["epoch"], e["steps"]) for e in history.epochs] == [(0, 3)] and trainer.epoch == 1
+    with pytest.warns(RuntimeWarning, match="evaluate: the loader yielded no batches"):
+        metrics = trainer.evaluate([])
+    assert metrics["samples"] == 0 and math.isnan(metrics["loss"]) and math.isnan(metrics["accuracy"])
+
+
+def test_a_fit_after_one_that_raised_reports_only_its_own_steps():
+    trainer = sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), adam, progress=False)
+    batches = make_batches(n=4)
+    with pytest.raises(sp.StageInputError):
+        trainer.fit(batches[:2] + [(torch.randn(32, 7), batches[0][1])])
+    assert trainer.step == 2
+    history = trainer.fit(batches, epochs=2)
+    assert [s["step"] for s in history.steps] == list(range(2, 8))
+
+
+@pytest.mark.parametrize("option, value", [("delay", 1.5), ("delay", -1), ("log_every", 0), ("max_inflight", 0),
+                                           ("warmup_steps", 2.0), ("prefetch", 0)])
+def test_step_counts_must_be_whole_numbers(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be a whole number >= ., got {value!r}"):
+        sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), adam, **{option: value})
+
+
 def test_bad_options_are_named():
     stages = sp.split(make_model(), n_stages=2)
     with pytest.raises(ValueError, match="gradients must be one of"):

@@ -172,3 +172,88 @@ def test_stage_without_norm_layers_saves_nothing():
     stage.forward((torch.randn(3, 4),))
     assert stage._stats_before is None
     stage.undo_forward()  # a no-op
+
+
+def test_a_flattening_synthesizer_refuses_another_sequence_length_by_name():
+    # Only the token synthesizer takes any T; a linear one was built for (B, 7, 8) and
+    # used to fail inside its matmul with no stage named.
+    stage = Stage(0, 2, nn.Identity(), sgd, synthesizer=sp.Synthesizer("linear"), synth_optimizer=sgd)
+    stage.synthetic_gradient((torch.randn(4, 7, 8),), None)
+    with pytest.raises(sp.StageInputError, match=r"stage 0: boundary tensor 0 has shape \(4, 11, 8\), "
+                                                 r"but its synthesizer was built for \(B, 7, 8\)"):
+        stage.synthetic_gradient((torch.randn(4, 11, 8),), None)
+    token = Stage(0, 2, nn.Identity(), sgd, synthesizer=sp.Synthesizer("token"), synth_optimizer=sgd)
+    token.synthetic_gradient((torch.randn(4, 7, 8),), None)
+    assert token.synthetic_gradient((torch.randn(4, 11, 8),), None)[0].shape == (4, 11, 8)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0, 1, 7, 2]), r"labels must lie in \[0, 5\)"),
+    (torch.zeros(4), "integer class labels"),
+    (torch.tensor([0, 1]), "labels have batch size 2 but the activation has 4"),
+])
+def test_labels_a_conditional_synthesizer_cannot_take_name_the_stage(labels, message):
+    stage = stage_with_synth()
+    with pytest.raises(sp.StageInputError, match=r"stage 0: its synthesizer could not take output \(4, 6\):float32 "
+                                                 r"with labels .*" + message):
+        stage.synthetic_gradient((torch.randn(4, 6),), labels)
+
+
+def test_errors_describe_values_without_printing_them():
+    from synthpipe.stages.stage import describe
+
+    text = describe([[0.5] * 1000] * 300)
+    assert text.startswith("list of 1000, list of 1000") and text.endswith("... (300 values)")
+    assert len(text) < 200
+    import numpy as np
+    assert describe([np.zeros((256, 6)), torch.zeros(2, 3, dtype=torch.int64)]) == \
+        "ndarray of shape (256, 6), (2, 3):int64"
+
+
+def test_training_modes_are_restored_per_submodule():
+    from synthpipe.stages.stage import restore_training_modes, training_modes
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout())
+    model[1].eval()  # a frozen BatchNorm in a model that trains
+    saved = training_modes(model)
+    model.eval()
+    restore_training_modes(saved)
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():
+    stage = stage_with_synth()
+    stage.synthetic_gradient((torch.randn(4, 6),), torch.tensor([0, 1, 2, 3]))  # builds the synthesizer
+    state = copy.deepcopy(stage.state_dict())
+    randomise(stage.module)
+    before = copy.deepcopy(stage.module.state_dict())
+    synth = stage.synth
+
+    wide = copy.deepcopy(state)
+    wide["module"]["weight"] = torch.zeros(7, 6)
+    with pytest.raises(ValueError, match=r"stage 0: 'weight' has shape \(7, 6\) in the checkpoint but \(6, 6\)"):
+        stage.load_state_dict(wide)
+    renamed = copy.deepcopy(state)
+    renamed["module"]["0.weight"] = renamed["module"].pop("weight")
+    with pytest.raises(ValueError, match="lacks weight and has 0.weight besides"):
+        stage.load_state_dict(renamed)
+    adam_state = copy.deepcopy(state)
+    adam_state["optimizer_class"] = "torch.optim.adam.Adam"
+    with pytest.raises(ValueError, match="stage 0's optimizer: the checkpoint was saved with torch.optim.adam.Adam, "
+                                         "this trainer uses torch.optim.sgd.SGD"):
+        stage.load_state_dict(adam_state)
+    old_adam = copy.deepcopy(state)  # a checkpoint from before class names were saved
+    del old_adam["optimizer_class"]
+    old_adam["optimizer"]["param_groups"][0].pop("momentum")
+    with pytest.raises(ValueError, match="has no momentum: it was saved with another optimizer"):
+        stage.load_state_dict(old_adam)
+    other_synth = copy.deepcopy(state)
+    other_synth["synth"] = {k + "_": v for k, v in state["synth"].items()}
+    with pytest.raises(ValueError, match="stage 0: the checkpoint's synthesizer does not fit"):
+        stage.load_state_dict(other_synth)
+
+    assert all(torch.equal(v, stage.module.state_dict()[k]) for k, v in before.items())
+    assert stage.synth is synth
+    stage.load_state_dict(state)  # the right state still loads
+    assert torch.equal(stage.module.weight, state["module"]["weight"]) and stage.synth is not synth
+

@@ -165,6 +165,22 @@ def test_conditional_without_num_classes():
         Synthesizer("linear", conditional=True, num_classes=0)
 
 
+@pytest.mark.parametrize("bad", [-3, 2.5, True, "3"])
+def test_num_classes_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match=f"num_classes must be a positive int, got {bad!r}"):
+        Synthesizer("linear", conditional=True, num_classes=bad)
+
+
+@pytest.mark.parametrize("kind", ["conv", "auto"])
+def test_an_even_conv_kernel_is_refused_when_the_recipe_is_made(kind):
+    # An even kernel with padding k // 2 grows H and W by one: the error came only at the
+    # first step, as a gradient of the wrong shape.
+    with pytest.raises(ValueError, match="kernel_size must be odd.*got 4"):
+        Synthesizer(kind, kernel_size=4)
+    assert Synthesizer(kind, kernel_size=3).build(0, (torch.randn(2, 3, 6, 6),)).parts[0](
+        torch.randn(2, 3, 6, 6)).shape == (2, 3, 6, 6)
+
+
 @pytest.mark.parametrize("kind,shape", KIND_CASES, ids=[f"{k}-{len(s)}d" for k, s in KIND_CASES])
 def test_conditional_without_labels_at_call(kind, shape):
     synth = make(kind, conditional=True).build(0, (torch.randn(shape),))

@@ -285,3 +285,25 @@ def test_a_trainer_after_a_closed_one_reuses_the_process_group(attempt):
     for r in results:
         assert r["group_kept"]
         assert_states_close(r["state"], expected, atol=1e-5)
+
+
+def evaluate_with_a_frozen_norm(rank: int, batches: list) -> dict:
+    model = make_model()
+    model[4].eval()  # a frozen BatchNorm (fine-tuning habit): evaluate must not unfreeze it
+    trainer = sp.Trainer(sp.split(model, balance=[4, 4]), nn.CrossEntropyLoss(), adam, progress=False)
+    trainer.fit(batches)
+    metrics = trainer.evaluate(batches)
+    empty = trainer.evaluate([])
+    result = {"modes": [m.training for m in model.modules()], "metrics": metrics, "empty": empty}
+    trainer.close()
+    return result
+
+
+def test_evaluate_across_ranks_restores_every_layers_mode_and_reports_nothing_as_nan():
+    results = run_ranks(evaluate_with_a_frozen_norm, 2, make_batches(n=3), timeout=120)
+    expected = [True, True, True, True, True, False, True, True, True]
+    assert [r["modes"] for r in results] == [expected, expected]
+    assert results[0]["metrics"] == results[1]["metrics"] and results[0]["metrics"]["samples"] == 48
+    for r in results:
+        assert r["empty"]["samples"] == 0 and r["empty"]["loss"] != r["empty"]["loss"]  # NaN, not 0.0
+

@@ -48,12 +48,12 @@ class TrainConfig:
             raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {self.gradients!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
-        if self.delay is not None and self.delay < 0:
-            raise ValueError(f"delay must be >= 0, got {self.delay}")
-        if self.max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        # Step counts index steps: 1.5 would silently never match a step id.
+        _check_count("delay", self.delay, minimum=0, optional=True)
+        _check_count("max_inflight", self.max_inflight, minimum=1)
+        _check_count("warmup_steps", self.warmup_steps, minimum=0)
+        _check_count("log_every", self.log_every, minimum=1)
+        _check_count("prefetch", self.prefetch, minimum=1)
         if self.failure_timeout <= 1:
             raise ValueError(f"failure_timeout must exceed 1 second, got {self.failure_timeout}")
 
@@ -64,3 +64,10 @@ class TrainConfig:
     def locked(self, step: int) -> bool:
         """Does step ``step`` wait for true gradients?"""
         return self.gradients == "backprop" or step < self.warmup_steps
+
+
+def _check_count(name: str, value: object, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")

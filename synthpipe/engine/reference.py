@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple
+from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple, restore_training_modes, training_modes
 from .config import DEFAULT_DELAY, TrainConfig
 from .history import StepLog
 from .targets import TargetCache, train_due_synthesizer
@@ -34,6 +34,13 @@ def batch_metrics(output: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> 
     return float(loss.detach()) * n, correct, n
 
 
+def mean_metrics(total: float, correct: float, count: float) -> dict[str, float]:
+    """``{"loss", "accuracy", "samples"}`` from sums over batches; NaN when there were none."""
+    if not count:
+        return {"loss": float("nan"), "accuracy": float("nan"), "samples": 0}
+    return {"loss": total / count, "accuracy": correct / count, "samples": int(count)}
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    device: torch.device | str) -> dict[str, float]:
@@ -41,7 +48,7 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
 
     The ground truth the launcher and the benchmark compare pipelines against.
     """
-    was = model.training
+    modes = training_modes(model)
     model.eval()
     total = correct = count = 0.0
     try:
@@ -52,8 +59,10 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
             correct += float((out.argmax(-1) == y).sum())
             count += int(y.shape[0])
     finally:
-        model.train(was)
-    return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1)}
+        restore_training_modes(modes)
+    metrics = mean_metrics(total, correct, count)
+    del metrics["samples"]
+    return metrics
 
 
 class ReferenceRunner:
@@ -139,7 +148,7 @@ class ReferenceRunner:
     @torch.no_grad()
     def evaluate(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> dict[str, float]:
         """Mean loss and accuracy over ``batches`` (modules in eval mode, restored after)."""
-        modes = [s.module.training for s in self.stages]
+        modes = [training_modes(s.module) for s in self.stages]
         for s in self.stages:
             s.module.eval()
         total = correct = count = 0.0
@@ -152,9 +161,9 @@ class ReferenceRunner:
                 t, c, n = batch_metrics(h[0], y, loss)
                 total, correct, count = total + t, correct + c, count + n
         finally:
-            for s, mode in zip(self.stages, modes):
-                s.module.train(mode)
-        return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1), "samples": int(count)}
+            for saved in modes:
+                restore_training_modes(saved)
+        return mean_metrics(total, correct, count)
 
     def end_fit(self) -> None:
         """Nothing is in flight in one process; pending entries stay for the next fit."""
@@ -166,7 +175,9 @@ class ReferenceRunner:
                 for r, s in enumerate(self.stages)]
 
     def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
-        for r, (stage, state) in enumerate(zip(self.stages, states)):
-            stage.load_state_dict(state["stage"])
+        # Every stage is checked before any changes: a bad checkpoint leaves all as they were.
+        prepared = [stage.prepare_load(state["stage"]) for stage, state in zip(self.stages, states)]
+        for r, (stage, state, ready) in enumerate(zip(self.stages, states, prepared)):
+            stage.commit_load(state["stage"], ready)
             if r < len(self.caches):
                 self.caches[r].load_state_dict(state["cache"], stage.device)

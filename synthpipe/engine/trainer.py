@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -75,6 +76,15 @@ def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int)
             shown = ", ".join(f"{k}={my_rule[k]!r} here and {their_rule[k]!r} there" for k in differ)
             raise ValueError(f"rank {rank} and rank {other} were given different training options ({shown}); "
                              f"pass the same Trainer options on every rank")
+
+
+def _warn_user(message: str) -> None:
+    """A RuntimeWarning attributed to the first caller outside synthpipe (the user's line)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 class Trainer:
@@ -223,6 +233,7 @@ class Trainer:
                 raise ValueError(f"checkpoint_every must be >= 1 step, got {checkpoint_every}")
         if resume is not None:
             self.load(resume)
+        self.runner.log.clear()  # (the steps of an earlier fit that raised are not this fit's)
         self._fit_start = time.perf_counter()
         self._partial_epoch = None
         self.stopped, self._stop_here = None, None
@@ -338,6 +349,11 @@ class Trainer:
                 else:
                     exhausted = True
             elapsed = time.perf_counter() - t_epoch
+            if exhausted and self.step_in_epoch == 0:
+                _warn_user(f"epoch {self.epoch}: the training loader yielded no batches, so training stops "
+                           f"here (a generator or iterator is used up after one epoch: pass a list or "
+                           f"a DataLoader)")
+                break
             if done and not exhausted and (per_epoch is None or self.step_in_epoch < per_epoch):
                 self._partial_epoch = (self.epoch, steps, samples, elapsed)
                 break  # stopped inside an epoch: no epoch record yet
@@ -403,7 +419,10 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------
     def _evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
         with PrefetchQueue(loader, self.device, depth=self.config.prefetch) as queue:
-            return self.runner.evaluate(queue)
+            metrics = self.runner.evaluate(queue)
+        if metrics["samples"] == 0:
+            _warn_user("evaluate: the loader yielded no batches; loss and accuracy are NaN")
+        return metrics
 
     def evaluate(self, loader: Iterable[Any] | None) -> dict[str, float]:
         """Forward-only pass over ``loader`` (read on rank 0): ``{"loss", "accuracy", "samples"}`` on every rank."""
@@ -455,21 +474,44 @@ class Trainer:
     def load(self, directory: str) -> "Trainer":
         """Restore a checkpoint written by :meth:`save` (same number of stages)."""
         self._agree("load()")
-        def run() -> None:
+        if not isinstance(self.runner, PipelineWorker):
             meta = ckpt.read_meta(directory)
-            if isinstance(self.runner, PipelineWorker):
-                state = ckpt.load_stage(directory, meta, self.rank, self.n_stages, self.device)
-                self.runner.load_state_dict(state)
-                self.runner.next_step = meta["step"]
-            else:
-                states = [ckpt.load_stage(directory, meta, r, self.n_stages, self.device)
-                          for r in range(self.n_stages)]
-                self.runner.load_state_dicts(states)
-                state = states[0]
-            ckpt.set_rng_state(state["rng"])
-            self.step, self.epoch, self.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
-        self._guard(run)
+            states = [ckpt.load_stage(directory, meta, r, self.n_stages, self.device)
+                      for r in range(self.n_stages)]
+            self.runner.load_state_dicts(states)  # checks every stage before changing any
+            self._restore_position(meta, states[0])
+            return self
+
+        worker = self.runner
+        # Every rank reads and checks its part first and learns whether all others could:
+        # a checkpoint that does not fit is an error on every rank, and no rank has loaded.
+        problem = None
+        try:
+            meta = ckpt.read_meta(directory)
+            state = ckpt.load_stage(directory, meta, self.rank, self.n_stages, self.device)
+            prepared = worker.stage.prepare_load(state["stage"])
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            own_error, problem = e, f"{type(e).__name__}: {e}"
+        problems: list[Any] = [None] * self.n_stages
+        self._guard(lambda: dist.all_gather_object(problems, problem))
+        if problem is not None:
+            raise own_error
+        failed = [(r, p) for r, p in enumerate(problems) if p is not None]
+        if failed:
+            raise ValueError("the checkpoint was not loaded on any rank: " +
+                             "; ".join(f"rank {r}: {p}" for r, p in failed))
+
+        def commit() -> None:
+            worker.stage.commit_load(state["stage"], prepared)
+            worker.cache.load_state_dict(state["cache"], self.device)
+            worker.next_step = meta["step"]
+            self._restore_position(meta, state)
+        self._guard(commit)
         return self
+
+    def _restore_position(self, meta: dict[str, Any], state: dict[str, Any]) -> None:
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.epoch, self.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The original model's state_dict (all stages, no synthesizers), on every rank."""

@@ -17,11 +17,11 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple
+from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple, restore_training_modes, training_modes
 from .config import TrainConfig
 from .history import StepLog
 from .metrics import NULL_TIMERS
-from .reference import batch_metrics, nonfinite_message
+from .reference import batch_metrics, mean_metrics, nonfinite_message
 from .targets import TargetCache, train_due_synthesizer
 from .transport import EVAL, EVAL_END, FIT_END, FLAG_SKIPPED, KIND_NAMES, TRAIN, Channel, Message
 
@@ -68,6 +68,7 @@ class PipelineWorker:
         self.stats = [math.nan] * (2 + self.world_size - 1)  # loss, its step, synth loss per boundary
         self.next_step = 0
         self._eval = [0.0, 0.0, 0.0]
+        self._modes_before_eval: list | None = None  # every submodule's flag, while evaluating
         self.timers = NULL_TIMERS  # metrics.Timers() to profile (the benchmark does)
 
     @property
@@ -196,7 +197,9 @@ class PipelineWorker:
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def _eval_batch(self, step: int, x: tuple, y: torch.Tensor) -> None:
-        self.stage.module.eval()
+        if self._modes_before_eval is None:
+            self._modes_before_eval = training_modes(self.stage.module)
+            self.stage.module.eval()
         _, outputs = self.stage.forward(x, requires_grad=False)
         if self.ch.act_out is not None:
             self.ch.act_out.send(EVAL, step, (*outputs, y))
@@ -209,10 +212,12 @@ class PipelineWorker:
         """Every rank: metrics computed on the last rank, broadcast to all."""
         if self.ch.act_out is not None:
             self.ch.act_out.send(EVAL_END, 0)
-        self.stage.module.train()
+        if self._modes_before_eval is not None:
+            restore_training_modes(self._modes_before_eval)
+            self._modes_before_eval = None
         total, correct, count = self._eval
         self._eval = [0.0, 0.0, 0.0]
-        box = [{"loss": total / max(count, 1), "accuracy": correct / max(count, 1), "samples": int(count)}]
+        box = [mean_metrics(total, correct, count)]
         dist.broadcast_object_list(box, src=self.world_size - 1)
         return box[0]
 
@@ -273,7 +278,3 @@ class PipelineWorker:
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage.state_dict(), "cache": self.cache.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage.load_state_dict(state["stage"])
-        self.cache.load_state_dict(state["cache"], self.device)

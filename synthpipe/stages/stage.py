@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.nn.parameter import UninitializedBuffer
 
 from .materialize import InitFn, materialize, on_meta
-from .synthesizer import BoundarySynthesizer, Synthesizer, per_batch
+from .synthesizer import BoundarySynthesizer, Synthesizer, TokenSynth, per_batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -35,9 +35,36 @@ def as_tuple(x: Any) -> tuple:
 
 
 def describe(tensors: Sequence[Any]) -> str:
-    """Shapes and dtypes of a boundary, for error messages."""
-    return ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" if torch.is_tensor(t) else repr(t)
-                     for t in tensors)
+    """Shapes and dtypes of a boundary, for error messages (never a whole value)."""
+    shown = ", ".join(_describe_one(t) for t in tensors[:8])
+    return shown if len(tensors) <= 8 else f"{shown}, ... ({len(tensors)} values)"
+
+
+def _describe_one(t: Any) -> str:
+    if torch.is_tensor(t):
+        return f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
+    shape = getattr(t, "shape", None)
+    if shape is not None:  # numpy arrays and the like
+        return f"{type(t).__name__} of shape {tuple(shape)}"
+    if isinstance(t, (list, tuple, dict)):
+        return f"{type(t).__name__} of {len(t)}"
+    text = repr(t)
+    return text if len(text) <= 60 else f"{type(t).__name__} {text[:40]}..."
+
+
+def training_modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule's train/eval flag, for :func:`restore_training_modes`."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def restore_training_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Put back exactly the flags :func:`training_modes` saw.
+
+    ``module.train(mode)`` would set one flag on every submodule, so a layer the user had
+    put in eval mode (a frozen BatchNorm) would come back in train mode.
+    """
+    for m, training in modes:
+        m.training = training
 
 
 class NonFiniteError(FloatingPointError):
@@ -165,8 +192,10 @@ class Stage:
         assert self.synth is not None and self.recipe is not None
         if callable(self.recipe.kind):
             return  # a custom model checks its own input
-        for i, (t, shape) in enumerate(zip(h, self.synth.shapes)):
-            token = shape is not None and len(shape) == 2 and t.dim() == 3 and t.shape[-1] == shape[-1]
+        for i, (t, shape, part) in enumerate(zip(h, self.synth.shapes, self.synth.parts)):
+            # Only the token synthesizer takes any sequence length.
+            token = (isinstance(part, TokenSynth) and shape is not None and len(shape) == 2
+                     and t.dim() == 3 and t.shape[-1] == shape[-1])
             if shape is not None and tuple(t.shape[1:]) != shape and not token:
                 raise StageInputError(
                     f"{self.name}: boundary tensor {i} has shape {tuple(t.shape)}, but its "
@@ -178,7 +207,11 @@ class Stage:
         synth = self.ensure_synthesizer(h)
         self._check_boundary(h)
         with torch.no_grad():
-            pred = synth(h, _labels_on(y, self.device))
+            try:
+                pred = synth(h, _labels_on(y, self.device))
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                raise StageInputError(f"{self.name}: its synthesizer could not take output {describe(h)} "
+                                      f"with labels {describe([y])}: {e}") from e
         return tuple(None if p is None else per_batch(p, self.synthetic_scale) for p in pred)
 
     def train_synthesizer(self, h: Sequence[torch.Tensor], y: torch.Tensor | None,
@@ -281,26 +314,98 @@ class Stage:
         return {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "optimizer_class": _class_name(self.optimizer),
             "synth_shapes": self.synth.shapes if self.synth is not None else None,
             "synth_dtype": _synth_dtype(self.synth),
             "synth": self.synth.state_dict() if self.synth is not None else None,
             "synth_optimizer": self.synth_optimizer.state_dict() if self.synth_optimizer else None,
+            "synth_optimizer_class": _class_name(self.synth_optimizer),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; on a mismatch, raise and change nothing."""
+        self.commit_load(state, self.prepare_load(state))
+
+    def prepare_load(self, state: dict[str, Any]) -> tuple[BoundarySynthesizer | None, torch.optim.Optimizer | None]:
+        """Check ``state`` against this stage and build its synthesizer from it; changes nothing.
+
+        Returns what :meth:`commit_load` installs. Raises ``ValueError`` naming the stage
+        when the state holds other tensors or shapes (a model split differently), another
+        optimizer, or a synthesizer that does not fit.
+        """
+        _check_module_state(self.name, self.module.state_dict(), state["module"])
+        _check_optimizer_state(f"{self.name}'s optimizer", self.optimizer, state["optimizer"],
+                               state.get("optimizer_class"))
+        if state.get("synth") is None:
+            return None, None
+        if self.recipe is None:
+            raise ValueError(f"{self.name}: the checkpoint holds a synthesizer, but this trainer "
+                             f"has none for the stage (pass synthesizer=...)")
+        example = [torch.zeros((2, *s), device=self.device, dtype=state["synth_dtype"]) if s is not None
+                   else torch.zeros(2, dtype=torch.long, device=self.device)
+                   for s in state["synth_shapes"]]
+        synth = self.recipe.build(self.index, example)
+        try:
+            synth.load_state_dict(state["synth"])
+        except RuntimeError as e:
+            raise ValueError(f"{self.name}: the checkpoint's synthesizer does not fit this trainer's "
+                             f"{self.recipe!r}: {e}") from e
+        params = list(synth.parameters())
+        synth_optimizer = self.synth_optimizer_factory(params) if params else None
+        _check_optimizer_state(f"{self.name}'s synthesizer optimizer", synth_optimizer,
+                               state["synth_optimizer"], state.get("synth_optimizer_class"))
+        if synth_optimizer is not None and state["synth_optimizer"] is not None:
+            synth_optimizer.load_state_dict(state["synth_optimizer"])
+        return synth, synth_optimizer
+
+    def commit_load(self, state: dict[str, Any],
+                    prepared: tuple[BoundarySynthesizer | None, torch.optim.Optimizer | None]) -> None:
+        """Install a state that :meth:`prepare_load` accepted (no check fails from here on)."""
         self.module.load_state_dict(state["module"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("synth") is not None:
-            example = [torch.zeros((2, *s), device=self.device, dtype=state["synth_dtype"]) if s is not None
-                       else torch.zeros(2, dtype=torch.long, device=self.device)
-                       for s in state["synth_shapes"]]
-            self.synth = None
-            self.ensure_synthesizer(example)
-            assert self.synth is not None
-            self.synth.load_state_dict(state["synth"])
-            if self.synth_optimizer is not None and state["synth_optimizer"] is not None:
-                self.synth_optimizer.load_state_dict(state["synth_optimizer"])
+        # A checkpoint from before the first synthetic gradient has no synthesizer: the
+        # stage builds a fresh one from its next activation, as that run did.
+        self.synth, self.synth_optimizer = prepared
+
+
+def _class_name(obj: Any) -> str | None:
+    return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _check_module_state(name: str, own: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
+    missing = [k for k in own if k not in saved]
+    extra = [k for k in saved if k not in own]
+    if missing or extra:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+        parts = ([f"lacks {show(missing)}"] if missing else []) + ([f"has {show(extra)} besides"] if extra else [])
+        raise ValueError(f"{name}: the checkpoint's {name} {' and '.join(parts)}: the model was split "
+                         f"differently (another balance or points) or is another model")
+    for k, t in own.items():
+        v = saved[k]
+        if torch.is_tensor(v) and tuple(v.shape) != tuple(t.shape):
+            raise ValueError(f"{name}: {k!r} has shape {tuple(v.shape)} in the checkpoint but "
+                             f"{tuple(t.shape)} in this trainer's model")
+
+
+def _check_optimizer_state(what: str, optimizer: torch.optim.Optimizer | None, saved: dict[str, Any] | None,
+                           saved_class: str | None) -> None:
+    if optimizer is None or saved is None:
+        return
+    own_class = _class_name(optimizer)
+    if saved_class is not None and saved_class != own_class:
+        raise ValueError(f"{what}: the checkpoint was saved with {saved_class}, this trainer uses {own_class}")
+    groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
+    lacking = sorted({k for g in groups for k in g} - {k for g in saved_groups for k in g})
+    if lacking:  # a checkpoint older than the class names: another optimizer's settings
+        raise ValueError(f"{what}: the checkpoint's optimizer state has no {', '.join(lacking)}: it was saved "
+                         f"with another optimizer than this trainer's {own_class}")
+    sizes = [len(g["params"]) for g in groups]
+    saved_sizes = [len(g["params"]) for g in saved_groups]
+    if sizes != saved_sizes:
+        raise ValueError(f"{what}: the checkpoint has parameter groups of sizes {saved_sizes}, "
+                         f"this trainer {sizes}")
 
 
 def running_statistics(module: nn.Module) -> list[torch.Tensor]:

@@ -283,6 +283,11 @@ class Synthesizer:
             raise ValueError(f"unknown synthesizer kind {kind!r}; choose one of {', '.join(KINDS)} or pass a callable")
         if conditional and not num_classes:
             raise ValueError("a conditional synthesizer (cDNI) needs num_classes")
+        if conditional and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if kind in ("conv", "auto") and "kernel_size" in options and options["kernel_size"] % 2 == 0:
+            raise ValueError(f"the conv synthesizer's kernel_size must be odd (it keeps H and W with "
+                             f"padding kernel_size // 2), got {options['kernel_size']}")
         self.kind = kind
         self.conditional = conditional
         self.num_classes = num_classes if conditional else None
