@@ -219,6 +219,17 @@ def test_a_checkpoint_that_does_not_fit_some_rank_is_an_error_on_every_rank_and_
         "ValueError: the checkpoint was not loaded on any rank: rank 1: FileNotFoundError: "), results[0]["errors"][1]
 
 
+@pytest.mark.parametrize("text, message", [("", "is corrupt \\(JSONDecodeError"), ("[1, 2]", "is corrupt: it holds a JSON list"),
+                                           ('{"epoch": 0}', "is corrupt: it has no step, step_in_epoch, n_stages")])
+def test_a_corrupt_meta_file_is_named(tmp_path, text, message):
+    (tmp_path / "meta.json").write_text(text)
+    t = trainer()
+    with pytest.raises(ValueError, match=str(tmp_path / "meta.json").replace(".", "\\.") + " " + message):
+        t.load(str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        export_checkpoint(str(tmp_path), str(tmp_path / "model.pt"))
+
+
 def test_resume_with_a_shuffled_loader_sees_the_same_order(tmp_path):
     from synthpipe import data
     dataset = torch.utils.data.TensorDataset(*[torch.cat(t) for t in zip(*make_batches(6))])

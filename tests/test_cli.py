@@ -133,6 +133,33 @@ def test_nccl_without_cuda_is_a_clear_error(capsys):
         assert "nccl" in err and "CUDA" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_output_paths_of_the_wrong_kind_are_refused_before_training(capsys, tmp_path, nproc):
+    # Before, each of these trained to the end and then failed, losing the run.
+    a_file, a_dir = tmp_path / "afile", tmp_path / "adir"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    for flags, message in ((["--checkpoint", str(a_file)], f"--checkpoint {a_file} is a file"),
+                           (["--output", str(a_file)], f"--output {a_file} is a file"),
+                           (["--export", str(a_dir)], f"--export {a_dir} is a directory"),
+                           (["--resume", str(a_dir)], f"--resume {a_dir} is not a complete synthpipe checkpoint")):
+        argv = ["train", "--nproc", nproc, "--stages", "2", *TINY, *flags]
+        assert cli.main(argv) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--failure-timeout", "inf"], "failure_timeout must be a finite number of seconds above 1; got inf"),
+    (["--failure-timeout", "nan"], "failure_timeout must be a finite number of seconds above 1; got nan"),
+    (["--scale", "nan"], "synthetic_scale (--scale) must be finite; got nan"),
+    (["--nproc", "1", "--nnodes", "2"], "--nnodes 2 needs a rendezvous the nodes can reach: --rdzv-endpoint"),
+])
+def test_values_that_would_hang_or_mislead_are_refused(capsys, flags, message):
+    assert cli.main(["train", "--stages", "2", *TINY, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bad_config_is_a_clear_error(capsys, tmp_path):
     config = tmp_path / "job.toml"
     config.write_text("epoch = 3\n")

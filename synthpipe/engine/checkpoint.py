@@ -92,8 +92,18 @@ def read_meta(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, META)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} is not a complete synthpipe checkpoint (no {META})")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:  # not JSON (a file cut short, say)
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}); it is not a synthpipe checkpoint's "
+                         f"{META}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is corrupt: it holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in ("step", "epoch", "step_in_epoch", "n_stages") if k not in meta]
+    if missing:
+        raise ValueError(f"{path} is corrupt: it has no {', '.join(missing)}")
+    return meta
 
 
 def load_stage(directory: str, meta: Mapping[str, Any], rank: int, n_stages: int,

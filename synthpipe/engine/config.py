@@ -1,6 +1,8 @@
 """Training options of the engine, as one plain dataclass (torchtitan style)."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from typing import Optional
 
@@ -54,8 +56,10 @@ class TrainConfig:
         _check_count("warmup_steps", self.warmup_steps, minimum=0)
         _check_count("log_every", self.log_every, minimum=1)
         _check_count("prefetch", self.prefetch, minimum=1)
-        if self.failure_timeout <= 1:
-            raise ValueError(f"failure_timeout must exceed 1 second, got {self.failure_timeout}")
+        if not 1 < self.failure_timeout < math.inf:  # (NaN fails this too)
+            raise ValueError(f"failure_timeout must be a finite number of seconds above 1, got {self.failure_timeout}")
+        if not math.isfinite(self.synthetic_scale):
+            raise ValueError(f"synthetic_scale must be finite, got {self.synthetic_scale}")
 
     @property
     def trains_synthesizers(self) -> bool:

@@ -71,7 +71,7 @@ def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int)
                 f"{[k for k, _ in my_split[stage]][:4]}... here and {[k for k, _ in their_split[stage]][:4]}... there); "
                 f"build the same model on every rank and split it with an explicit balance (a by='time' "
                 f"profile can differ between ranks: compute it on one rank and broadcast it)")
-        differ = [k for k in _RULE_OPTIONS if their_rule[k] != my_rule[k]]
+        differ = [k for k in _RULE_OPTIONS if other != rank and their_rule[k] != my_rule[k]]
         if differ:
             shown = ", ".join(f"{k}={my_rule[k]!r} here and {their_rule[k]!r} there" for k in differ)
             raise ValueError(f"rank {rank} and rank {other} were given different training options ({shown}); "

@@ -120,6 +120,9 @@ def run_train(args: argparse.Namespace) -> int:
     nnodes = _nnodes(nnodes_text)
     if nnodes is not None and nnodes < 1:
         return _error("train", f"--nnodes must be >= 1; got {nnodes_text}")
+    if nnodes != 1 and not any(k in torchrun for k in ("rdzv_endpoint", "master_addr")):
+        return _error("train", f"--nnodes {nnodes_text} needs a rendezvous the nodes can reach: "
+                               f"--rdzv-endpoint HOST:PORT (or --master-addr and --master-port)")
     if args.nproc == 1 and nnodes == 1:
         if set(torchrun) - {"nnodes"}:
             flags = ", ".join("--" + k.replace("_", "-") for k in sorted(set(torchrun) - {"nnodes"}))

@@ -20,6 +20,7 @@ A config file is flat TOML, one key per field::
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 import os
 import typing
@@ -201,8 +202,10 @@ class JobConfig:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
         if self.checkpoint_every is not None and self.checkpoint is None:
             raise ValueError("checkpoint_every needs a checkpoint directory (--checkpoint DIR) to save into")
-        if self.failure_timeout <= 1:
-            raise ValueError(f"failure_timeout must exceed 1 second; got {self.failure_timeout}")
+        if not 1 < self.failure_timeout < math.inf:  # (NaN fails this too)
+            raise ValueError(f"failure_timeout must be a finite number of seconds above 1; got {self.failure_timeout}")
+        if not math.isfinite(self.synthetic_scale):
+            raise ValueError(f"synthetic_scale (--scale) must be finite; got {self.synthetic_scale}")
         if self.balance is not None:
             if any(b < 1 for b in self.balance):
                 raise ValueError(f"balance entries must be >= 1; got {self.balance}")

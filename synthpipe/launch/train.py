@@ -98,6 +98,18 @@ def preflight(cfg: JobConfig, world: int) -> None:
         backend_for(device, cfg.backend)
     except (RuntimeError, ValueError) as e:
         raise LaunchError(str(e)) from None
+    _check_paths(cfg)
+
+
+def _check_paths(cfg: JobConfig) -> None:
+    """Output paths of the wrong kind would fail only after training, losing it."""
+    for flag, path in (("--checkpoint", cfg.checkpoint), ("--output", cfg.output)):
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            raise LaunchError(f"{flag} {path} is a file; it must be a directory (it is created if missing)")
+    if cfg.export is not None and os.path.isdir(cfg.export):
+        raise LaunchError(f"--export {cfg.export} is a directory; give a file path such as {cfg.export}/model.pt")
+    if cfg.resume is not None and not os.path.isfile(os.path.join(cfg.resume, "meta.json")):
+        raise LaunchError(f"--resume {cfg.resume} is not a complete synthpipe checkpoint (no meta.json)")
 
 
 def build_model(cfg: JobConfig, in_features: int, num_classes: int) -> Any:
