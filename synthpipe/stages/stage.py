@@ -182,10 +182,15 @@ class Stage:
         if self.synth is None:
             if self.recipe is None:
                 raise ValueError(f"{self.name} has no synthesizer; pass synthesizer=sp.Synthesizer(...)")
-            self.synth = self.recipe.build(self.index, [t.detach() for t in example])
-            params = list(self.synth.parameters())
-            self.synth_optimizer = self.synth_optimizer_factory(params) if params else None
+            self.synth, self.synth_optimizer = self._new_synthesizer([t.detach() for t in example])
         return self.synth
+
+    def _new_synthesizer(self, example: Sequence[torch.Tensor]) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None]:
+        """A synthesizer built by the recipe from ``example``, and its optimizer."""
+        assert self.recipe is not None
+        synth = self.recipe.build(self.index, example)
+        params = list(synth.parameters())
+        return synth, (self.synth_optimizer_factory(params) if params else None)
 
     def _check_boundary(self, h: Sequence[torch.Tensor]) -> None:
         """Name the stage and shapes when an activation no longer fits the synthesizer."""
@@ -344,14 +349,12 @@ class Stage:
         example = [torch.zeros((2, *s), device=self.device, dtype=state["synth_dtype"]) if s is not None
                    else torch.zeros(2, dtype=torch.long, device=self.device)
                    for s in state["synth_shapes"]]
-        synth = self.recipe.build(self.index, example)
+        synth, synth_optimizer = self._new_synthesizer(example)
         try:
             synth.load_state_dict(state["synth"])
         except RuntimeError as e:
             raise ValueError(f"{self.name}: the checkpoint's synthesizer does not fit this trainer's "
                              f"{self.recipe!r}: {e}") from e
-        params = list(synth.parameters())
-        synth_optimizer = self.synth_optimizer_factory(params) if params else None
         _check_optimizer_state(f"{self.name}'s synthesizer optimizer", synth_optimizer,
                                state["synth_optimizer"], state.get("synth_optimizer_class"))
         if synth_optimizer is not None and state["synth_optimizer"] is not None:
