@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -428,13 +429,20 @@ def test_save_called_on_one_rank_only_is_an_error_on_every_rank_not_a_hang(tmp_p
 
 
 class SignallingBatches:
-    """The batches; at batch ``at`` the loader sends SIGTERM to ``pid`` (a scheduler stopping the
-    job) and from then on takes ``delay`` seconds per batch, so the run is still going when
-    the request arrives. It refuses to signal a process without a SIGTERM handler of its own
-    making (that would kill the test run) by raising instead."""
+    """The batches; at batch ``at`` the loader sends ``signum`` (default SIGTERM: a scheduler
+    stopping the job) to ``pid`` and from then on takes ``delay`` seconds per batch, so the
+    run is still going when the request arrives. Batches listed in ``again`` send it once
+    more, once ``handled()`` says the first was taken (two signals sent at once may arrive as
+    one). It refuses to signal this process without a handler of the fit's making (that
+    would kill the test run) by raising instead."""
 
-    def __init__(self, batches: list, at: int, pid: int, delay: float = 0.0):
-        self.batches, self.at, self.pid, self.delay = batches, at, pid, delay
+    def __init__(self, batches: list, at: int, pid: int, delay: float = 0.0, signum: int | None = None,
+                 again: tuple = (), handled: Any = None):
+        import signal
+
+        self.batches, self.at, self.pid, self.delay, self.again = batches, at, pid, delay, again
+        self.handled = handled
+        self.signum = signal.SIGTERM if signum is None else signum
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -444,10 +452,15 @@ class SignallingBatches:
         import time
 
         for i, b in enumerate(self.batches):
-            if i == self.at:
-                if self.pid == os.getpid() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                    raise AssertionError("fit installed no SIGTERM handler")
-                os.kill(self.pid, signal.SIGTERM)
+            if i in self.again:
+                deadline = time.monotonic() + 10
+                while not self.handled() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            if i == self.at or i in self.again:
+                if self.pid == os.getpid() and signal.getsignal(self.signum) in (signal.SIG_DFL,
+                                                                                  signal.default_int_handler):
+                    raise AssertionError(f"fit installed no {signal.Signals(self.signum).name} handler")
+                os.kill(self.pid, self.signum)
             if i >= self.at:
                 time.sleep(self.delay)
             yield b
@@ -492,18 +505,76 @@ def test_a_sigterm_that_comes_during_the_last_save_is_acted_on_after_it(tmp_path
     assert killed == [(os.getpid(), signal.SIGTERM)]  # then the signal gets its default action
 
 
-def test_without_a_checkpoint_sigterm_is_left_alone():
+def test_ctrl_c_stops_the_run_like_sigterm_and_says_so(tmp_path, capfd):
+    import signal
+
+    batches = make_batches(n=40)
+    t = trainer()
+    t.fit(SignallingBatches(batches, at=5, pid=os.getpid(), delay=0.01, signum=signal.SIGINT), max_steps=40,
+          checkpoint=str(tmp_path))
+    s = t.step
+    assert t.stopped == "SIGINT on rank 0" and 0 < s < 40
+    assert read_meta(str(tmp_path))["step"] == s
+    assert "press Ctrl-C again to stop at once" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is normal again
+    straight = trainer()
+    straight.fit(batches, max_steps=s)
+    assert_equal(everything(t), everything(straight))  # as if max_steps had been s
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    import signal
+
+    batches = make_batches(n=40)
+    t = trainer()
+    t.fit(batches, max_steps=3, checkpoint=str(tmp_path))  # a complete checkpoint at step 3
+    # The first Ctrl-C asks for a stop; before the step ends (the loader reads ahead) a second one comes.
+    loader = SignallingBatches(batches, at=4, pid=os.getpid(), signum=signal.SIGINT, again=(5,),
+                               handled=lambda: t._stop_here is not None)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(loader, max_steps=40, checkpoint=str(tmp_path))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert read_meta(str(tmp_path))["step"] == 3  # no save was made on the way out; the last one is whole
+    resumed = trainer()
+    resumed.fit(batches, max_steps=3, resume=str(tmp_path))
+    assert resumed.step == 3
+
+
+def test_a_ctrl_c_during_the_last_save_interrupts_after_it(tmp_path, monkeypatch):
+    import signal
+
+    t = trainer()
+    save = t.save
+
+    def save_and_get_interrupted(directory):
+        save(directory)
+        signal.raise_signal(signal.SIGINT)  # the fit's handler takes it: the loop is over already
+    monkeypatch.setattr(t, "save", save_and_get_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(make_batches(4), checkpoint=str(tmp_path))
+    assert t.step == 4 and read_meta(str(tmp_path))["step"] == 4  # the run completed and was saved first
+
+
+def test_without_a_checkpoint_sigterm_and_ctrl_c_are_left_alone():
     import signal
 
     seen = []
 
     class Watching(list):
+        def __init__(self, batches):
+            super().__init__(batches)
+            self.interrupt = []
+
         def __iter__(self):
             for b in super().__iter__():
                 seen.append(signal.getsignal(signal.SIGTERM))
+                self.interrupt.append(signal.getsignal(signal.SIGINT))
                 yield b
-    trainer().fit(Watching(make_batches(3)))
+    batches = Watching(make_batches(3))
+    trainer().fit(batches)
     assert seen and all(h is signal.SIG_DFL for h in seen)
+    assert all(h is signal.default_int_handler for h in batches.interrupt)  # Ctrl-C raises as usual
 
 
 def stop_across_ranks(rank: int, directory: str, batches: list) -> dict:

@@ -292,13 +292,17 @@ def _running(p) -> bool:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("to", ["command", "group", "rank 1"])
-def test_sigterm_stops_torchrun_s_ranks_after_they_save(tmp_path, to):
+@pytest.mark.parametrize("sig, to", [("SIGTERM", "command"), ("SIGTERM", "group"), ("SIGTERM", "rank 1"),
+                                     ("SIGINT", "group")])
+def test_a_signal_stops_torchrun_s_ranks_after_they_save(tmp_path, sig, to):
     """SIGTERM as schedulers send it: to the command (Kubernetes), to its process group (a
-    terminal, ``kill -- -PGID``), or to one rank. Every rank stops cleanly, the checkpoint
-    is whole, torchrun is hit once, and the command ends only after its ranks have."""
+    terminal, ``kill -- -PGID``), or to one rank; and Ctrl-C (SIGINT to the terminal's
+    foreground group, which torchrun passes on to the ranks). Every rank stops cleanly, the
+    checkpoint is whole, torchrun is hit once, and the command ends only after its ranks have."""
     import re
     import time
+
+    signum = signal.Signals[sig]
 
     proc = start([*SYNTHPIPE, "train", "--nproc", "2", "--stages", "2", "--num-samples", "600", "--epochs", "1000",
                   "--no-progress", "--no-compare", "--checkpoint", "ck", "--checkpoint-every", "1"], str(tmp_path))
@@ -312,12 +316,12 @@ def test_sigterm_stops_torchrun_s_ranks_after_they_save(tmp_path, to):
         ranks = _ranks_of(proc)
         assert len(ranks) == 2, ranks
         if to == "command":
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
         elif to == "group":
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signum)
         else:
             rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
-            rank1.send_signal(signal.SIGTERM)
+            rank1.send_signal(signum)
         code, out, err = finish(proc, timeout=90)
         orphans = [p.pid for p in ranks if _running(p)]
     finally:
@@ -330,9 +334,9 @@ def test_sigterm_stops_torchrun_s_ranks_after_they_save(tmp_path, to):
     assert code != 0
     assert not orphans, f"the command exited while ranks {orphans} were still running\n{err[-3000:]}"
     who = "rank 1" if to == "rank 1" else "rank "
-    assert f"stopped by SIGTERM on {who}" in err and "continue with --resume ck" in err, err[-3000:]
-    assert not re.search(r"exitcode\s*:\s*-15", err), f"a rank was killed by SIGTERM\n{err[-3000:]}"
-    assert "During handling of the above exception" not in err, f"torchrun got SIGTERM twice\n{err[-3000:]}"
+    assert f"stopped by {sig} on {who}" in err and "continue with --resume ck" in err, err[-3000:]
+    assert not re.search(r"exitcode\s*:\s*-(15|2)\b", err), f"a rank was killed by a signal\n{err[-3000:]}"
+    assert "During handling of the above exception" not in err, f"torchrun got {sig} twice\n{err[-3000:]}"
     step = read_meta(str(tmp_path / "ck"))["step"]
     assert 1 <= step < 1000 * 8
     assert sorted(os.listdir(tmp_path / "ck")) == ["meta.json", f"stage-0-{step}.pt", f"stage-1-{step}.pt"]
@@ -369,3 +373,52 @@ def test_a_second_sigterm_after_a_stopped_fit_does_not_kill_the_rank(tmp_path):
     assert code == 128 + signal.SIGTERM, (code, err[-3000:])  # -15 if the second SIGTERM killed it
     assert "stopped by SIGTERM on rank 0 at step 4" in err, err[-3000:]
     assert read_meta(str(tmp_path / "ck"))["step"] == 4
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_one_process_with_a_checkpoint_it_resumes_from(tmp_path):
+    """Ctrl-C (SIGINT) with --checkpoint: the step ends, the checkpoint is saved, the command
+    says how to continue and exits with 130, as a shell reports an interrupted command."""
+    import time
+
+    args = ["--stages", "2", "--num-samples", "600", "--no-progress", "--no-compare", "--checkpoint", "ck"]
+    proc = start([*SYNTHPIPE, "train", *args, "--epochs", "1000", "--checkpoint-every", "4"], str(tmp_path))
+    meta = tmp_path / "ck" / "meta.json"
+    try:
+        deadline = time.monotonic() + 90
+        while not meta.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert meta.exists() and proc.poll() is None, "training never saved its first checkpoint"
+        os.killpg(proc.pid, signal.SIGINT)
+        code, out, err = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert code == 128 + signal.SIGINT, (code, err[-3000:])
+    assert "press Ctrl-C again to stop at once" in err and "Traceback" not in err, err[-3000:]
+    step = read_meta(str(tmp_path / "ck"))["step"]
+    assert f"stopped by SIGINT on rank 0 at step {step}; checkpoint saved to ck; continue with --resume ck" in err
+    assert step % 4 != 0 or step > 0  # (saved where it stopped, not only at the periodic saves)
+    code, out, err = run([*SYNTHPIPE, "train", *args, "--resume", "ck", "--max-steps", str(step + 2)], str(tmp_path))
+    assert code == 0, err[-3000:]
+    assert read_meta(str(tmp_path / "ck"))["step"] == step + 2
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_without_a_checkpoint_says_nothing_was_saved(tmp_path):
+    import time
+
+    proc = start([*SYNTHPIPE, "train", "--stages", "2", "--num-samples", "600", "--epochs", "1000", "--no-compare",
+                  "--no-progress"], str(tmp_path))
+    try:
+        time.sleep(4.0)  # (before or after training starts: the answer is the same)
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGINT)
+        code, out, err = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert code == 128 + signal.SIGINT, (code, err[-3000:])
+    assert "nothing was saved (no --checkpoint)" in err and "Traceback" not in err, err[-3000:]

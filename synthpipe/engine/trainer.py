@@ -165,7 +165,8 @@ class Trainer:
         self._partial_epoch: tuple[int, int, int, float] | None = None  # epoch, steps, samples, seconds
         self._bar: Any = None
         self.stopped: str | None = None  # why the last fit ended early (e.g. "SIGTERM on rank 1")
-        self._stop_here: str | None = None  # set by this process's SIGTERM handler
+        self._stop_here: str | None = None  # set by this process's SIGTERM/SIGINT handler
+        self._stop_signal: int = signal.SIGTERM  # (which of the two it was)
         self._stops_before = 0  # the watchdog's stop count when the fit began
 
     def _channel_device(self) -> torch.device:
@@ -216,11 +217,14 @@ class Trainer:
         ``resume``: a different plan is a ``ValueError`` on every rank before anything runs.
 
         With a ``checkpoint``, SIGTERM (what torchrun and cluster schedulers send before
-        killing a job) stops the run cleanly instead of killing it: whichever rank gets
-        it, rank 0 ends the data loop after its current step, the pipeline drains, every
-        rank saves, and ``fit`` returns with :attr:`stopped` naming the signal and rank
-        (the run continues with ``resume=checkpoint``). The handler is installed only for
-        the fit, in the main thread, and only where SIGTERM has no handler already.
+        killing a job) and a first SIGINT (Ctrl-C; torchrun passes it on to the ranks) stop
+        the run cleanly instead of killing it: whichever rank gets it, rank 0 ends the data
+        loop after its current step, the pipeline drains, every rank saves, and ``fit``
+        returns with :attr:`stopped` naming the signal and rank (for example ``"SIGINT on
+        rank 0"``; the run continues with ``resume=checkpoint``). A second SIGINT raises
+        ``KeyboardInterrupt`` at once, as Ctrl-C normally does; the last complete
+        checkpoint is kept. The handlers are installed only for the fit, in the main
+        thread, and only where the signal has its default handler.
         Returns the :class:`History` (the same on every rank).
         """
         given = [f"{name}=..." for name, value in (("checkpoint", checkpoint), ("resume", resume)) if value is not None]
@@ -239,7 +243,7 @@ class Trainer:
         self.stopped, self._stop_here = None, None
         self._stops_before = self.watchdog.stops if self.watchdog is not None else 0
         history = History()
-        previous_handler = self._catch_sigterm() if checkpoint is not None else None
+        previous_handlers = self._catch_stop_signals() if checkpoint is not None else {}
         try:
             while True:
                 goal = max_steps
@@ -256,29 +260,50 @@ class Trainer:
                 if self._fit_finished or checkpoint_every is None:
                     break
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-        if previous_handler is not None and self._stop_here is not None and self.stopped is None:
+        if self._stop_here is not None and self.stopped is None:
             # The signal came after the data loop had ended (during the last save, say): the
-            # run is complete and saved, so act on it now as SIGTERM's default would have.
-            os.kill(os.getpid(), signal.SIGTERM)
+            # run is complete and saved, so act on it now as the signal's default would have.
+            if self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), self._stop_signal)
         return history
 
-    def _catch_sigterm(self) -> Any:
-        """Turn SIGTERM into a clean stop for this fit; returns the handler to restore (or None)."""
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """Turn SIGTERM and a first SIGINT into a clean stop for this fit.
+
+        Returns ``{signal: handler to restore}`` for the signals it took over: only those
+        with their default handler (an application's own handler is left alone), and none
+        outside the main thread (where Python cannot set handlers).
+        """
         if threading.current_thread() is not threading.main_thread():
-            return None
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return None  # the application handles SIGTERM itself
+            return {}
+        previous: dict[int, Any] = {}
 
         def stop(signum: int, frame: Any) -> None:
-            self._stop_here = f"{signal.Signals(signum).name} on rank {self.rank}"
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT and self._stop_here is not None:
+                # Ctrl-C again: the user wants out now, not after the save. Saves are atomic, so
+                # the last complete checkpoint survives this.
+                signal.signal(signal.SIGINT, previous[signal.SIGINT])
+                raise KeyboardInterrupt
+            if self._stop_here is None:
+                self._stop_here, self._stop_signal = f"{name} on rank {self.rank}", signum
+                if signum == signal.SIGINT and self.rank == 0:
+                    # (os.write: print() is not safe here, the main thread may be inside one)
+                    os.write(2, b"\nsynthpipe: stopping after this step and saving the checkpoint; "
+                                b"press Ctrl-C again to stop at once\n")
             if self.watchdog is not None:
-                self.watchdog.request_stop(signal.Signals(signum).name)  # for rank 0, if this is not it
-        return signal.signal(signal.SIGTERM, stop)
+                self.watchdog.request_stop(name)  # for rank 0, if this is not it
+
+        for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, stop)
+        return previous
 
     def _stop_requested(self) -> str | None:
         """Rank 0: the reason to stop now, if this process or another rank was asked to."""

@@ -264,6 +264,14 @@ def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, de
 
 # -- the job ------------------------------------------------------------------------------
 
+def stop_exit_code(stopped: str) -> int:
+    """The exit code of a run that stopped cleanly on a signal: ``128 + signal``, as if the
+    signal had killed it (130 for SIGINT, 143 for SIGTERM), so schedulers and shells see
+    what stopped it. ``stopped`` is :attr:`Trainer.stopped`, e.g. ``"SIGINT on rank 1"``."""
+    name = stopped.split()[0]
+    return 128 + int(signal.Signals[name]) if name in signal.Signals.__members__ else 1
+
+
 def _throughput(history: Any, steps_run: int, batch_size: int) -> tuple[int, float]:
     """(samples, seconds) of training in this fit, from the epoch records or the step times."""
     if history.epochs:
@@ -272,8 +280,31 @@ def _throughput(history: Any, steps_run: int, batch_size: int) -> tuple[int, flo
     return steps_run * batch_size, (max(times) if times else 0.0)
 
 
+def _say_interrupted(cfg: JobConfig, where: str = "") -> None:
+    """Rank 0 says what a Ctrl-C left behind."""
+    if env_rank() != 0:
+        return
+    from ..engine.checkpoint import read_meta
+
+    try:
+        kept = f"the checkpoint of step {read_meta(cfg.checkpoint)['step']} in {cfg.checkpoint} is kept"
+    except (TypeError, OSError, ValueError, KeyError):  # no --checkpoint, or nothing saved there yet
+        kept = "nothing was saved" + (" (no --checkpoint)" if cfg.checkpoint is None else "")
+    print(f"\nsynthpipe train: interrupted{where}; {kept}", file=sys.stderr, flush=True)
+
+
 def run(cfg: JobConfig) -> int:
-    """Train the job ``cfg`` in this process (one rank of it under torchrun). Returns the exit code."""
+    """Train the job ``cfg`` in this process (one rank of it under torchrun). Returns the exit code.
+
+    Ctrl-C ends it with 130 (128 + SIGINT) and a line saying what was saved, not a traceback."""
+    try:
+        return _run(cfg)
+    except KeyboardInterrupt:  # before training started, or after it ended
+        _say_interrupted(cfg)
+        return 128 + signal.SIGINT
+
+
+def _run(cfg: JobConfig) -> int:
     import torch
 
     torch.set_num_threads(cfg.threads)
@@ -320,15 +351,15 @@ def run(cfg: JobConfig) -> int:
     try:
         history = trainer.fit(loader, epochs=cfg.epochs, eval_loader=loader_eval, max_steps=cfg.max_steps,
                               resume=cfg.resume, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every)
-        if trainer.stopped is not None:  # SIGTERM: the checkpoint is saved; skip the rest
+        if trainer.stopped is not None:  # SIGTERM or Ctrl-C: the checkpoint is saved; skip the rest
             # We are already exiting as asked. A second SIGTERM (torchrun sends one to the
-            # other ranks when the first exits with 143) must not kill us mid-close.
+            # other ranks when the first exits) must not kill us mid-close.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if rank == 0:
                 print(f"synthpipe train: stopped by {trainer.stopped} at step {trainer.step}; checkpoint saved "
                       f"to {cfg.checkpoint}; continue with --resume {cfg.checkpoint}", file=sys.stderr, flush=True)
             trainer.close()
-            return 128 + signal.SIGTERM
+            return stop_exit_code(trainer.stopped)
         final_epoch_eval = (bool(history.epochs) and "eval_accuracy" in history.final
                             and history.final["epoch"] == trainer.epoch - 1 and trainer.step_in_epoch == 0)
         if final_epoch_eval:
@@ -340,8 +371,9 @@ def run(cfg: JobConfig) -> int:
             trainer.export(cfg.export)
         steps_total = trainer.step
         trainer.close()
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, or the first one without --checkpoint
+        _say_interrupted(cfg, f" at step {trainer.step}")
+        return 128 + signal.SIGINT
     except (ValueError, RuntimeError, ArithmeticError, OSError) as e:
         where = f" on rank {rank}" if world > 1 else ""
         print(f"synthpipe train: training failed{where}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
