@@ -57,12 +57,13 @@ ALL_FLAGS = ["--model", "deep_mlp", "--depth", "4", "--hidden", "32", "--data", 
              "--seed", "5", "--stages", "3", "--balance", "3,3,3", "--split-by", "time", "--gradients", "backprop",
              "--synthesizer", "mlp", "--no-conditional", "--synth-lr", "0.002", "--scale", "0.5", "--delay", "1",
              "--warmup-steps", "3", "--max-inflight", "2", "--nonfinite", "skip", "--failure-timeout", "12",
-             "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck", "--resume", "old",
+             "--stall-warning", "60", "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck", "--resume", "old",
              "--checkpoint-every", "4", "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out"]
 EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samples=300, features=16, batch_size=32,
                 epochs=2, max_steps=7, lr=0.01, seed=5, n_stages=3, balance=[3, 3, 3], split_by="time",
                 gradients="backprop", synthesizer="mlp", conditional=False, synth_lr=0.002, synthetic_scale=0.5,
-                delay=1, warmup_steps=3, max_inflight=2, nonfinite="skip", failure_timeout=12.0, device="cpu",
+                delay=1, warmup_steps=3, max_inflight=2, nonfinite="skip", failure_timeout=12.0, stall_warning=60.0,
+                device="cpu",
                 backend="gloo", threads=2, checkpoint="ck", checkpoint_every=4, resume="old", export="m.pt",
                 compare_backprop=False, progress=False, output="out")
 
@@ -152,6 +153,7 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_training(capsys, tmp_
 @pytest.mark.parametrize("flags, message", [
     (["--failure-timeout", "inf"], "failure_timeout must be a finite number of seconds above 1; got inf"),
     (["--failure-timeout", "nan"], "failure_timeout must be a finite number of seconds above 1; got nan"),
+    (["--stall-warning", "-1"], "stall_warning must be a finite number of seconds, 0 for none; got -1.0"),
     (["--scale", "nan"], "synthetic_scale (--scale) must be finite; got nan"),
     (["--nproc", "1", "--nnodes", "2"], "--nnodes 2 needs a rendezvous the nodes can reach: --rdzv-endpoint"),
 ])

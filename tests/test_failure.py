@@ -123,3 +123,44 @@ def test_a_shape_a_stage_cannot_take_names_the_stage_and_shapes(tmp_path):
     message = "stage 1 failed on its input ((8, 17):float32)"
     assert message in results[1][1], results[1][1][-1500:]
     assert message in results[0][1] and message in results[2][1]
+
+
+# -- a rank alive but stuck ---------------------------------------------------------------------
+
+def a_loader_that_blocks(batches: list, at: int, seconds: float):
+    for i, b in enumerate(batches):
+        if i == at:
+            time.sleep(seconds)  # a dead file server, a queue nobody fills...
+        yield b
+
+
+def stalled_fit(rank: int) -> dict:
+    import io
+
+    import torch
+    import torch.nn as nn
+
+    import synthpipe as sp
+
+    sys.stderr = captured = io.StringIO()  # (the watchdog thread prints here)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    batches = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(6)]
+    trainer = sp.Trainer(sp.split(model, balance=[2, 1]), nn.CrossEntropyLoss(), progress=False,
+                         stall_warning=1.0)
+    loader = a_loader_that_blocks(batches, at=3, seconds=3.0) if rank == 0 else None
+    trainer.fit(loader, max_steps=6)
+    trainer.close()
+    return {"step": trainer.step, "stderr": captured.getvalue()}
+
+
+def test_a_stuck_loader_is_reported_by_every_rank_with_where_it_waits():
+    from multiprocess import run_ranks
+
+    results = run_ranks(stalled_fit, 2, timeout=60)
+    assert [r["step"] for r in results] == [6, 6]  # a stall is only a warning: the fit went on and ended
+    rank0, rank1 = results[0]["stderr"], results[1]["stderr"]
+    assert "synthpipe (rank 0): warning: no progress for 1.0 s in fit()" in rank0, rank0
+    assert "in a_loader_that_blocks" in rank0 and "time.sleep(seconds)" in rank0, rank0
+    assert "synthpipe (rank 1): warning: no progress for 1.0 s in fit()" in rank1, rank1
+    assert "recv" in rank1, rank1  # rank 1 waits for rank 0's next activation

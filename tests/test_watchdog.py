@@ -1,6 +1,7 @@
 """Failure detection (engine/watchdog.py) with an in-process store; the multi-process cases are in test_failure.py."""
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -128,3 +129,46 @@ def test_a_long_wait_for_a_call_warns_naming_the_missing_rank():
     with pytest.warns(RuntimeWarning, match=r"rank 0 has waited 0.3 s in evaluate\(\) for rank 1 to call it too"):
         outcome = agree_in_threads(dogs, {0: ["evaluate()"], 1: ["evaluate()"]}, delays={1: 0.8})
     assert outcome == {0: "agreed", 1: "agreed"}
+
+
+# -- stalls: a rank alive but stuck ------------------------------------------------------------
+
+def stuck_in_the_loader(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_a_rank_without_progress_says_where_its_main_thread_is(capsys):
+    store, failures = dist.HashStore(), []
+    a, b = make(store, 0, failures, timeout=5), make(store, 1, [], timeout=5)
+    a.start()
+    b.start()
+    with a.watching("fit()", lambda: 7, warn_after=0.3):  # a count that never moves
+        stuck_in_the_loader(1.0)  # warnings after 0.3 s and 0.6 s without progress, not after 1.2 s
+    a.close()
+    b.close()
+    err = capsys.readouterr().err
+    assert not failures  # a stall is not a failure
+    warnings = [w for w in err.split("synthpipe (rank 0): warning: ")[1:]]
+    assert len(warnings) == 2, err
+    idle = [float(re.match(r"no progress for ([\d.]+) s in fit\(\)", w).group(1)) for w in warnings]
+    assert 0.3 <= idle[0] < 0.6 <= idle[1] < 1.2, warnings
+    assert "in stuck_in_the_loader" in warnings[0] and "time.sleep(seconds)" in warnings[0], warnings[0]
+    assert "next warning after 0.6 s" in warnings[0] and "next warning after 1.2 s" in warnings[1]
+
+
+def test_progress_or_no_watch_means_no_warning(capsys):
+    store = dist.HashStore()
+    a, b = make(store, 0, [], timeout=5), make(store, 1, [], timeout=5)
+    a.start()
+    b.start()
+    count = [0]
+    with a.watching("fit()", lambda: count[0], warn_after=0.3):
+        for _ in range(12):  # 1.2 s, but a step every 0.1 s
+            time.sleep(0.1)
+            count[0] += 1
+    with a.watching("evaluate()", lambda: 0, warn_after=None):  # turned off
+        time.sleep(0.6)
+    stuck_in_the_loader(0.6)  # outside any watched call (user code between fits)
+    a.close()
+    b.close()
+    assert "warning" not in capsys.readouterr().err

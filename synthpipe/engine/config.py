@@ -29,6 +29,10 @@ class TrainConfig:
         nonfinite: ``"raise"`` stops on a NaN/inf loss or synthetic gradient; ``"skip"``
             drops that step's update (and its target) and goes on.
         failure_timeout: seconds after which a silent rank is declared dead.
+        stall_warning: seconds without progress on a rank (no step, batch or gradient
+            done: a stuck data loader, say) after which that rank prints a warning with
+            its main thread's stack, then again after twice as long; the job goes on.
+            ``None``: no warning. Multi-process runs only.
         log_every: steps between progress-bar updates.
         progress: show a progress bar (rank 0 only).
         prefetch: batches loaded ahead on rank 0.
@@ -41,6 +45,7 @@ class TrainConfig:
     max_inflight: int = 4
     nonfinite: str = "raise"
     failure_timeout: float = 30.0
+    stall_warning: Optional[float] = 300.0
     log_every: int = 10
     progress: bool = True
     prefetch: int = 2
@@ -58,6 +63,9 @@ class TrainConfig:
         _check_count("prefetch", self.prefetch, minimum=1)
         if not 1 < self.failure_timeout < math.inf:  # (NaN fails this too)
             raise ValueError(f"failure_timeout must be a finite number of seconds above 1, got {self.failure_timeout}")
+        if self.stall_warning is not None and not 0 < self.stall_warning < math.inf:
+            raise ValueError(f"stall_warning must be a positive, finite number of seconds (or None), "
+                             f"got {self.stall_warning}")
         if not math.isfinite(self.synthetic_scale):
             raise ValueError(f"synthetic_scale must be finite, got {self.synthetic_scale}")
 

@@ -19,6 +19,8 @@ import torch
 
 _END = object()
 
+THREAD_NAME = "synthpipe-prefetch"  # (the watchdog shows this thread's stack when a rank stalls)
+
 
 class _Failure:
     def __init__(self, error: BaseException):
@@ -97,7 +99,7 @@ class PrefetchQueue:
         self.close()
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(target=self._produce, name="synthpipe-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._produce, name=THREAD_NAME, daemon=True)
         self._thread.start()
         try:
             while True:

@@ -7,6 +7,7 @@ built on the meta device are allocated only where they run (rank r: stage r).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -183,6 +184,13 @@ class Trainer:
         if self.watchdog is not None:
             self.watchdog.agree(call)
 
+    def _watching(self, call: str) -> Any:
+        """A block in which the watchdog warns if this rank stops making progress (multi-process)."""
+        if self.watchdog is None or not isinstance(self.runner, PipelineWorker):
+            return contextlib.nullcontext()
+        runner = self.runner
+        return self.watchdog.watching(call, lambda: runner.progress, self.config.stall_warning)
+
     def _guard(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn``; on error tell the other ranks which rank failed and why."""
         try:
@@ -250,7 +258,8 @@ class Trainer:
                 if checkpoint_every is not None:
                     nxt = (self.step // checkpoint_every + 1) * checkpoint_every
                     goal = nxt if max_steps is None else min(nxt, max_steps)
-                part = self._guard(lambda: self._fit(train_loader, epochs, eval_loader, max_steps, goal))
+                with self._watching("fit()"):
+                    part = self._guard(lambda: self._fit(train_loader, epochs, eval_loader, max_steps, goal))
                 history.steps += part.steps
                 history.epochs += part.epochs
                 if checkpoint is not None:
@@ -462,7 +471,8 @@ class Trainer:
             metrics = self.runner.serve(until=EVAL_END)
             assert metrics is not None
             return metrics
-        return self._guard(run)
+        with self._watching("evaluate()"):
+            return self._guard(run)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _states(self) -> list[tuple[int, dict[str, Any]]]:

@@ -13,7 +13,12 @@ Each rank runs a :class:`Watchdog` thread that, through the rendezvous key-value
   the run cleanly (drain, save a checkpoint) whichever rank got the signal;
 * checks that the ranks make the same collective call (:meth:`Watchdog.agree`): a
   trainer method called on one rank only, or with a different checkpoint plan, is an
-  error on every rank rather than a wait that never ends.
+  error on every rank rather than a wait that never ends;
+* warns when this rank's main thread makes no progress (:meth:`Watchdog.watching`): a
+  rank stuck in a data loader or in user code keeps its heartbeat going (this thread
+  beats, not the main one), so the job would otherwise wait without a word. The warning
+  shows where the main thread is; it does not stop the job (a slow loader is not a
+  failure).
 
 On a failure, it prints a message naming the failed rank and ends this process with exit
 code 1 (``os._exit``, because the main thread may be blocked inside a receive). This
@@ -23,15 +28,19 @@ as a failure of the rank that hosts it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
 import time
+import traceback
 import warnings
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
+
+from .prefetch import THREAD_NAME as PREFETCH_THREAD_NAME
 
 EXIT_CODE = 1
 
@@ -39,6 +48,27 @@ EXIT_CODE = 1
 COLLECTIVE_RULE = ("a Trainer's fit, evaluate, save, load, export, state_dict and close are collective: call them on "
                    "every rank, in the same order, with the same checkpoint, checkpoint_every and resume "
                    "(every rank saves and loads its own stage)")
+
+
+def stall_message(rank: int, call: str, idle: float, next_after: float, frames: int = 8) -> str:
+    """What a rank whose main thread made no progress for ``idle`` seconds says, with the
+    innermost ``frames`` frames of that thread's stack."""
+    current = sys._current_frames()
+
+    def stack(thread: threading.Thread) -> str:
+        frame = current.get(thread.ident or -1)
+        return "".join(traceback.format_stack(frame)[-frames:]) if frame is not None else "  (unknown)\n"
+    where = f"This rank's main thread is at:\n{stack(threading.main_thread())}"
+    for thread in threading.enumerate():  # rank 0's loader runs here; the main thread only waits for it
+        if thread.name == PREFETCH_THREAD_NAME:
+            where += f"Its data loader (read by the prefetch thread) is at:\n{stack(thread)}"
+    def secs(x: float) -> str:
+        return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+    return (f"synthpipe (rank {rank}): warning: no progress for {secs(idle)} s in {call}: no step, batch or gradient "
+            f"completed on this rank. The job has not failed; it is waiting. A data loader that blocks on rank 0, "
+            f"or a rank stuck in user code, stalls every rank. {where}"
+            f"(next warning after {secs(next_after)} s without progress; TrainConfig.stall_warning sets when "
+            f"the first comes)")
 
 
 def _default_exit(message: str) -> None:
@@ -89,6 +119,7 @@ class Watchdog:
         self.stop_reason: str | None = None  # the latest request's reason
         self._asked: list[str] = []  # this rank's requests, published by the thread
         self._calls = 0  # collective calls agreed so far
+        self._watched: tuple[str, Callable[[], int], float] | None = None  # (call, progress, warn after)
 
     def _key(self, *parts: Any) -> str:
         return "/".join([self.prefix, *map(str, parts)])
@@ -116,6 +147,37 @@ class Watchdog:
     def request_stop(self, reason: str) -> None:
         """Ask the job to stop cleanly; safe to call from a signal handler (the thread publishes it)."""
         self._asked.append(f"{reason} on rank {self.rank}")
+
+    @contextlib.contextmanager
+    def watching(self, call: str, progress: Callable[[], int], warn_after: float | None) -> Iterator[None]:
+        """While in the block, warn if ``progress()`` (a counter the main thread raises as it
+        works) stays the same for ``warn_after`` seconds, then again after twice as long, and
+        so on. ``None`` turns the warning off."""
+        if warn_after is None:
+            yield
+            return
+        self._watched = (call, progress, warn_after)
+        try:
+            yield
+        finally:
+            self._watched = None
+
+    def _check_progress(self, state: list[Any], now: float) -> None:
+        """The thread's side of :meth:`watching`; ``state`` is ``[watched, last count, since, next warning]``."""
+        watched = self._watched
+        if watched is None:
+            state[0] = None
+            return
+        call, progress, warn_after = watched
+        count = progress()
+        if watched is not state[0] or count != state[1]:
+            state[:] = [watched, count, now, warn_after]
+            return
+        idle = now - state[2]
+        if idle < state[3]:
+            return
+        state[3] *= 2
+        print(stall_message(self.rank, call, idle, state[3]), file=sys.stderr, flush=True)
 
     def wait_for_verdict(self, seconds: float | None = None) -> str | None:
         """After a communication error: give the watchdog time to find the dead rank.
@@ -212,8 +274,10 @@ class Watchdog:
         started = time.monotonic()
         others = [r for r in range(self.world_size) if r != self.rank]
         done: set[int] = set()
+        progress: list[Any] = [None, None, 0.0, 0.0]
         while not self._stop.wait(self.interval):
             now = time.monotonic()
+            self._check_progress(progress, now)
             try:
                 beats += 1
                 self.store.set(self._key("hb", self.rank), str(beats))

@@ -67,6 +67,7 @@ class PipelineWorker:
         self.locked_grads: dict[int, Message] = {}
         self.stats = [math.nan] * (2 + self.world_size - 1)  # loss, its step, synth loss per boundary
         self.next_step = 0
+        self.progress = 0  # steps, batches and gradients done: the watchdog's sign of life
         self._eval = [0.0, 0.0, 0.0]
         self._modes_before_eval: list | None = None  # every submodule's flag, while evaluating
         self.timers = NULL_TIMERS  # metrics.Timers() to profile (the benchmark does)
@@ -89,6 +90,7 @@ class PipelineWorker:
         assert self.ch.grad_in is not None and self.outstanding > 0
         msg = self.ch.grad_in.recv()
         self.outstanding -= 1
+        self.progress += 1
         if msg.stats:
             n = min(len(msg.stats), len(self.stats))
             own = 2 + self.rank
@@ -145,6 +147,7 @@ class PipelineWorker:
         cfg, stage, tm = self.config, self.stage, self.timers
         locked = cfg.locked(step)
         self.next_step = step + 1
+        self.progress += 1
         with tm.section("forward", step):
             inputs, outputs = stage.forward(x)
         if self.ch.act_out is not None:
@@ -197,6 +200,7 @@ class PipelineWorker:
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def _eval_batch(self, step: int, x: tuple, y: torch.Tensor) -> None:
+        self.progress += 1
         if self._modes_before_eval is None:
             self._modes_before_eval = training_modes(self.stage.module)
             self.stage.module.eval()
@@ -239,6 +243,7 @@ class PipelineWorker:
         while True:
             with self.timers.section("wait"):
                 msg = self.ch.act_in.recv()
+            self.progress += 1
             if msg.kind in (TRAIN, EVAL):
                 self.ch.act_in.expect()  # another message always follows: take it while we compute
             if msg.kind == TRAIN:

@@ -93,6 +93,8 @@ class JobConfig:
             Flag ``--nonfinite``.
         failure_timeout: seconds of silence after which a rank counts as dead.
             Flag ``--failure-timeout``.
+        stall_warning: seconds without progress after which a rank prints where its main
+            thread is (a stuck data loader, say); 0 turns it off. Flag ``--stall-warning``.
 
     Synthesizer:
         synthesizer: kind of synthetic-gradient model: ``"linear"``, ``"lowrank"``,
@@ -151,6 +153,7 @@ class JobConfig:
     max_inflight: int = 4
     nonfinite: str = "raise"
     failure_timeout: float = 30.0
+    stall_warning: float = 300.0
     # synthesizer
     synthesizer: str = "linear"
     conditional: bool = True
@@ -204,6 +207,8 @@ class JobConfig:
             raise ValueError("checkpoint_every needs a checkpoint directory (--checkpoint DIR) to save into")
         if not 1 < self.failure_timeout < math.inf:  # (NaN fails this too)
             raise ValueError(f"failure_timeout must be a finite number of seconds above 1; got {self.failure_timeout}")
+        if not 0 <= self.stall_warning < math.inf:
+            raise ValueError(f"stall_warning must be a finite number of seconds, 0 for none; got {self.stall_warning}")
         if not math.isfinite(self.synthetic_scale):
             raise ValueError(f"synthetic_scale (--scale) must be finite; got {self.synthetic_scale}")
         if self.balance is not None:
@@ -394,6 +399,8 @@ FLAGS: tuple[Flag, ...] = (
          group="pipeline"),
     Flag("failure_timeout", "--failure-timeout", "seconds before a silent rank counts as dead", float,
          metavar="S", group="pipeline"),
+    Flag("stall_warning", "--stall-warning", "seconds without progress before a rank shows where it is stuck "
+         "(0: never)", float, metavar="S", group="pipeline"),
     Flag("synthesizer", "--synthesizer", "synthetic-gradient model kind", str, SYNTHESIZERS, group="synthesizer"),
     Flag("conditional", "--conditional", "condition synthesizers on labels (cDNI)", boolean=True,
          group="synthesizer"),

@@ -331,7 +331,8 @@ def _run(cfg: JobConfig) -> int:
                              gradients=cfg.gradients, synth_lr=cfg.synth_lr, device=device, backend=cfg.backend,
                              delay=cfg.delay, synthetic_scale=cfg.synthetic_scale, warmup_steps=cfg.warmup_steps,
                              max_inflight=cfg.max_inflight, nonfinite=cfg.nonfinite,
-                             failure_timeout=cfg.failure_timeout, progress=cfg.progress)
+                             failure_timeout=cfg.failure_timeout, stall_warning=cfg.stall_warning or None,
+                             progress=cfg.progress)
         train_set = test_set = loader = loader_eval = None
         if trainer.is_main:
             train_set, test_set = build_data(cfg)
