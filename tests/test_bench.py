@@ -176,6 +176,222 @@ def test_the_best_torch_schedule_and_the_headline_use_the_drift_corrected_speedu
     assert "**cdni** 1.62x single, 1.76x the best torch schedule" in line  # 1.62 / 0.92 by round
 
 
+# -- bad input: refused before any job, earlier results kept -------------------------------------
+@pytest.fixture
+def no_jobs(monkeypatch):
+    """Fail the test if the benchmark starts its rank processes."""
+    from synthpipe.benchmark import bench
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a benchmark job was started")
+    monkeypatch.setattr(bench, "RankPool", refuse)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch", "0"], "--batch must be an integer >= 1; got 0"),
+    (["--threads", "0"], "--threads must be an integer >= 1; got 0"),
+    (["--ranks", "0"], "--ranks must be an integer >= 2; got 0"),
+    (["--ranks", "-3"], "--ranks must be an integer >= 2; got -3"),
+    (["--steps", "0"], "--steps must be an integer >= 1; got 0"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 1; got -1"),
+    (["--repeats", "0"], "--repeats must be an integer >= 1; got 0"),
+    (["--conv-epochs", "0"], "--conv-epochs must be an integer >= 1; got 0"),
+    (["--max-inflight", "0"], "--max-inflight must be an integer >= 1; got 0"),
+    (["--baseline-every", "-1"], "--baseline-every must be an integer >= 0; got -1"),
+    (["--microbatches", "0"], "--microbatches: every entry must be an integer >= 1; got 0"),
+    (["--microbatches", "2,3"], "--microbatches: 3 does not divide --batch 256"),
+    (["--microbatches", "2,2"], "--microbatches lists 2 more than once"),
+    (["--microbatches", ""], "--microbatches is empty"),
+    (["--variants", "cdni:nokind"], "--variants: variant 'cdni:nokind': unknown synthesizer kind 'nokind'"),
+    (["--variants", "xdni"], "--variants: variant 'xdni': the mode must be dni or cdni"),
+    (["--variants", "cdni:lowrank:x"], "the rank must be an integer; got 'x'"),
+    (["--variants", "cdni:lowrank:0"], "the low-rank synthesizer's rank must be an integer >= 1; got 0"),
+    (["--variants", "dni,dni"], "--variants lists dni more than once"),
+    (["--schedules", "gpipe,pipedream"], "--schedules: unknown torch schedule pipedream"),
+    (["--balance", "8,8"], "--balance 8,8 sums to 16, but deep_mlp with --depth 8 has 17 children"),
+    (["--balance", "5,6,6"], "--balance 5,6,6 has 3 entries; --ranks is 2"),
+    (["--balance", "0,17"], "--balance: every entry must be an integer >= 1; got 0"),
+    (["--conv-target", "0"], "--conv-target must be an accuracy in (0, 1]; got 0.0"),
+    (["--conv-target", "1.5"], "--conv-target must be an accuracy in (0, 1]; got 1.5"),
+    (["--timeout", "0"], "--timeout must be a finite number > 0; got 0.0"),
+    (["--timeout", "nan"], "--timeout must be a finite number > 0; got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0; got inf"),
+    (["--conv-lr", "-0.1"], "--conv-lr must be a finite number > 0; got -0.1"),
+    (["--depth", "0"], "--depth must be an integer >= 1; got 0"),
+    (["--depth", "1"], "--depth 1 gives deep_mlp 3 layers (children), too few for 2 stages per rank"),
+    (["--conv-depth", "0"], "--conv-depth must be an integer >= 1; got 0"),
+    (["--hidden", "0"], "--hidden must be an integer >= 1; got 0"),
+    (["--conv-batch", "1"], "--conv-batch must be >= 2"),
+    (["--conv-samples", "100"], "--conv-samples 100 gives 80 training examples (80%), fewer than one batch"),
+    (["--devices", "0"], "--devices: device counts must be whole numbers from 1 to 256; got 0"),
+    (["--devices", "1000"], "--devices: device counts must be whole numbers from 1 to 256; got 1000"),
+    (["--devices", ""], "--devices must list at least one device count"),
+    (["--no-throughput", "--no-converge"], "nothing to run: --no-throughput and --no-converge"),
+])
+def test_bench_refuses_bad_options_before_any_job(tmp_path, capsys, no_jobs, argv, message) -> None:
+    from synthpipe.launch.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "--output", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("synthpipe bench: error: ") and message in err, err
+    assert err.count("\n") == 1  # one line, no traceback
+    assert not out.exists()
+
+
+def test_bench_refuses_cuda_without_a_gpu_per_rank(tmp_path, capsys, no_jobs, monkeypatch) -> None:
+    import torch
+    from synthpipe.benchmark.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--output", str(tmp_path), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["bench", "--output", str(tmp_path), "--device", "cuda", "--ranks", "2"]) == 2
+    assert "--ranks is 2 and only 1 GPU(s) are visible" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_output_it_could_not_write(tmp_path, capsys, no_jobs) -> None:
+    from synthpipe.benchmark.cli import main
+
+    afile = tmp_path / "results.txt"
+    afile.write_text("not a directory")
+    assert main(["bench", "--output", str(afile)]) == 2
+    assert f"--output {afile} is a file" in capsys.readouterr().err
+    assert main(["bench", "--output", str(afile / "sub")]) == 2
+    assert f"cannot be created: {afile} is a file" in capsys.readouterr().err
+    assert afile.read_text() == "not a directory"
+
+
+def test_bench_config_validate_guards_the_python_api(tmp_path, no_jobs) -> None:
+    from synthpipe.benchmark.bench import (BenchConfig, BenchConfigError, Variant, model_children, quick_config,
+                                           run_benchmark)
+    from synthpipe.benchmark.workload import Workload, build_model
+
+    with pytest.raises(BenchConfigError, match=r"^steps must be an integer >= 1; got 0$") as e:
+        run_benchmark(BenchConfig(steps=0))  # before any process starts (no_jobs)
+    assert e.value.field == "steps" and isinstance(e.value, ValueError)
+    with pytest.raises(BenchConfigError, match="workload.batch must be an integer >= 1; got 0"):
+        BenchConfig(workload=Workload(batch=0)).validate()
+    with pytest.raises(BenchConfigError, match="balance 4,4 has 2 entries; ranks is 3"):
+        BenchConfig(ranks=3, balance=[4, 4], output=str(tmp_path)).validate()
+    with pytest.raises(BenchConfigError, match="variants must be a list of Variant"):
+        BenchConfig(variants=["cdni"]).validate()
+    with pytest.raises(BenchConfigError, match="timeout must be a finite number > 0; got True"):
+        BenchConfig(timeout=True).validate()
+    with pytest.raises(ValueError, match="unknown synthesizer kind 'conv'"):
+        Variant("cdni", "conv")
+    with pytest.raises(TypeError, match="unknown field 'stepz'"):
+        quick_config(stepz=3)
+    assert BenchConfig(output=str(tmp_path / "new" / "dir")).validate().ranks == 2  # creatable: fine
+    assert not (tmp_path / "new").exists()
+    for w in (Workload(depth=3, in_features=8, hidden=8), Workload(model="paper_mlp", depth=2, in_features=8)):
+        assert model_children(w) == len(build_model(w))
+
+
+def _fake_results(cfg, ok: list[str], failed: list[str]) -> dict:
+    """What run_benchmark returns for a --no-throughput run whose methods ``ok`` completed."""
+    from synthpipe.benchmark.machine import describe
+
+    def row(name, error=None):
+        curve = [{"time": 0.0, "epoch": 0, "steps": 0, "accuracy": 0.1, "loss": 2.3},
+                 {"time": 1.0, "epoch": 1, "steps": 10, "accuracy": 0.7, "loss": 1.0}]
+        if error:
+            return {"method": name, "label": name, "family": "synthpipe", "schedule": "dni", "microbatches": 1,
+                    "ranks": 2, "samples_per_s": None, "speedup": None, "per_rank": [], "error": error,
+                    "error_detail": f"Traceback ...\n{error}"}
+        return {"method": name, "label": name, "family": "baseline", "schedule": "single", "microbatches": 1,
+                "ranks": 1, "epochs": 1, "steps": 10, "train_time_s": 1.0, "samples_per_s": 1000.0,
+                "final_accuracy": 0.7, "best_accuracy": 0.7, "final_loss": 1.0, "target_accuracy": 0.6,
+                "time_to_target_s": 1.0, "epochs_to_target": 1, "curve": curve, "peak_rss_mb": [1.0], "error": None}
+
+    return {"version": 1, "created": "now", "command": "test", "machine": describe(cfg.ranks, cfg.threads),
+            "config": cfg.as_dict(), "warnings": [], "throughput": [], "sweep": {}, "transfer": [],
+            "profile": None, "validation": [], "simulation": [], "timelines": {}, "elapsed_s": 1.0,
+            "convergence": [row(n) for n in ok] + [row(n, "RuntimeError: boom") for n in failed]}
+
+
+def _earlier_run(out) -> dict:
+    out.mkdir()
+    files = {"results.json": b'{"earlier": true}', "profile.json": b'{"version": 1}', "throughput.csv": b"method\n",
+             "scaling.png": b"\x89PNG earlier", "report.md": b"# earlier"}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return files
+
+
+def _contents(out) -> dict:
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_a_run_where_every_method_failed_keeps_the_earlier_results(tmp_path, capsys, monkeypatch) -> None:
+    from synthpipe.benchmark import bench
+    from synthpipe.benchmark.cli import main
+
+    out = tmp_path / "out"
+    earlier = _earlier_run(out)
+    monkeypatch.setattr(bench, "run_benchmark", lambda cfg: _fake_results(cfg, [], ["single", "cdni"]))
+    assert main(["bench", "--output", str(out), "--no-throughput"]) == 1
+    captured = capsys.readouterr()
+    assert "| cdni | 2 | failed: RuntimeError: boom |" in captured.out  # the failures are still shown
+    assert (f"synthpipe bench: error: no method completed (single, cdni: RuntimeError: boom); wrote nothing, "
+            f"so {out} keeps its earlier results") in captured.err
+    assert _contents(out) == earlier  # nothing replaced, nothing added
+    assert main(["bench", "--output", str(tmp_path / "fresh"), "--no-throughput", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["convergence"][0]["error"] == "RuntimeError: boom"
+    assert f"wrote nothing to {tmp_path / 'fresh'}" in captured.err
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_an_interrupted_run_writes_nothing(tmp_path, capsys, monkeypatch) -> None:
+    from synthpipe.benchmark import bench
+    from synthpipe.benchmark.cli import main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    out = tmp_path / "out"
+    earlier = _earlier_run(out)
+    monkeypatch.setattr(bench, "run_benchmark", interrupted)
+    assert main(["bench", "--output", str(out), "--no-throughput"]) == 130
+    assert "interrupted; wrote nothing, so" in capsys.readouterr().err
+    assert _contents(out) == earlier
+
+
+def test_a_partly_failed_run_writes_one_consistent_set_with_the_failures_marked(tmp_path, capsys,
+                                                                               monkeypatch) -> None:
+    from synthpipe.benchmark import bench
+    from synthpipe.benchmark.cli import main
+
+    out = tmp_path / "out"
+    _earlier_run(out)
+    monkeypatch.setattr(bench, "run_benchmark", lambda cfg: _fake_results(cfg, ["single"], ["cdni"]))
+    assert main(["bench", "--output", str(out), "--no-throughput", "--no-plots"]) == 1
+    assert "synthpipe bench: failed methods: cdni (details in results.json)" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["error"]) for r in results["convergence"]] == [("single", None),
+                                                                           ("cdni", "RuntimeError: boom")]
+    # the earlier run's files that this run does not write are gone: no mixing of two runs
+    assert sorted(p.name for p in out.iterdir()) == ["convergence.csv", "report.md", "results.json"]
+
+
+def test_outputs_are_moved_in_only_once_all_are_written(tmp_path, monkeypatch) -> None:
+    from synthpipe.benchmark import report
+    from synthpipe.benchmark.bench import BenchConfig
+
+    out = tmp_path / "out"
+    earlier = _earlier_run(out)
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+    monkeypatch.setattr(report, "plot_accuracy", broken_plot)
+    results = _fake_results(BenchConfig(converge=True), ["single"], [])
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        report.write_outputs(results, str(out), plots=True)
+    assert _contents(out) == earlier  # and no staging directory left behind
+
+
 # -- end to end ----------------------------------------------------------------------------------
 @pytest.mark.timeout(150)
 def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -183,3 +184,104 @@ def test_engine_scales_to_sixteen_devices_quickly() -> None:
     pred = simulate("zb", equal(16, 1 / 16, 2 / 16), microbatches=32)
     assert time.perf_counter() - t0 < 10
     assert not math.isnan(pred.step_s)
+
+
+# -- bad input: one line naming the option, or the file and the key; exit code 2 ----------------
+def _write(tmp_path, name: str, data: object) -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+_MISSING = object()
+
+
+def _with(key: str, value: object, **where: object) -> dict:
+    """profile(**where) with ``key`` (dotted) set to ``value``, or removed for _MISSING."""
+    p = profile(**where)
+    target = p
+    *parents, last = key.split(".")
+    for k in parents:
+        target = target[k]
+    if value is _MISSING:
+        del target[last]
+    else:
+        target[last] = value
+    return p
+
+
+@pytest.mark.parametrize("data,message", [
+    ("{oops", ": not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+    ([1, 2], ": the file must be a JSON object; got list"),
+    ({"version": 1, "profile": {}, "throughput": []}, ": this is a results.json; pass the profile.json next to it"),
+    (_with("version", _MISSING), ": missing key 'version'"),
+    (_with("version", 99), ": profile version 99; this simulator reads version 1"),
+    (_with("single", _MISSING), ": missing key 'single': no single-device measurement"),
+    (_with("single.update_s", _MISSING), ": missing key 'single.update_s'"),
+    (_with("single.forward_s", -1.0), ": 'single.forward_s' must be a finite number >= 0; got -1.0"),
+    (_with("single.backward_s", "2"), ": 'single.backward_s' must be a finite number >= 0; got '2'"),
+    (_with("single", {"forward_s": 0, "backward_s": 0, "update_s": 0}), ": 'single' has a step time of 0"),
+    (_with("message_s", None), ": 'message_s' must be a finite number >= 0; got None"),
+    (_with("workload.batch", 0), ": 'workload.batch' must be a whole number >= 1; got 0"),
+    (_with("synth_s", {"cdni": -0.5}), ": 'synth_s.cdni' must be a finite number >= 0; got -0.5"),
+    (_with("transfer", [{"bytes": 10}]), ": missing key 'transfer[0].one_way_s'"),
+    (_with("weight_fraction", 2.0), ": 'weight_fraction' must be in [0, 1]; got 2.0"),
+    (_with("runs", [{"name": "a", "schedule": "gpipe", "measured_step_s": 1.0, "stages": []}]),
+     ": 'runs[0].stages' is empty"),
+    (_with("runs", {"a": 1}), ": 'runs' must be a JSON list; got dict"),
+])
+def test_unusable_profiles_are_refused_naming_the_file_and_the_key(tmp_path, capsys, data, message) -> None:
+    from synthpipe.launch.cli import main
+
+    path = _write(tmp_path, "profile.json", data)
+    with pytest.raises(sim.ProfileError, match="^" + re.escape(path + message)):
+        sim.load_profile(path)
+    assert main(["simulate", "--profile", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"synthpipe simulate: error: --profile {path}{message}") and err.count("\n") == 1, err
+
+
+def test_nan_times_in_a_profile_are_refused(tmp_path) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile()).replace('"forward_s": 1.0', '"forward_s": NaN'))
+    with pytest.raises(sim.ProfileError, match="'single.forward_s' must be a finite number >= 0; got nan"):
+        sim.load_profile(str(path))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--profile", "{dir}/missing.json"], "--profile {dir}/missing.json: no such file"),
+    (["--profile", "{dir}"], "--profile {dir} is a directory; pass the profile.json in it"),
+    (["--profile", "{good}", "--devices", "0"], "--devices: device counts must be whole numbers from 1 to 256; got 0"),
+    (["--profile", "{good}", "--devices", "-2"], "--devices: device counts must be whole numbers from 1 to 256; "
+                                                 "got -2"),
+    (["--profile", "{good}", "--devices", "1000"], "from 1 to 256; got 1000"),
+    (["--profile", "{good}", "--devices", ""], "--devices must list at least one device count"),
+    (["--profile", "{good}", "--devices", "2,x"], "argument --devices: expected comma-separated whole numbers"),
+    (["--profile", "{good}", "--microbatches", "0"], "--microbatches: micro-batch counts must be whole numbers"),
+    (["--profile", "{good}", "--microbatches", "3"], "--microbatches: 3 does not divide the profile's batch of 256"),
+    (["--profile", "{good}", "--microbatches", ""], "--microbatches must list at least one micro-batch count"),
+])
+def test_simulate_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message) -> None:
+    from synthpipe.benchmark.cli import main
+
+    good = _write(tmp_path, "good.json", profile())
+    fill = {"dir": str(tmp_path), "good": good}
+    code = None
+    try:
+        code = main(["simulate", *[a.format(**fill) for a in argv]])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message.format(**fill) in err.splitlines()[-1], err
+    assert "Traceback" not in err and capsys.readouterr().out == ""
+
+
+def test_predictions_refuse_device_and_micro_batch_counts_out_of_range() -> None:
+    with pytest.raises(ValueError, match="from 1 to 256; got 0"):
+        sim.predict_table(profile(), devices=[0])
+    with pytest.raises(ValueError, match="from 1 to 256; got 1000"):
+        sim.predict_table(profile(), devices=[2, 1000])
+    with pytest.raises(ValueError, match="3 does not divide the profile's batch of 256"):
+        sim.predict_table(profile(), devices=[2], microbatches=[3])
+    assert {r["devices"] for r in sim.predict_table(profile(), devices=[1, 2])} == {1, 2}

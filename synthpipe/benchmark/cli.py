@@ -11,18 +11,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
+from .simulator import MAX_DEVICES, MAX_MICROBATCHES
 from .workload import Workload
 
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.replace(" ", "").split(",") if v]
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers such as 2,4,8; got {text!r}") from None
 
 
 def _strs(text: str) -> list[str]:
     return [v for v in text.replace(" ", "").split(",") if v]
+
+
+def _error(command: str, message: str) -> int:
+    """One line on stderr, exit code 2: the input is wrong (as ``synthpipe train`` reports it)."""
+    print(f"synthpipe {command}: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+# BenchConfig fields -> the options that set them, for BenchConfig.validate's messages.
+BENCH_OPTIONS = {
+    "output": "--output", "ranks": "--ranks", "threads": "--threads", "device": "--device", "steps": "--steps",
+    "warmup": "--warmup", "repeats": "--repeats", "microbatches": "--microbatches", "schedules": "--schedules",
+    "variants": "--variants", "max_inflight": "--max-inflight", "balance": "--balance",
+    "baseline_every": "--baseline-every", "conv_epochs": "--conv-epochs", "conv_target": "--conv-target",
+    "devices": "--devices", "timeout": "--timeout",
+    "throughput=False": "--no-throughput", "converge=False": "--no-converge",
+    "workload.in_features": "--in-features", "workload.hidden": "--hidden", "workload.depth": "--depth",
+    "workload.batch": "--batch", "workload.lr": "--lr",
+    "conv_workload.hidden": "--conv-hidden", "conv_workload.depth": "--conv-depth",
+    "conv_workload.batch": "--conv-batch", "conv_workload.num_samples": "--conv-samples",
+    "conv_workload.lr": "--conv-lr",
+}
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -81,12 +109,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     c.add_argument("--conv-samples", type=int, default=5000, help="MNIST-1D samples, train + test")
     c.add_argument("--conv-lr", type=float, default=1e-3)
     s = parser.add_argument_group("simulator")
-    s.add_argument("--devices", type=_ints, default=[2, 4, 8, 16], help="device counts to predict (default: 2,4,8,16)")
+    s.add_argument("--devices", type=_ints, default=[2, 4, 8, 16],
+                   help=f"device counts to predict, 1 to {MAX_DEVICES} each (default: 2,4,8,16)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from .bench import BenchConfig, Variant, quick_config
+    """The :class:`BenchConfig` of the parsed options, validated.
+
+    Raises :class:`synthpipe.benchmark.bench.BenchConfigError` naming the option and the
+    bad value (before anything runs).
+    """
+    from .bench import BenchConfig, BenchConfigError, Variant, quick_config
 
     cfg = quick_config() if args.quick else BenchConfig()
     cfg.output = args.output
@@ -102,7 +136,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         if value is not None:
             setattr(cfg, name, value)
     if args.variants is not None:
-        cfg.variants = [Variant.parse(v) for v in args.variants]
+        try:
+            cfg.variants = [Variant.parse(v) for v in args.variants]
+        except ValueError as e:
+            raise BenchConfigError("variants", f"--variants: {e}") from None
     cfg.backprop = args.backprop
     cfg.ceiling = args.ceiling
     cfg.max_inflight = args.max_inflight
@@ -112,18 +149,53 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg.devices = args.devices
     cfg.pin, cfg.timeout, cfg.plots = args.pin, args.timeout, args.plots
     cfg.baseline_every = args.baseline_every
-    if cfg.ranks < 2:
-        raise SystemExit("synthpipe bench: --ranks must be at least 2")
-    return cfg
+    return cfg.validate(BENCH_OPTIONS)
+
+
+def _completed(results: dict[str, Any]) -> list[str]:
+    return [r["method"] for r in results.get("throughput", []) + results.get("convergence", []) if not r.get("error")]
+
+
+def _failed(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results.get("throughput", []) + results.get("convergence", []) if r.get("error")]
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark; print the markdown report (or JSON); 0 on success, 1 if a method failed."""
-    from .bench import run_benchmark
-    from .report import markdown, write_outputs
+    """Run the benchmark; print the markdown report (or JSON).
 
-    cfg = config_from_args(args)
-    results = run_benchmark(cfg)
+    Exit codes: 0 success; 1 a method failed (the results are written, failed rows
+    marked) or none completed (nothing is written, so ``--output`` keeps any earlier
+    results); 2 bad options (one line on stderr, nothing run); 130 interrupted (nothing
+    written).
+    """
+    from .bench import BenchConfigError, run_benchmark
+    from .report import markdown, to_json, write_outputs
+
+    try:
+        cfg = config_from_args(args)
+    except BenchConfigError as e:
+        return _error("bench", str(e))
+    earlier = os.path.exists(os.path.join(cfg.output, "results.json"))
+    kept = f"wrote nothing, so {cfg.output} keeps its earlier results" if earlier else f"wrote nothing to {cfg.output}"
+    try:
+        results = run_benchmark(cfg)
+    except KeyboardInterrupt:
+        print(f"synthpipe bench: interrupted; {kept}", file=sys.stderr, flush=True)
+        return 130
+    if not _completed(results):
+        # Every method failed: there is nothing to compare, and writing would replace a
+        # good earlier run's files with a table of failures. Show the failures instead.
+        sys.stdout.write((to_json(results) if getattr(args, "json", False) else markdown(results)) + "\n")
+        failed = _failed(results)
+        by_error: dict[str, list[str]] = {}
+        for r in failed:
+            by_error.setdefault(r["error"], []).append(r["method"])
+        shown = "; ".join(f"{', '.join(methods)}: {error}" for error, methods in by_error.items())
+        print(f"synthpipe bench: error: no method completed ({shown}); {kept}", file=sys.stderr)
+        detail = (failed[0].get("error_detail") or "").strip() if failed else ""
+        if detail and detail != failed[0]["error"]:  # the traceback, when there is more than its last line
+            print(f"first failure ({failed[0]['method']}):\n{detail}", file=sys.stderr)
+        return 1
     files = write_outputs(results, cfg.output, plots=cfg.plots)
     if getattr(args, "json", False):
         with open(files["results.json"]) as f:
@@ -131,7 +203,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(markdown(results) + "\n")
         sys.stdout.write(f"Files: {', '.join(sorted(files.values()))}\n")
-    failed = [r["method"] for r in results.get("throughput", []) + results.get("convergence", []) if r.get("error")]
+    failed = [r["method"] for r in _failed(results)]
     if failed:
         print(f"synthpipe bench: failed methods: {', '.join(failed)} (details in results.json)", file=sys.stderr)
         return 1
@@ -145,28 +217,36 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "1F1B, zero-bubble and synthpipe DNI schedules on N devices from a profile that "
         "`synthpipe bench` saved (profile.json).")
     parser.add_argument("--profile", required=True, help="profile.json written by synthpipe bench")
-    parser.add_argument("--devices", type=_ints, default=[2, 4, 8, 16], help="device counts (default: 2,4,8,16)")
+    parser.add_argument("--devices", type=_ints, default=[2, 4, 8, 16],
+                        help=f"device counts, 1 to {MAX_DEVICES} each (default: 2,4,8,16)")
     parser.add_argument("--microbatches", type=_ints, default=None,
-                        help="micro-batch counts to try for gpipe/1f1b/zb (default: 1..64, powers of 2)")
+                        help="micro-batch counts to try for gpipe/1f1b/zb; each must divide the profile's batch "
+                             f"and be at most {MAX_MICROBATCHES} (default: 1..64, powers of 2)")
     parser.add_argument("--validate", action="store_true", help="also compare with the profile's measured runs")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of markdown")
     return parser
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    """Print the predicted table for ``--devices`` from ``--profile``."""
+    """Print the predicted table for ``--devices`` from ``--profile``.
+
+    Exit codes: 0 success; 2 bad options or an unusable profile (one line on stderr
+    naming the option, or the file and the key).
+    """
     from . import simulator
     from .report import simulation_markdown
 
     try:
+        devices = simulator.check_devices(args.devices, "--devices")
         profile = simulator.load_profile(args.profile)
-    except (OSError, ValueError) as e:
-        print(f"synthpipe simulate: {e}", file=sys.stderr)
-        return 2
-    if "single" not in profile:
-        print(f"synthpipe simulate: {args.profile} has no single-device measurement", file=sys.stderr)
-        return 2
-    rows = simulator.predict_table(profile, args.devices, args.microbatches)
+        batch = int(profile.get("workload", {}).get("batch", 256))
+        microbatches = (None if args.microbatches is None
+                        else simulator.check_microbatches(args.microbatches, batch, "--microbatches"))
+    except simulator.ProfileError as e:
+        return _error("simulate", f"--profile {e}")
+    except ValueError as e:
+        return _error("simulate", str(e))
+    rows = simulator.predict_table(profile, devices, microbatches)
     val = simulator.validate(profile) if args.validate else []
     if args.json:
         json.dump({"simulation": rows, "validation": val}, sys.stdout, indent=1)

@@ -52,6 +52,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Any, Iterable, Sequence
 
 from .machine import summary_line
@@ -89,9 +91,14 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def to_json(data: Any) -> str:
+    """``data`` as the JSON the files hold (non-finite floats as ``null``)."""
+    return json.dumps(_clean(data), indent=1)
+
+
 def write_json(path: str, data: Any) -> None:
     with open(path, "w") as f:
-        json.dump(_clean(data), f, indent=1)
+        f.write(to_json(data))
 
 
 def _fmt(v: Any, digits: int = 1, pct: bool = False) -> str:
@@ -434,39 +441,59 @@ def plot_scaling(sim: Sequence[dict[str, Any]], path: str, machine: dict[str, An
 
 
 # -- all files ------------------------------------------------------------------------------
+OUTPUT_FILES = ("throughput.csv", "convergence.csv", "validation.csv", "simulation.csv", "profile.json",
+                "timeline.json", "accuracy_vs_time.png", "timeline.png", "scaling.png", "report.md", "results.json")
+
+
 def write_outputs(results: dict[str, Any], directory: str, plots: bool = True) -> dict[str, str]:
-    """Write every output file; returns ``{name: path}`` (also stored as ``results["files"]``)."""
+    """Write every output file; returns ``{name: path}`` (also stored as ``results["files"]``).
+
+    The files are written into a temporary directory inside ``directory`` and moved in
+    only when all of them are written: a failure on the way (a full disk, a plot that
+    raises) leaves an earlier run's files as they were. Files of :data:`OUTPUT_FILES`
+    that this run does not produce (a plot after ``plots=False``, ``convergence.csv``
+    after a throughput-only run) are removed, so the directory never mixes two runs.
+    """
     os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".writing-", dir=directory)  # same file system: os.replace is atomic
     files: dict[str, str] = {}
 
     def path(name: str) -> str:
         files[name] = os.path.join(directory, name)
-        return files[name]
+        return os.path.join(staging, name)
 
-    machine = results.get("machine")
-    if results.get("throughput"):
-        write_csv(path("throughput.csv"), results["throughput"], machine)
-    if results.get("convergence"):
-        write_csv(path("convergence.csv"), results["convergence"], machine)
-    if results.get("validation"):
-        write_csv(path("validation.csv"), results["validation"], machine)
-    if results.get("simulation"):
-        write_csv(path("simulation.csv"), results["simulation"], machine)
-    if results.get("profile"):
-        write_json(path("profile.json"), results["profile"])
-    if results.get("timelines"):
-        write_json(path("timeline.json"), results["timelines"])
-    if plots:
+    try:
+        machine = results.get("machine")
+        if results.get("throughput"):
+            write_csv(path("throughput.csv"), results["throughput"], machine)
         if results.get("convergence"):
-            plot_accuracy(results["convergence"], results["config"]["conv_target"], path("accuracy_vs_time.png"),
-                          machine)
-        if results.get("timelines"):
-            plot_timeline(results, path("timeline.png"))
+            write_csv(path("convergence.csv"), results["convergence"], machine)
+        if results.get("validation"):
+            write_csv(path("validation.csv"), results["validation"], machine)
         if results.get("simulation"):
-            plot_scaling(results["simulation"], path("scaling.png"), machine)
-    with open(path("report.md"), "w") as f:
-        f.write(markdown(results))
-    results["files"] = dict(files)
-    results["files"]["results.json"] = os.path.join(directory, "results.json")
-    write_json(results["files"]["results.json"], results)
+            write_csv(path("simulation.csv"), results["simulation"], machine)
+        if results.get("profile"):
+            write_json(path("profile.json"), results["profile"])
+        if results.get("timelines"):
+            write_json(path("timeline.json"), results["timelines"])
+        if plots:
+            if results.get("convergence"):
+                plot_accuracy(results["convergence"], results["config"]["conv_target"], path("accuracy_vs_time.png"),
+                              machine)
+            if results.get("timelines"):
+                plot_timeline(results, path("timeline.png"))
+            if results.get("simulation"):
+                plot_scaling(results["simulation"], path("scaling.png"), machine)
+        with open(path("report.md"), "w") as f:
+            f.write(markdown(results))
+        path("results.json")
+        results["files"] = dict(files)
+        write_json(os.path.join(staging, "results.json"), results)
+        for name in OUTPUT_FILES:
+            if name in files:
+                os.replace(os.path.join(staging, name), files[name])
+            elif os.path.isfile(os.path.join(directory, name)):
+                os.remove(os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return results["files"]
