@@ -386,6 +386,81 @@ def test_a_tensor_shared_by_two_stages_is_refused():
     assert [len(s) for s in split(tied, balance=[3])] == [3]  # one stage may share
 
 
+class Tied(nn.Module):
+    """Token model whose head reuses the embedding: as a tied module, functionally, or
+    with a parameter of the model itself used on both sides of a point."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(11, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.scale = nn.Parameter(torch.ones(8))
+        self.register_buffer("table", torch.arange(8.0))  # a constant every part reads (rotary-style)
+        if how == "module":
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids) * self.scale + self.table
+        h = torch.relu(self.mid(h)) + self.table
+        if self.how == "functional":
+            return h @ self.emb.weight.t()
+        if self.how == "root":
+            h = h * self.scale
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("module", r"'emb.weight' \(stage 0\) and 'head.weight' \(stage 1\) are the same parameter"),
+    ("functional", r"'emb.weight' is used by stage 0 and stage 1"),
+    ("root", r"'scale' is used by stage 0 and stage 1"),
+])
+def test_a_parameter_used_in_two_traced_stages_is_refused(how, message):
+    ids = torch.randint(0, 11, (4, 5))
+    with pytest.raises(ValueError, match=message + ".*move the split points so that every use falls in one stage"):
+        split(Tied(how), points=["mid"], example_input=ids)
+
+
+def test_a_constant_buffer_read_by_every_stage_is_fine_and_exports_once():
+    from synthpipe.engine.checkpoint import merge_module_states
+
+    model = Tied("plain")
+    ids = torch.randint(0, 11, (4, 5))
+    stages = split(model, points=["mid"], example_input=ids)
+    assert torch.allclose(compose(stages, ids), model(ids))
+    assert all("table" in s.state_dict() for s in stages)  # a copy in each stage
+    merged = merge_module_states([s.state_dict() for s in stages])
+    assert set(merged) == set(model.state_dict()) and torch.equal(merged["table"], model.table)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.a = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.c(self.shared(torch.relu(self.a(self.shared(x)))))
+
+
+def test_a_module_called_twice_in_one_stage_exports_under_its_own_name():
+    from synthpipe.engine.checkpoint import merge_module_states
+
+    model = CalledTwice()
+    x = torch.randn(3, 6)
+    stages = split(model, points=["c"], example_input=x)
+    assert any("@1" in k for k in stages[0].state_dict())  # the tracer's name for the second call
+    merged = merge_module_states([s.state_dict() for s in stages])
+    assert set(merged) == set(model.state_dict())
+    fresh = CalledTwice()
+    fresh.load_state_dict(merged)  # strict: no unexpected "shared@1.weight"
+    assert torch.allclose(fresh(x), model(x))
+    with pytest.raises(ValueError, match=r"'shared.weight' is used by stage 0 and stage 1"):
+        split(model, points=["a"], example_input=x)  # the two calls on both sides of the point
+
+
 def test_balance_takes_any_integer_type_and_points_must_be_a_list():
     import numpy as np
 

@@ -303,7 +303,33 @@ def _split_traced(model: nn.Module, points: list[str], example_input: Any) -> li
     for i, stage in enumerate(stages):
         _restore_leaves(stage, model, i)
         stage.training = model.training
+    _check_no_parameter_in_two_traced_stages(stages)
     return stages
+
+
+def _check_no_parameter_in_two_traced_stages(stages: list[nn.Module]) -> None:
+    """A parameter used by two stages (tied weights, a root-level parameter, a module
+    called on both sides of a point) would be trained as two copies, one per process.
+
+    The tracer gives each stage that uses it the same object or a copy under the original
+    name, so both are looked for. Buffers may be shared: a constant table used by every
+    layer (rotary embeddings) is copied harmlessly, and export checks the copies agree.
+    """
+    by_id: dict[int, tuple[int, str]] = {}
+    by_name: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        for name, p in stage.named_parameters():
+            name = _CALL_SUFFIX_IN_NAME.sub("", name)
+            first = by_id.setdefault(id(p), (i, name))
+            if first[0] == i and by_name.setdefault(name, i) == i:
+                continue
+            a, a_name = first if first[0] != i else (by_name[name], name)
+            where = (f"'{a_name}' (stage {a}) and '{name}' (stage {i}) are the same parameter"
+                     if a_name != name else f"'{name}' is used by stage {a} and stage {i}")
+            raise ValueError(f"{where}: each stage trains its own copy in its own process, so the weight would "
+                             f"stop being shared (tied embeddings, a parameter of the model itself, or a module "
+                             f"called on both sides of a split point); move the split points so that every use "
+                             f"falls in one stage, or untie the weights")
 
 
 Key = Hashable  # ("in", j) for model input j, (stage, index) for a stage output
@@ -400,6 +426,7 @@ def _rewrite(stage: fx.GraphModule, arg_keys: list[Key], in_keys: list[Key],
 
 
 _CALL_SUFFIX = re.compile(r"@\d+$")
+_CALL_SUFFIX_IN_NAME = re.compile(r"@\d+(?=\.|$)")  # "blk@1.weight" -> "blk.weight"
 
 
 def _restore_leaves(stage: fx.GraphModule, model: nn.Module, index: int) -> None:
