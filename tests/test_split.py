@@ -495,3 +495,89 @@ def test_traced_errors():
         split(model, points=["conv1"], example_input=x)  # nothing runs before conv1
     # Failed splits leave no patched forward() behind.
     assert "forward" not in model.conv1.__dict__
+
+
+# -- what tracing freezes, and why it fails ---------------------------------------------------
+
+class DropoutBlock(nn.Module):  # a block with children whose dropout is functional
+    def __init__(self, p: float):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.p = p
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.lin(x), self.p, self.training)
+
+
+class Attention(nn.Module):
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=p, batch_first=True)
+        self.block = DropoutBlock(0.5 if p else 0.0)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.block(self.enc(self.inp(x))))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dropout_left_in_traced_code_is_named_in_a_warning(training):
+    model = Attention().train(training)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        split(model, points=["enc"], example_input=torch.randn(4, 5, 8))
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("stage 1: dropout in traced code (")
+    assert "enc.self_attn" in messages[0] and "block" in messages[0]
+    if training:
+        assert "frozen to the training mode" in messages[0] and "evaluation is random" in messages[0]
+    else:
+        assert "frozen to the eval mode" in messages[0] and "stays off during training" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dropout: nothing to say; nn.Dropout leaves stay live
+        stages = split(Attention(p=0.0), points=["enc"], example_input=torch.randn(4, 5, 8))
+    assert isinstance(stages[1].get_submodule("enc.dropout1"), nn.Dropout)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # Python control flow on a tensor value
+            h = h * 2
+        return self.b(h)
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.blk = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
+        self.c = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.c(self.blk(self.a(self.blk(x))))
+
+
+def test_tracing_failures_are_explained_in_the_user_s_terms():
+    with pytest.raises(ValueError, match=r"torch.export could not capture Branchy.forward\(\) as one graph.*"
+                                         r"test_split.py:\d+ \(if h.sum\(\) > 0:.*use torch.where"):
+        split(Branchy(), points=["b"], example_input=torch.randn(8, 4))
+    model = resnet()
+    with pytest.raises(ValueError, match=r"ResNet\(\*example_input\) fails when run as is.*expected input"
+                                         r".*\(example_input: \(2, 5, 8, 8\):float32\)"):
+        split(model, points=POINTS, example_input=torch.randn(2, 5, 8, 8))
+    for point in ["blk", "blk.0"]:
+        with pytest.raises(ValueError, match=rf"split point '{point}' is called 2 times by Reused.forward\(\)"):
+            split(Reused(), points=[point], example_input=torch.randn(3, 4))
+    model = Reused().train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="is called 2 times"):
+        split(model, points=["blk"], example_input=torch.randn(3, 4))  # (found by running the model as is)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BatchNorm stats as they were

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import os
 import re
 import warnings
 from collections import OrderedDict
@@ -288,20 +289,31 @@ def _split_traced(model: nn.Module, points: list[str], example_input: Any) -> li
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             pipe = pipeline(model, args, split_spec={p: SplitPoint.BEGINNING for p in points})
+    except Exception as e:
+        failure: Exception | None = e
+    else:
+        failure = None
     finally:
         for m, before in zip(patched, saved):
             for k in ("forward", "_orig_forward"):
                 m.__dict__.pop(k, None)
             m.__dict__.update(before)
+    if failure is not None:
+        raise _why_tracing_failed(model, points, args, failure) from failure
 
     if pipe.num_stages != len(points) + 1:
+        _check_points_run_once(model, points, args)
         raise ValueError(f"split points {points} gave {pipe.num_stages} stages, expected "
                          f"{len(points) + 1}; every point must run once in forward(), after "
                          f"some computation, and on a distinct boundary")
-    stages = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
+    try:
+        stages = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
+    except AttributeError as e:  # (a point called twice leaves a stage without its module)
+        raise _why_tracing_failed(model, points, args, e) from e
     _chain(pipe.split_gm, stages)
     for i, stage in enumerate(stages):
         _restore_leaves(stage, model, i)
+        _warn_frozen_dropout(stage, model, i)
         stage.training = model.training
     _check_no_parameter_in_two_traced_stages(stages)
     return stages
@@ -330,6 +342,81 @@ def _check_no_parameter_in_two_traced_stages(stages: list[nn.Module]) -> None:
                              f"stop being shared (tied embeddings, a parameter of the model itself, or a module "
                              f"called on both sides of a split point); move the split points so that every use "
                              f"falls in one stage, or untie the weights")
+
+
+def _run_as_is(model: nn.Module, args: tuple, points: list[str]) -> list[int]:
+    """Run ``model(*args)`` eagerly, as the user would; returns how often each point's
+    module was called. Parameters and buffers (BatchNorm statistics) are left as they were."""
+    calls = [0] * len(points)
+    hooks = [model.get_submodule(p).register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, p in enumerate(points)]
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for k, v in model.state_dict(keep_vars=True).items():
+                v.copy_(saved[k])
+    return calls
+
+
+def _check_points_run_once(model: nn.Module, points: list[str], args: tuple) -> None:
+    calls = _run_as_is(model, args, points)
+    for p, n in zip(points, calls):
+        if n != 1:
+            raise ValueError(f"split point {p!r} is called {n} times by {type(model).__name__}.forward(); a "
+                             f"stage begins where its module runs, so it must run exactly once: choose a "
+                             f"module called once (a point inside a module that forward() calls twice, or "
+                             f"one that is never called, cannot mark a boundary)")
+
+
+def _why_tracing_failed(model: nn.Module, points: list[str], args: tuple, error: Exception) -> ValueError:
+    """The reason a traced split failed, in the user's terms (torch's own message is a
+    graph dump that ends by pointing at torch's manual pipeline API)."""
+    name = type(model).__name__
+    try:
+        _check_points_run_once(model, points, args)
+    except ValueError as e:
+        return e
+    except Exception as e:  # the model itself fails on example_input: that is the real error
+        return ValueError(f"{name}(*example_input) fails when run as is, so it cannot be traced for "
+                          f"splitting: {type(e).__name__}: {_first_line(e)} (example_input: "
+                          f"{_describe_args(args)})")
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    where = _user_frame(root)
+    return ValueError(f"torch.export could not capture {name}.forward() as one graph, which a split at points "
+                      f"needs: {type(root).__name__}: {_first_line(root)}{where}. Typical causes: Python control "
+                      f"flow on tensor values (`if h.sum() > 0:`; use torch.where), .item() or .tolist(), "
+                      f"shapes that depend on data. Rewrite that code, or build the model as an nn.Sequential "
+                      f"(split by children, without tracing)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def _user_frame(error: BaseException) -> str:
+    """`` at file:line (code)`` of the innermost frame outside torch and synthpipe, if any."""
+    import traceback
+
+    outside = [f for f in traceback.extract_tb(error.__traceback__)
+               if f"{os.sep}torch{os.sep}" not in f.filename and f"{os.sep}synthpipe{os.sep}" not in f.filename
+               and not f.filename.startswith("<")]
+    if not outside:
+        return ""
+    f = outside[-1]
+    return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _describe_args(args: tuple) -> str:
+    return ", ".join(f"{tuple(a.shape)}:{str(a.dtype).replace('torch.', '')}" if isinstance(a, torch.Tensor)
+                     else type(a).__name__ for a in args)
 
 
 Key = Hashable  # ("in", j) for model input j, (stage, index) for a stage output
@@ -453,10 +540,59 @@ def _restore_leaves(stage: fx.GraphModule, model: nn.Module, index: int) -> None
         parent = stage.get_submodule(parent_name) if parent_name else stage
         if _restorable(parent, atom, traced, orig):
             setattr(parent, atom, orig)
-        elif len(list(orig.buffers())) or isinstance(orig, nn.modules.dropout._DropoutNd):
+        elif len(list(orig.buffers())):  # (a dropout left traced is found by _warn_frozen_dropout)
             warnings.warn(f"stage {index}: {name!r} ({type(orig).__name__}) stays a traced graph "
                           f"frozen to the train/eval mode the model had when traced",
                           stacklevel=4)
+
+
+_DROPOUT_OPS = ("aten.dropout.", "aten.native_dropout.", "aten.feature_dropout.", "aten.alpha_dropout.",
+                "aten.feature_alpha_dropout.")
+
+
+def _dropout_rate(node: fx.Node) -> float:
+    """The dropout probability a traced call applies (0.0 for any other call)."""
+    target = str(node.target)
+    if target.startswith(_DROPOUT_OPS):
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.0)
+    elif target.startswith("aten.scaled_dot_product_attention."):
+        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    else:
+        return 0.0
+    return float(p) if isinstance(p, (int, float)) else 0.0
+
+
+def _warn_frozen_dropout(stage: fx.GraphModule, model: nn.Module, index: int) -> None:
+    """Warn where dropout survived only as traced code: it keeps the mode of the trace.
+
+    nn.Dropout leaves are put back as live modules (:func:`_restore_leaves`); what is left
+    is dropout inside code that was inlined, such as the attention dropout of
+    ``nn.MultiheadAttention`` or ``F.dropout(x, p, self.training)`` in a forward with
+    children. Traced in training mode it also drops units in eval; traced in eval mode,
+    attention dropout is gone from the graph, so the model's own modules are checked too.
+    """
+    traced_training = model.training
+    frozen = []
+    for name, module in stage.named_modules():
+        graph = getattr(module, "graph", None)
+        if isinstance(graph, fx.Graph) and any(n.op == "call_function" and _dropout_rate(n) > 0 for n in graph.nodes):
+            frozen.append(name or "the model's own forward()")
+    if not traced_training:  # attention dropout traced in eval mode left no node behind
+        for name, module in stage.named_modules():
+            try:
+                orig = model.get_submodule(_CALL_SUFFIX_IN_NAME.sub("", name)) if name else None
+            except AttributeError:
+                continue
+            if isinstance(orig, nn.MultiheadAttention) and orig.dropout > 0 and module is not orig:
+                frozen.append(name)
+    if frozen:
+        state = "training" if traced_training else "eval"
+        effect = ("it keeps dropping units after .eval(), so evaluation is random" if traced_training
+                  else "it stays off during training")
+        warnings.warn(f"stage {index}: dropout in traced code ({', '.join(dict.fromkeys(frozen))}) is frozen to the "
+                      f"{state} mode the model had when split: {effect}. nn.Dropout modules stay live; attention "
+                      f"dropout and F.dropout inside a module with children do not. Set those dropout rates to 0 "
+                      f"if that matters", stacklevel=4)
 
 
 def _restorable(parent: nn.Module, atom: str, traced: nn.Module, orig: nn.Module) -> bool:
