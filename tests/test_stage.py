@@ -257,3 +257,69 @@ def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():
     stage.load_state_dict(state)  # the right state still loads
     assert torch.equal(stage.module.weight, state["module"]["weight"]) and stage.synth is not synth
 
+
+
+# -- traced stages fix the shapes they were traced with -----------------------------------------
+
+class Flatten(nn.Module):
+    """A CNN tail that flattens with the batch size (a common idiom), after a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        return self.fc(h.view(x.size(0), -1))
+
+
+def traced_stage() -> tuple[Stage, nn.Module]:
+    torch.manual_seed(0)
+    model = Flatten()
+    stages = sp.split(model, points=["fc"], example_input=torch.randn(8, 3, 4, 4))
+    return Stage(0, 2, stages[0], sgd), model
+
+
+class Regroup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.mid = nn.Linear(8, 8)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.mid(self.a(x)).view(x.size(0), 2, 4))
+
+
+def test_a_traced_stage_given_another_batch_size_says_it_was_traced_with_another():
+    torch.manual_seed(0)
+    stages = sp.split(Regroup(), points=["mid"], example_input=torch.randn(8, 6))
+    stage = Stage(1, 3, stages[1], sgd)  # (a middle stage: no loss needed)
+    assert stage.forward((torch.randn(8, 8),))[1][0].shape == (8, 2, 2)  # the traced shape: fine
+    with pytest.raises(sp.StageInputError, match=r"stage 1 failed on its input \(\(5, 8\):float32\): shape "
+                                                 r"'\[8, 2, 4\]' is invalid for input of size 40. This stage was "
+                                                 r"traced \(split at points\) with input \(8, 8\).*drop_last=True"):
+        stage.forward((torch.randn(5, 8),))
+
+
+def test_a_traced_stage_that_mixes_examples_is_stopped_and_leaves_its_norm_layers_as_they_were():
+    stage, model = traced_stage()
+    stats = [t.clone() for t in (model.bn.running_mean, model.bn.num_batches_tracked)]
+    # 4 examples fit view(8, -1): the stage runs and pairs them up, which must not pass silently
+    with pytest.raises(sp.StageInputError, match=r"stage 0 turned a batch of 4 \(\(4, 3, 4, 4\):float32\) into "
+                                                 r"outputs \(\(8, 32\):float32\) with another batch size.*"
+                                                 r"traced \(split at points\) with input \(8, 3, 4, 4\)"):
+        stage.forward((torch.randn(4, 3, 4, 4),))
+    assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.num_batches_tracked, stats[1])
+    assert stage.forward((torch.randn(8, 3, 4, 4),))[1][0].shape == (8, 64)
+
+
+def test_a_stage_that_fails_leaves_its_norm_statistics_as_they_were():
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2), nn.Linear(3, 2))  # the second Linear cannot take it
+    stage = Stage(0, 2, model, sgd)
+    before = copy.deepcopy(model[0].state_dict())
+    with pytest.raises(sp.StageInputError, match=r"stage 0 failed on its input \(\(6, 4\):float32\)"):
+        stage.forward((torch.randn(6, 4),))
+    assert all(torch.equal(v, before[k]) for k, v in model[0].state_dict().items())

@@ -319,6 +319,20 @@ def _split_traced(model: nn.Module, points: list[str], example_input: Any) -> li
     return stages
 
 
+def traced_input_shapes(stage: nn.Module) -> list[tuple[int, ...] | None] | None:
+    """The input shapes a traced stage was recorded with (``None`` entries for non-tensor
+    inputs), or ``None`` for a stage that was not traced."""
+    graph = getattr(stage, "graph", None)
+    if not isinstance(stage, fx.GraphModule) or not isinstance(graph, fx.Graph):
+        return None
+    shapes = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            shapes.append(tuple(val.shape) if isinstance(val, torch.Tensor) else None)
+    return shapes
+
+
 def _check_no_parameter_in_two_traced_stages(stages: list[nn.Module]) -> None:
     """A parameter used by two stages (tied weights, a root-level parameter, a module
     called on both sides of a point) would be trained as two copies, one per process.

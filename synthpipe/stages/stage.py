@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn.parameter import UninitializedBuffer
 
 from .materialize import InitFn, materialize, on_meta
+from .split import traced_input_shapes
 from .synthesizer import BoundarySynthesizer, Synthesizer, TokenSynth, per_batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -79,6 +80,18 @@ def default_synth_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optim
     return torch.optim.Adam(params, lr=1e-3)
 
 
+def _traced_shapes_hint(traced: list | None, inputs: Sequence[Any]) -> str:
+    """Why a stage traced with input shapes ``traced`` may fail on ``inputs`` (empty if not that)."""
+    given = [tuple(t.shape) if torch.is_tensor(t) else None for t in inputs]
+    if traced is None or traced == given:
+        return ""
+    shown = ", ".join(str(s) for s in traced)
+    return (f". This stage was traced (split at points) with input {shown}, and tracing fixes the sizes the "
+            f"model's code computes with (x.view(batch, ...), x.view(x.size(0), -1), reshape to a sequence "
+            f"length), so other batch sizes or lengths can fail: give example_input the training shapes and "
+            f"drop a smaller last batch (DataLoader(drop_last=True)), or use shape-free code (torch.flatten(x, 1))")
+
+
 class Stage:
     """Stage ``index`` of ``n_stages``: module, optimizer, and synthesizer (not on the last).
 
@@ -120,6 +133,7 @@ class Stage:
         self.synth_optimizer: torch.optim.Optimizer | None = None
         self._running_stats = running_statistics(self.module)
         self._stats_before: list[torch.Tensor] | None = None  # saved by a training forward
+        self._traced_shapes = traced_input_shapes(self.module)  # (None unless split by tracing)
         # A lazy norm layer's first forward: the saved copies of the statistics that
         # existed, and the layers that had none yet (undone by resetting them).
         self._first_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -157,14 +171,36 @@ class Stage:
                     t = t.detach().requires_grad_(True)
             prepared.append(t)
         inputs = tuple(prepared)
-        if self._running_stats and self.module.training:
+        saved = bool(self._running_stats) and self.module.training
+        if saved:
             self._save_running_stats()
         try:
-            out = self.module(*inputs)
+            out = as_tuple(self.module(*inputs))
+            problem = self._traced_batch_problem(inputs, out)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise StageInputError(
-                f"{self.name} failed on its input ({describe(inputs)}): {e}") from e
-        return inputs, as_tuple(out)
+            hint = _traced_shapes_hint(self._traced_shapes, inputs)
+            # (a traced stage's error goes on with the fx interpreter's notes: the first line says it)
+            reason = str(e).strip().splitlines()[0] if hint and str(e).strip() else str(e)
+            problem, cause = f"{self.name} failed on its input ({describe(inputs)}): {reason}{hint}", e
+        else:
+            cause = None
+        if problem is not None:
+            if saved:  # a norm layer may have counted this batch already
+                self.undo_forward()
+            raise StageInputError(problem) from cause
+        return inputs, out
+
+    def _traced_batch_problem(self, inputs: tuple, outputs: tuple) -> str | None:
+        """A traced stage given another batch size may run and silently mix examples (a
+        ``view`` with the traced batch size baked in): its outputs must keep the batch."""
+        hint = _traced_shapes_hint(self._traced_shapes, inputs)
+        batch = next((t.shape[0] for t in inputs if torch.is_tensor(t) and t.dim() > 0), None)
+        if not hint or batch is None:
+            return None
+        if any(torch.is_tensor(t) and t.dim() > 0 and t.shape[0] != batch for t in outputs):
+            return (f"{self.name} turned a batch of {batch} ({describe(inputs)}) into outputs ({describe(outputs)}) "
+                    f"with another batch size, so examples were mixed{hint}")
+        return None
 
     def loss(self, outputs: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """The training loss on the last stage (``loss_fn(outputs[0], y)``)."""
