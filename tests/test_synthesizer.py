@@ -351,3 +351,36 @@ def test_custom_callable_kind():
     assert torch.allclose(g, 2 * h + y[:, None].double())
     # it is part of the module tree, so an optimizer over synth.parameters() trains it
     assert any(p is synth.parts[0].w for p in synth.parameters())
+
+
+def test_options_a_kind_does_not_take_are_refused_when_the_recipe_is_made():
+    with pytest.raises(ValueError, match=r"the linear synthesizer takes no option 'hidden'; its options are none"):
+        Synthesizer("linear", hidden=64)
+    with pytest.raises(ValueError, match=r"the lowrank synthesizer takes no option 'rnak'; its options are \['rank'\]"):
+        Synthesizer("lowrank", rnak=8)
+    with pytest.raises(ValueError, match=r"the auto synthesizer takes no option 'rank'"):
+        Synthesizer("auto", rank=8)
+    Synthesizer("auto", hidden=8, kernel_size=3)  # options of the kinds auto may pick
+
+
+def test_a_kind_that_cannot_take_the_boundary_names_it():
+    with pytest.raises(ValueError, match=r"boundary 2 \(activations \(4, 16\)\): the conv synthesizer cannot take "
+                                         r"them: the conv synthesizer needs 4-D"):
+        Synthesizer("conv").build(2, [torch.randn(4, 16)])
+
+
+def test_a_linear_synthesizer_of_a_whole_feature_map_warns_or_is_refused():
+    import warnings
+
+    from synthpipe.stages import synthesizer as s
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Synthesizer("linear").build(0, [torch.randn(2, 64)])  # small: quiet
+    with pytest.warns(UserWarning, match=r"boundary 0: a linear synthesizer of activations of shape \(B, 8, 32, 32\) "
+                                         r"has 67,117,056 parameters \(0.3 GiB.*Synthesizer\('lowrank'"):
+        Synthesizer("linear").build(0, [torch.randn(2, 8, 32, 32, device="meta")])
+    with pytest.raises(ValueError, match=r"boundary 1: a linear synthesizer of activations of shape \(B, 64, 32, 32\) "
+                                         r"has 4,295,032,832 parameters \(16.0 GiB"):
+        Synthesizer("linear").build(1, [torch.randn(2, 64, 32, 32, device="meta")])  # (refused before allocating)
+    assert s.LINEAR_WARN_PARAMS < 67_117_056 < s.LINEAR_MAX_PARAMS < 4_295_032_832

@@ -14,6 +14,7 @@ it applies it. :func:`per_example` and :func:`per_batch` implement the two direc
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -235,6 +236,40 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+LINEAR_WARN_PARAMS = 2 ** 26  # 256 MiB in float32, before the optimizer's state
+LINEAR_MAX_PARAMS = 2 ** 31  # 8 GiB: certainly a mistake (the default kind on a feature map)
+
+
+def _options_of(kind: str) -> list[str]:
+    return [n for n in inspect.signature(_BUILDERS[kind]).parameters if n not in ("shape", "num_classes")]
+
+
+def _check_options(kind: str, options: dict[str, Any]) -> None:
+    """Options no model of ``kind`` takes are an error now, not at the first step."""
+    kinds = ("conv", "token", "linear") if kind == "auto" else (kind,)
+    known = {n for k in kinds for n in _options_of(k)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"the {kind} synthesizer takes no option {', '.join(map(repr, unknown))}; its options are "
+                         f"{sorted(known) or 'none'}")
+
+
+def _check_linear_size(boundary: int, shape: tuple[int, ...], num_classes: int | None) -> None:
+    """A linear map of a whole feature map is features^2 parameters: warn, or refuse the absurd."""
+    features = int(torch.Size(shape).numel())
+    params = features * (features + (num_classes or 0)) + features
+    if params <= LINEAR_WARN_PARAMS:
+        return
+    message = (f"boundary {boundary}: a linear synthesizer of activations of shape (B, "
+               f"{', '.join(map(str, shape))}) has {params:,} parameters ({params * 4 / 2 ** 30:.1f} GiB in "
+               f"float32, three times that with Adam's state); Synthesizer('lowrank', rank=...) maps the same "
+               f"activations through a bottleneck, and 'auto' picks 'conv' for (B, C, H, W) and 'token' for "
+               f"(B, T, D)")
+    if params > LINEAR_MAX_PARAMS:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=4)
+
+
 def _auto_kind(ndim: int) -> str:
     return {4: "conv", 3: "token"}.get(ndim, "linear")
 
@@ -288,6 +323,8 @@ class Synthesizer:
         if kind in ("conv", "auto") and "kernel_size" in options and options["kernel_size"] % 2 == 0:
             raise ValueError(f"the conv synthesizer's kernel_size must be odd (it keeps H and W with "
                              f"padding kernel_size // 2), got {options['kernel_size']}")
+        if isinstance(kind, str):
+            _check_options(kind, options)
         self.kind = kind
         self.conditional = conditional
         self.num_classes = num_classes if conditional else None
@@ -324,7 +361,13 @@ class Synthesizer:
                 if self.kind == "auto":  # options of the other kinds do not apply
                     accepted = inspect.signature(builder).parameters
                     options = {k: v for k, v in options.items() if k in accepted}
-                part = builder(tuple(t.shape[1:]), self.num_classes, **options)
+                if kind == "linear":
+                    _check_linear_size(boundary, tuple(t.shape[1:]), self.num_classes)
+                try:
+                    part = builder(tuple(t.shape[1:]), self.num_classes, **options)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"boundary {boundary} (activations {tuple(t.shape)}): the {kind} synthesizer "
+                                     f"cannot take them: {e}") from e
             parts.append(part.to(device=t.device, dtype=t.dtype))
             shapes.append(tuple(t.shape[1:]))
         return BoundarySynthesizer(parts, shapes)
