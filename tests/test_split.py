@@ -483,7 +483,7 @@ def test_traced_errors():
         split(model, points=["layer1.7"], example_input=x)
     with pytest.raises(ValueError, match=r"split points \['fc2'\] need example_input"):
         split(model, points=["fc2"])
-    with pytest.raises(ValueError, match=r"points are required to split a ResNet"):
+    with pytest.raises(ValueError, match=r"points are required to split a ResNet.*e.g. points=\['bn1', 'layer1'\]"):
         split(model, n_stages=2, example_input=x)
     with pytest.raises(ValueError, match=r"balance=\[1, 2\] only applies to nn.Sequential"):
         split(model, balance=[1, 2])

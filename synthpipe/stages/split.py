@@ -138,7 +138,7 @@ def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] 
     if points is None:
         raise ValueError(f"points are required to split a {type(model).__name__} (not an "
                          f"nn.Sequential): name the submodules where stages 1.. begin, e.g. "
-                         f"points={_some_names(model, 2)}")
+                         f"points={[name for name, _ in model.named_children()][1:3]}")
     points = list(points)
     if n_stages is not None and n_stages != len(points) + 1:
         raise ValueError(f"n_stages={n_stages} does not match {len(points)} points "
