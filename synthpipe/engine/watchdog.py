@@ -62,6 +62,7 @@ def stall_message(rank: int, call: str, idle: float, next_after: float, frames: 
     for thread in threading.enumerate():  # rank 0's loader runs here; the main thread only waits for it
         if thread.name == PREFETCH_THREAD_NAME:
             where += f"Its data loader (read by the prefetch thread) is at:\n{stack(thread)}"
+
     def secs(x: float) -> str:
         return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
     return (f"synthpipe (rank {rank}): warning: no progress for {secs(idle)} s in {call}: no step, batch or gradient "
@@ -277,7 +278,10 @@ class Watchdog:
         progress: list[Any] = [None, None, 0.0, 0.0]
         while not self._stop.wait(self.interval):
             now = time.monotonic()
-            self._check_progress(progress, now)
+            try:
+                self._check_progress(progress, now)
+            except Exception:  # (a warning that cannot be printed must not end failure detection)
+                pass
             try:
                 beats += 1
                 self.store.set(self._key("hb", self.rank), str(beats))
