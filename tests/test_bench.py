@@ -482,3 +482,13 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
     for key in ("version", "single", "transfer", "synth_s", "message_s", "pp_message_s", "op_overhead_s",
                 "microbatch", "runs"):
         assert key in profile, key
+
+
+def test_a_torch_schedule_no_micro_batch_count_can_run_is_named_in_a_warning():
+    from synthpipe.benchmark.bench import quick_config, throughput_jobs, unusable_schedules
+
+    cfg = quick_config(ranks=4)  # quick sweeps m in {2, 4}; ZB-V needs m >= 2 x ranks = 8
+    assert unusable_schedules(cfg) == ["torch schedule zbv is skipped: it takes none of the micro-batch counts "
+                                       "2, 4 on 4 ranks with batch 256 (it needs at least 8)"]
+    assert not any(j.name.startswith("zbv") for j in throughput_jobs(cfg))  # (the warning says why no row)
+    assert unusable_schedules(quick_config()) == []  # 2 ranks: zbv runs at m=4

@@ -370,6 +370,16 @@ def quick_config(**overrides: Any) -> BenchConfig:
 
 
 # -- planning ------------------------------------------------------------------------------
+def unusable_schedules(cfg: BenchConfig) -> list[str]:
+    """One message per torch schedule that none of ``cfg.microbatches`` can run (it gets no row)."""
+    return [f"torch schedule {sched} is skipped: it takes none of the micro-batch counts "
+            f"{', '.join(map(str, cfg.microbatches))} on {cfg.ranks} ranks with batch {cfg.workload.batch}"
+            + (f" (it needs at least {2 * cfg.ranks})" if sched == "zbv" else "")
+            for sched in cfg.schedules
+            if not any(valid_microbatches(sched, cfg.ranks, m) and cfg.workload.batch % m == 0
+                       for m in cfg.microbatches)]
+
+
 def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
     """Single, torch schedules x micro-batch sweep, synthpipe backprop, synthetic variants
     (each followed by its no-transfer ceiling, ``<variant>-alone``, when ``cfg.ceiling``)."""
@@ -661,6 +671,10 @@ def run_benchmark(cfg: BenchConfig, verbose: bool = True,
     if message:
         warnings_out.append(message)
         log(f"warning: {message}")
+    if cfg.throughput:
+        for message in unusable_schedules(cfg):
+            warnings_out.append(message)
+            log(f"warning: {message}")
     over = bool(machine["oversubscribed"])
     results: dict[str, Any] = {
         "version": RESULTS_VERSION, "created": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -143,7 +143,7 @@ class RankPool:
         failure: str | None = None
         while len(got) < world:
             if time.monotonic() > deadline:
-                failure = f"ranks {sorted(set(range(world)) - set(got))} still running after {timeout:.0f} s"
+                failure = f"ranks {sorted(set(range(world)) - set(got))} still running after {timeout:.3g} s"
                 break
             try:
                 jid, rank, ok, value = self.results.get(timeout=0.2)
