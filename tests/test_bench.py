@@ -101,7 +101,7 @@ def test_monitor_samples_this_process() -> None:
 
 
 def test_variants_parse() -> None:
-    from synthpipe.benchmark.bench import Variant
+    from synthpipe.benchmark.config import Variant
 
     assert Variant.parse("cdni").name == "cdni"
     assert Variant.parse("dni:linear").name == "dni"
@@ -265,8 +265,8 @@ def test_bench_refuses_an_output_it_could_not_write(tmp_path, capsys, no_jobs) -
 
 
 def test_bench_config_validate_guards_the_python_api(tmp_path, no_jobs) -> None:
-    from synthpipe.benchmark.bench import (BenchConfig, BenchConfigError, Variant, model_children, quick_config,
-                                           run_benchmark)
+    from synthpipe.benchmark.bench import run_benchmark
+    from synthpipe.benchmark.config import BenchConfig, BenchConfigError, Variant, model_children, quick_config
     from synthpipe.benchmark.workload import Workload, build_model
 
     with pytest.raises(BenchConfigError, match=r"^steps must be an integer >= 1; got 0$") as e:
@@ -378,7 +378,7 @@ def test_a_partly_failed_run_writes_one_consistent_set_with_the_failures_marked(
 
 def test_outputs_are_moved_in_only_once_all_are_written(tmp_path, monkeypatch) -> None:
     from synthpipe.benchmark import report
-    from synthpipe.benchmark.bench import BenchConfig
+    from synthpipe.benchmark.config import BenchConfig
 
     out = tmp_path / "out"
     earlier = _earlier_run(out)
@@ -485,7 +485,8 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
 
 
 def test_a_torch_schedule_no_micro_batch_count_can_run_is_named_in_a_warning():
-    from synthpipe.benchmark.bench import quick_config, throughput_jobs, unusable_schedules
+    from synthpipe.benchmark.bench import throughput_jobs, unusable_schedules
+    from synthpipe.benchmark.config import quick_config
 
     cfg = quick_config(ranks=4)  # quick sweeps m in {2, 4}; ZB-V needs m >= 2 x ranks = 8
     assert unusable_schedules(cfg) == ["torch schedule zbv is skipped: it takes none of the micro-batch counts "

@@ -8,7 +8,8 @@ Modules: :mod:`.machine` (machine description, fairness check), :mod:`.monitor`
 (CPU/GPU utilisation sampler, peak memory), :mod:`.launcher` (pool of rank processes),
 :mod:`.workload` (shared model and data), :mod:`.methods` (single-device backprop and
 synthpipe jobs), :mod:`.pipelining` (torch.distributed.pipelining baselines),
-:mod:`.simulator` (discrete-event schedule model), :mod:`.bench` (the run),
+:mod:`.simulator` (discrete-event schedule model), :mod:`.config` (what a run is told, and
+its checks), :mod:`.bench` (the run),
 :mod:`.report` (markdown, CSV, JSON, plots), :mod:`.cli`.
 """
 from .cli import add_bench_arguments, add_simulate_arguments, run_bench, run_simulate

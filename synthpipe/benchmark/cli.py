@@ -117,10 +117,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`BenchConfig` of the parsed options, validated.
 
-    Raises :class:`synthpipe.benchmark.bench.BenchConfigError` naming the option and the
+    Raises :class:`synthpipe.benchmark.config.BenchConfigError` naming the option and the
     bad value (before anything runs).
     """
-    from .bench import BenchConfig, BenchConfigError, Variant, quick_config
+    from .config import BenchConfig, BenchConfigError, Variant, quick_config
 
     cfg = quick_config() if args.quick else BenchConfig()
     cfg.output = args.output
@@ -168,7 +168,8 @@ def run_bench(args: argparse.Namespace) -> int:
     results); 2 bad options (one line on stderr, nothing run); 130 interrupted (nothing
     written).
     """
-    from .bench import BenchConfigError, run_benchmark
+    from .bench import run_benchmark
+    from .config import BenchConfigError
     from .report import markdown, to_json, write_outputs
 
     try:
