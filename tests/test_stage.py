@@ -309,7 +309,7 @@ def test_a_traced_stage_that_mixes_examples_is_stopped_and_leaves_its_norm_layer
     stats = [t.clone() for t in (model.bn.running_mean, model.bn.num_batches_tracked)]
     # 4 examples fit view(8, -1): the stage runs and pairs them up, which must not pass silently
     with pytest.raises(sp.StageInputError, match=r"stage 0 turned a batch of 4 \(\(4, 3, 4, 4\):float32\) into "
-                                                 r"outputs \(\(8, 32\):float32\) with another batch size.*"
+                                                 r"outputs \(\(8, 32\):float32\) whose first dimension was the batch when traced.*"
                                                  r"traced \(split at points\) with input \(8, 3, 4, 4\)"):
         stage.forward((torch.randn(4, 3, 4, 4),))
     assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.num_batches_tracked, stats[1])
@@ -323,3 +323,23 @@ def test_a_stage_that_fails_leaves_its_norm_statistics_as_they_were():
     with pytest.raises(sp.StageInputError, match=r"stage 0 failed on its input \(\(6, 4\):float32\)"):
         stage.forward((torch.randn(6, 4),))
     assert all(torch.equal(v, before[k]) for k, v in model[0].state_dict().items())
+
+
+class TokenHead(nn.Module):
+    """Per-token classification: the last stage hands the loss (B * T, C), by design."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids)))).reshape(-1, 5)
+
+
+def test_an_output_that_was_not_batch_first_when_traced_may_change_with_the_batch():
+    stages = sp.split(TokenHead(), points=["mid"], example_input=torch.randint(0, 20, (8, 6)))
+    last = Stage(1, 2, stages[1], sgd, loss_fn=nn.CrossEntropyLoss())
+    _, out = last.forward((torch.randn(4, 6, 8),))  # a smaller last batch
+    assert out[0].shape == (24, 5)  # (4 * 6, 5): not a batch of 4, and not an error

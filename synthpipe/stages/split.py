@@ -333,6 +333,17 @@ def traced_input_shapes(stage: nn.Module) -> list[tuple[int, ...] | None] | None
     return shapes
 
 
+def traced_output_shapes(stage: nn.Module) -> list[tuple[int, ...] | None] | None:
+    """The output shapes a traced stage produced when traced (``None`` entries for values
+    whose shape was not recorded), or ``None`` for a stage that was not traced."""
+    graph = getattr(stage, "graph", None)
+    if not isinstance(stage, fx.GraphModule) or not isinstance(graph, fx.Graph):
+        return None
+    _, values = _output_values(graph)
+    return [tuple(v.meta["val"].shape) if isinstance(v, fx.Node) and isinstance(v.meta.get("val"), torch.Tensor)
+            else None for v in values]
+
+
 def _check_no_parameter_in_two_traced_stages(stages: list[nn.Module]) -> None:
     """A parameter used by two stages (tied weights, a root-level parameter, a module
     called on both sides of a point) would be trained as two copies, one per process.

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.nn.parameter import UninitializedBuffer
 
 from .materialize import InitFn, materialize, on_meta
-from .split import traced_input_shapes
+from .split import traced_input_shapes, traced_output_shapes
 from .synthesizer import BoundarySynthesizer, Synthesizer, TokenSynth, per_batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -134,6 +134,7 @@ class Stage:
         self._running_stats = running_statistics(self.module)
         self._stats_before: list[torch.Tensor] | None = None  # saved by a training forward
         self._traced_shapes = traced_input_shapes(self.module)  # (None unless split by tracing)
+        self._traced_out = traced_output_shapes(self.module)
         # A lazy norm layer's first forward: the saved copies of the statistics that
         # existed, and the layers that had none yet (undone by resetting them).
         self._first_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -192,14 +193,22 @@ class Stage:
 
     def _traced_batch_problem(self, inputs: tuple, outputs: tuple) -> str | None:
         """A traced stage given another batch size may run and silently mix examples (a
-        ``view`` with the traced batch size baked in): its outputs must keep the batch."""
+        ``view`` with the traced batch size baked in). An output whose first dimension was
+        the batch when traced must follow the batch now; others (a sequence-first (T, B, D)
+        boundary, a (B * T, C) output for the loss) are left alone."""
         hint = _traced_shapes_hint(self._traced_shapes, inputs)
-        batch = next((t.shape[0] for t in inputs if torch.is_tensor(t) and t.dim() > 0), None)
-        if not hint or batch is None:
+        if not hint or not self._traced_shapes or self._traced_out is None:
             return None
-        if any(torch.is_tensor(t) and t.dim() > 0 and t.shape[0] != batch for t in outputs):
-            return (f"{self.name} turned a batch of {batch} ({describe(inputs)}) into outputs ({describe(outputs)}) "
-                    f"with another batch size, so examples were mixed{hint}")
+        traced_batch = next((s[0] for s in self._traced_shapes if s), None)
+        batch = next((t.shape[0] for t in inputs if torch.is_tensor(t) and t.dim() > 0), None)
+        if traced_batch is None or batch is None or batch == traced_batch:
+            return None
+        for t, traced in zip(outputs, self._traced_out):
+            if (torch.is_tensor(t) and t.dim() > 0 and traced and traced[0] == traced_batch
+                    and t.shape[0] != batch):
+                return (f"{self.name} turned a batch of {batch} ({describe(inputs)}) into outputs "
+                        f"({describe(outputs)}) whose first dimension was the batch when traced but is not now, "
+                        f"so examples were mixed{hint}")
         return None
 
     def loss(self, outputs: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
