@@ -102,7 +102,7 @@ def test_overrides_round_trip_through_the_flags_given_to_torchrun():
 def test_torchrun_command_line():
     args = parse_train(["--nproc", "4", "--epochs", "2"])
     cmd = cli.torchrun_command(4, {}, None, overrides_from_args(args))
-    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"]
+    assert cmd[:5] == [sys.executable, "-m", "synthpipe.launch.torchrun", "--nproc-per-node", "4"]
     assert "--standalone" in cmd  # one node, no rendezvous flags: a free port, no collisions
     assert cmd[cmd.index("-m", 3):] == ["-m", "synthpipe.launch.train", "--epochs", "2"]
     args = parse_train(["--nproc", "2", "--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d",
@@ -282,7 +282,7 @@ def _ranks_of(proc: subprocess.Popen) -> list:
     import psutil
 
     return [p for p in psutil.Process(proc.pid).children(recursive=True)
-            if "synthpipe.launch.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+            if "synthpipe.launch.train" in p.cmdline() and "synthpipe.launch.torchrun" not in p.cmdline()]
 
 
 def _running(p) -> bool:
@@ -333,12 +333,12 @@ def test_a_signal_stops_torchrun_s_ranks_after_they_save(tmp_path, sig, to):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert code != 0
     assert not orphans, f"the command exited while ranks {orphans} were still running\n{err[-3000:]}"
     who = "rank 1" if to == "rank 1" else "rank "
     assert f"stopped by {sig} on {who}" in err and "continue with --resume ck" in err, err[-3000:]
-    assert not re.search(r"exitcode\s*:\s*-(15|2)\b", err), f"a rank was killed by a signal\n{err[-3000:]}"
-    assert "During handling of the above exception" not in err, f"torchrun got {sig} twice\n{err[-3000:]}"
+    assert not re.search(r"exitcode\s*:\s*-\d", err), f"a rank was killed by a signal\n{err[-3000:]}"
+    assert "Traceback" not in err, f"torchrun's traceback instead of one line\n{err[-3000:]}"
+    assert code == 128 + signum, (code, err[-3000:])  # what a shell expects of a command stopped by it
     step = read_meta(str(tmp_path / "ck"))["step"]
     assert 1 <= step < 1000 * 8
     assert sorted(os.listdir(tmp_path / "ck")) == ["meta.json", f"stage-0-{step}.pt", f"stage-1-{step}.pt"]

@@ -241,7 +241,7 @@ class Watchdog:
             time.sleep(0.01)
 
     def close(self) -> None:
-        """Mark this rank as finished (not dead) and stop the thread."""
+        """Mark this rank as finished (not dead), stop the thread and let go of the store."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -249,6 +249,13 @@ class Watchdog:
             self.store.set(self._key("done", self.rank), "1")
         except Exception:
             pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.interval + 1)
+        # Our store client is freed now, not at interpreter exit: once a rank exits non-zero
+        # (a clean stop on a signal, 130/143), torchrun's agent shuts its store down, and a
+        # client destroyed after that aborted the process ("terminate called without an
+        # active exception").
+        self.store = None
 
     # -- thread ---------------------------------------------------------------------
     def _fail(self, message: str, verdict: str | None = None) -> None:

@@ -9,9 +9,10 @@
 stages, on CPU in this process, and prints its test accuracy next to plain backprop's.
 With ``--nproc N`` (N > 1) or ``--nnodes M`` (M > 1) it checks its arguments, then execs torchrun::
 
-    python -m torch.distributed.run --nproc-per-node N [torchrun flags] -m synthpipe.launch.train [flags]
+    python -m synthpipe.launch.torchrun --nproc-per-node N [torchrun flags] -m synthpipe.launch.train [flags]
 
-so its exit code and its signals are torchrun's. Without ``--stages`` (or a balance) the job then gets one stage
+(torchrun's own entry point, save that a job stopped cleanly by a signal ends with one
+line and 128 + signal instead of torchrun's tracebacks and 1), so its signals are torchrun's. Without ``--stages`` (or a balance) the job then gets one stage
 per process: ``n_stages = N * M``. torchrun's multi-node flags pass through (dash or
 underscore spelling); on one node without rendezvous flags ``--standalone`` is used, so
 concurrent jobs never collide on a port.
@@ -91,7 +92,7 @@ def _nnodes(text: str) -> int | None:
 def torchrun_command(nproc: int, torchrun: dict[str, Any], config: str | None,
                      overrides: dict[str, Any]) -> list[str]:
     """The torchrun command line for ``synthpipe train --nproc N``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd = [sys.executable, "-m", "synthpipe.launch.torchrun", "--nproc-per-node", str(nproc)]
     multi_node = torchrun.get("nnodes", "1") != "1"
     rendezvous = any(k in torchrun for k in ("rdzv_backend", "rdzv_endpoint", "master_addr", "master_port"))
     if not multi_node and not rendezvous:
