@@ -599,3 +599,35 @@ def test_sigterm_on_another_rank_stops_the_pipeline_and_every_rank_saves(tmp_pat
         assert results[r]["step"] == s and results[r]["steps"] == list(range(s))
         assert_equal(results[r]["state"], results[r]["straight"])  # as if max_steps had been s
     assert read_meta(directory)["step"] == s
+
+
+def test_a_rerun_that_saves_at_the_same_step_never_leaves_a_mixed_checkpoint(tmp_path, monkeypatch):
+    """Run A saved step 4 into the directory; run B, another run (not a resume), saves
+    step 4 there too and crashes after stage 0's file: A's checkpoint must still load
+    whole (B's stage 0 file may not replace A's, which meta.json names)."""
+    from synthpipe.engine import checkpoint as ckpt
+
+    directory = str(tmp_path)
+    batches = make_batches(8)
+    a = trainer()
+    a.fit(batches, max_steps=4, checkpoint=directory)
+    # run B: the same model, other data (the batches in reverse order)
+    b = sp.Trainer(sp.split(make_model(), n_stages=3), nn.CrossEntropyLoss(),
+                   lambda p: torch.optim.Adam(p, lr=1e-2), progress=False, **OPTIONS)
+    save_stage = ckpt.save_stage
+
+    def crash_after_stage_0(directory, rank, step, state, suffix=""):
+        if rank == 1:
+            raise OSError("disk full")
+        save_stage(directory, rank, step, state, suffix)
+    monkeypatch.setattr(ckpt, "save_stage", crash_after_stage_0)
+    with pytest.raises(OSError, match="disk full"):
+        b.fit(make_batches(8)[::-1], max_steps=4, checkpoint=directory)
+    monkeypatch.undo()
+    loaded = trainer()
+    loaded.load(directory)
+    assert_equal(everything(loaded), everything(a))  # A's, every stage
+    b.save(directory)  # B's save at the same step, this time complete, replaces A's
+    assert read_meta(directory)["suffix"] and len(os.listdir(directory)) == 4  # meta.json + 3 stage files
+    loaded.load(directory)
+    assert_equal(everything(loaded), everything(b))

@@ -14,7 +14,10 @@ Saving again into the same directory never leaves a mixed or broken checkpoint: 
 stage files get new names, ``meta.json`` (which names the step, hence the files) is
 replaced in one atomic rename once every stage file is complete, and only then are the
 previous step's files removed. A crash at any point leaves ``meta.json`` pointing at a
-complete set of stage files, the old one or the new one. (Checkpoints of version 1 named
+complete set of stage files, the old one or the new one. (A save at the step the
+directory's checkpoint is already at, a re-run into the same directory, names its files
+``stage-<r>-<step>-<suffix>.pt``, with the suffix in ``meta.json``, so as not to
+overwrite the files the old ``meta.json`` names.) (Checkpoints of version 1 named
 their files ``stage-<r>.pt``; they still load.)
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import random
 import re
+import secrets
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,13 +35,30 @@ import torch
 META = "meta.json"
 
 
-def stage_file(directory: str, rank: int, step: int) -> str:
-    """Where stage ``rank``'s state at ``step`` is saved."""
-    return os.path.join(directory, f"stage-{rank}-{step}.pt")
+def stage_file(directory: str, rank: int, step: int, suffix: str = "") -> str:
+    """Where stage ``rank``'s state at ``step`` is saved (``suffix``: see :func:`save_suffix`)."""
+    return os.path.join(directory, f"stage-{rank}-{step}{'-' + suffix if suffix else ''}.pt")
+
+
+def save_suffix(directory: str, step: int) -> str:
+    """The file-name suffix for a save at ``step`` into ``directory``: none, unless the
+    checkpoint already there is at the same step (a re-run into the same directory); its
+    files are named by ``meta.json`` and must stay whole until the new ones are, so the
+    new ones get other names."""
+    try:
+        meta = read_meta(directory)
+    except (OSError, ValueError):
+        return ""
+    if meta["step"] != step:
+        return ""
+    while True:
+        suffix = secrets.token_hex(4)
+        if suffix != meta.get("suffix", ""):
+            return suffix
 
 
 def _saved_stage_file(directory: str, meta: Mapping[str, Any], rank: int) -> str:
-    path = stage_file(directory, rank, meta["step"])
+    path = stage_file(directory, rank, meta["step"], meta.get("suffix", ""))
     if os.path.exists(path):
         return path
     legacy = os.path.join(directory, f"stage-{rank}.pt")  # version 1
@@ -67,15 +88,15 @@ def _atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def save_stage(directory: str, rank: int, step: int, state: dict[str, Any]) -> None:
+def save_stage(directory: str, rank: int, step: int, state: dict[str, Any], suffix: str = "") -> None:
     os.makedirs(directory, exist_ok=True)
-    _atomic_save(state, stage_file(directory, rank, step))
+    _atomic_save(state, stage_file(directory, rank, step, suffix))
 
 
-def remove_stale_stages(directory: str, rank: int, step: int) -> None:
-    """Delete stage ``rank``'s files of other steps (once ``meta.json`` names ``step``)."""
-    own = re.compile(rf"stage-{rank}(-\d+)?\.pt(\.tmp)?")
-    keep = os.path.basename(stage_file(directory, rank, step))
+def remove_stale_stages(directory: str, rank: int, step: int, suffix: str = "") -> None:
+    """Delete stage ``rank``'s other files (once ``meta.json`` names ``step`` and ``suffix``)."""
+    own = re.compile(rf"stage-{rank}(-\d+(-[0-9a-f]+)?)?\.pt(\.tmp)?")
+    keep = os.path.basename(stage_file(directory, rank, step, suffix))
     for name in os.listdir(directory):
         if own.fullmatch(name) and name != keep:
             os.remove(os.path.join(directory, name))

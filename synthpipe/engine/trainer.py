@@ -34,7 +34,7 @@ from .reference import ReferenceRunner
 from .watchdog import Watchdog, open_store
 from .worker import Channels, PipelineWorker
 
-_VERSION = 2  # 2: stage files named by step (crash-safe saves)
+_VERSION = 3  # 2: stage files named by step (crash-safe saves); 3: plus a suffix when re-saved at that step
 
 
 def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -489,21 +489,24 @@ class Trainer:
         """
         self._agree("save()")
         def run() -> None:
+            suffix = [ckpt.save_suffix(directory, self.step) if self.is_main else ""]
+            if self.distributed:
+                dist.broadcast_object_list(suffix, src=0)  # rank 0 decides the file names
             rng = ckpt.rng_state()
             states = self._states()
             for r, state in states:
                 state.update(rng=rng, step=self.step)
-                ckpt.save_stage(directory, r, self.step, state)
+                ckpt.save_stage(directory, r, self.step, state, suffix[0])
             if self.distributed:
                 dist.barrier()
             if self.is_main:
                 ckpt.write_meta(directory, {
                     "version": _VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
-                    "step_in_epoch": self.step_in_epoch, "config": vars(self.config)})
+                    "step_in_epoch": self.step_in_epoch, "suffix": suffix[0], "config": vars(self.config)})
             if self.distributed:
                 dist.barrier()
-            for r, _ in states:  # meta.json names this step now: the older files are unreachable
-                ckpt.remove_stale_stages(directory, r, self.step)
+            for r, _ in states:  # meta.json names these files now: the others are unreachable
+                ckpt.remove_stale_stages(directory, r, self.step, suffix[0])
         self._guard(run)
 
     def load(self, directory: str) -> "Trainer":
