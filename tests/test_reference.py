@@ -240,3 +240,15 @@ def test_cdni_on_mnist1d_comes_within_three_points_of_backprop():
         assert history.steps[-1]["step"] == 20 * 63 - 1
     assert results["synthetic"] > 0.5, f"cDNI reached only {results['synthetic']:.3f} (chance is 0.1)"
     assert results["synthetic"] >= results["backprop"] - 0.03, results
+
+
+@pytest.mark.parametrize("value", ["5", True, 0, -1.0, float("nan"), float("inf")])
+def test_stall_warning_must_be_a_positive_number_of_seconds_or_none(value):
+    from synthpipe.engine.config import TrainConfig
+
+    import re
+
+    with pytest.raises(ValueError, match=r"stall_warning must be a positive, finite number of seconds \(or None\), "
+                                         rf"got {re.escape(repr(value))}$"):
+        TrainConfig(stall_warning=value)
+    assert TrainConfig(stall_warning=None).stall_warning is None and TrainConfig(stall_warning=2).stall_warning == 2

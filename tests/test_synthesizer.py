@@ -384,3 +384,16 @@ def test_a_linear_synthesizer_of_a_whole_feature_map_warns_or_is_refused():
                                          r"has 4,295,032,832 parameters \(16.0 GiB"):
         Synthesizer("linear").build(1, [torch.randn(2, 64, 32, 32, device="meta")])  # (refused before allocating)
     assert s.LINEAR_WARN_PARAMS < 67_117_056 < s.LINEAR_MAX_PARAMS < 4_295_032_832
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("lowrank", {"rank": 0}, r"the lowrank synthesizer's rank must be a whole number >= 1, got 0"),
+    ("conv", {"kernel_size": "3"}, r"the conv synthesizer's kernel_size must be a whole number >= 1, got '3'"),
+    ("conv", {"kernel_size": True}, r"kernel_size must be a whole number >= 1, got True"),
+    ("token", {"hidden": -1}, r"the token synthesizer's hidden must be a whole number >= 1, got -1"),
+    ("mlp", {"depth": 1.5}, r"the mlp synthesizer's depth must be a whole number >= 0, got 1.5"),
+])
+def test_sizes_must_be_whole_numbers(kind, options, message):
+    with pytest.raises(ValueError, match=message):
+        Synthesizer(kind, **options)
+    Synthesizer("mlp", depth=0)  # no hidden layer: a plain linear map, allowed

@@ -63,9 +63,10 @@ class TrainConfig:
         _check_count("prefetch", self.prefetch, minimum=1)
         if not 1 < self.failure_timeout < math.inf:  # (NaN fails this too)
             raise ValueError(f"failure_timeout must be a finite number of seconds above 1, got {self.failure_timeout}")
-        if self.stall_warning is not None and not 0 < self.stall_warning < math.inf:
+        if self.stall_warning is not None and (isinstance(self.stall_warning, bool) or not isinstance(
+                self.stall_warning, (int, float)) or not 0 < self.stall_warning < math.inf):
             raise ValueError(f"stall_warning must be a positive, finite number of seconds (or None), "
-                             f"got {self.stall_warning}")
+                             f"got {self.stall_warning!r}")
         if not math.isfinite(self.synthetic_scale):
             raise ValueError(f"synthetic_scale must be finite, got {self.synthetic_scale}")
 

@@ -252,6 +252,10 @@ def _check_options(kind: str, options: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"the {kind} synthesizer takes no option {', '.join(map(repr, unknown))}; its options are "
                          f"{sorted(known) or 'none'}")
+    for name, value in options.items():  # sizes: whole numbers (depth 0 is a plain linear map)
+        least = 0 if name == "depth" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"the {kind} synthesizer's {name} must be a whole number >= {least}, got {value!r}")
 
 
 def _check_linear_size(boundary: int, shape: tuple[int, ...], num_classes: int | None) -> None:
@@ -320,11 +324,11 @@ class Synthesizer:
             raise ValueError("a conditional synthesizer (cDNI) needs num_classes")
         if conditional and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(kind, str):
+            _check_options(kind, options)
         if kind in ("conv", "auto") and "kernel_size" in options and options["kernel_size"] % 2 == 0:
             raise ValueError(f"the conv synthesizer's kernel_size must be odd (it keeps H and W with "
                              f"padding kernel_size // 2), got {options['kernel_size']}")
-        if isinstance(kind, str):
-            _check_options(kind, options)
         self.kind = kind
         self.conditional = conditional
         self.num_classes = num_classes if conditional else None
