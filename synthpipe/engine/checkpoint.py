@@ -32,6 +32,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..stages.split import original_name
+
 META = "meta.json"
 
 
@@ -135,9 +137,6 @@ def load_stage(directory: str, meta: Mapping[str, Any], rank: int, n_stages: int
     return torch.load(_saved_stage_file(directory, meta, rank), map_location=device, weights_only=False)
 
 
-_SECOND_CALL = re.compile(r"@\d+(?=\.|$)")
-
-
 def merge_module_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One state_dict from the stages' module state_dicts (their keys are the original names).
 
@@ -147,7 +146,7 @@ def merge_module_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[st
     merged: dict[str, torch.Tensor] = {}
     for r, state in enumerate(states):
         for key, value in state.items():
-            key = _SECOND_CALL.sub("", key)
+            key = original_name(key)
             if key in merged and not torch.equal(merged[key].cpu(), value.cpu()):
                 raise ValueError(f"stage {r} and an earlier stage both hold {key!r} with different values")
             merged[key] = value.detach().cpu()

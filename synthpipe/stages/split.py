@@ -356,7 +356,7 @@ def _check_no_parameter_in_two_traced_stages(stages: list[nn.Module]) -> None:
     by_name: dict[str, int] = {}
     for i, stage in enumerate(stages):
         for name, p in stage.named_parameters():
-            name = _CALL_SUFFIX_IN_NAME.sub("", name)
+            name = original_name(name)
             first = by_id.setdefault(id(p), (i, name))
             if first[0] == i and by_name.setdefault(name, i) == i:
                 continue
@@ -401,6 +401,8 @@ def _check_points_run_once(model: nn.Module, points: list[str], args: tuple) -> 
 def _why_tracing_failed(model: nn.Module, points: list[str], args: tuple, error: Exception) -> ValueError:
     """The reason a traced split failed, in the user's terms (torch's own message is a
     graph dump that ends by pointing at torch's manual pipeline API)."""
+    from .stage import describe  # (stage imports this module)
+
     name = type(model).__name__
     try:
         _check_points_run_once(model, points, args)
@@ -409,7 +411,7 @@ def _why_tracing_failed(model: nn.Module, points: list[str], args: tuple, error:
     except Exception as e:  # the model itself fails on example_input: that is the real error
         return ValueError(f"{name}(*example_input) fails when run as is, so it cannot be traced for "
                           f"splitting: {type(e).__name__}: {_first_line(e)} (example_input: "
-                          f"{_describe_args(args)})")
+                          f"{describe(args)})")
     root = error
     while root.__cause__ is not None:
         root = root.__cause__
@@ -437,11 +439,6 @@ def _user_frame(error: BaseException) -> str:
         return ""
     f = outside[-1]
     return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
-
-
-def _describe_args(args: tuple) -> str:
-    return ", ".join(f"{tuple(a.shape)}:{str(a.dtype).replace('torch.', '')}" if isinstance(a, torch.Tensor)
-                     else type(a).__name__ for a in args)
 
 
 Key = Hashable  # ("in", j) for model input j, (stage, index) for a stage output
@@ -537,8 +534,13 @@ def _rewrite(stage: fx.GraphModule, arg_keys: list[Key], in_keys: list[Key],
     stage.recompile()
 
 
-_CALL_SUFFIX = re.compile(r"@\d+$")
-_CALL_SUFFIX_IN_NAME = re.compile(r"@\d+(?=\.|$)")  # "blk@1.weight" -> "blk.weight"
+_CALL_SUFFIX = re.compile(r"@\d+(?=\.|$)")
+
+
+def original_name(name: str) -> str:
+    """The model's name for a traced stage's ``name``: the tracer calls a module's second
+    call ``blk@1`` (its tensors ``blk@1.weight``), which is the model's ``blk``."""
+    return _CALL_SUFFIX.sub("", name)
 
 
 def _restore_leaves(stage: fx.GraphModule, model: nn.Module, index: int) -> None:
@@ -554,7 +556,7 @@ def _restore_leaves(stage: fx.GraphModule, model: nn.Module, index: int) -> None
         if not name or not hasattr(traced, "graph"):
             continue
         # A second call of a shared module is traced as "name@1".
-        orig_name = ".".join(_CALL_SUFFIX.sub("", atom) for atom in name.split("."))
+        orig_name = original_name(name)
         try:
             orig = model.get_submodule(orig_name)
         except AttributeError:
@@ -605,7 +607,7 @@ def _warn_frozen_dropout(stage: fx.GraphModule, model: nn.Module, index: int) ->
     if not traced_training:  # attention dropout traced in eval mode left no node behind
         for name, module in stage.named_modules():
             try:
-                orig = model.get_submodule(_CALL_SUFFIX_IN_NAME.sub("", name)) if name else None
+                orig = model.get_submodule(original_name(name)) if name else None
             except AttributeError:
                 continue
             if isinstance(orig, nn.MultiheadAttention) and orig.dropout > 0 and module is not orig:

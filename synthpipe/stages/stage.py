@@ -24,15 +24,10 @@ import torch.nn as nn
 from torch.nn.parameter import UninitializedBuffer
 
 from .materialize import InitFn, materialize, on_meta
-from .split import traced_input_shapes, traced_output_shapes
+from .split import as_tuple, traced_input_shapes, traced_output_shapes
 from .synthesizer import BoundarySynthesizer, Synthesizer, TokenSynth, per_batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def as_tuple(x: Any) -> tuple:
-    """A boundary value as a tuple of tensors."""
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def describe(tensors: Sequence[Any]) -> str:
@@ -82,8 +77,7 @@ def default_synth_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optim
 
 def _traced_shapes_hint(traced: list | None, inputs: Sequence[Any]) -> str:
     """Why a stage traced with input shapes ``traced`` may fail on ``inputs`` (empty if not that)."""
-    given = [tuple(t.shape) if torch.is_tensor(t) else None for t in inputs]
-    if traced is None or traced == given:
+    if traced is None or traced == [tuple(t.shape) if torch.is_tensor(t) else None for t in inputs]:
         return ""
     shown = ", ".join(str(s) for s in traced)
     return (f". This stage was traced (split at points) with input {shown}, and tracing fixes the sizes the "
@@ -196,8 +190,7 @@ class Stage:
         ``view`` with the traced batch size baked in). An output whose first dimension was
         the batch when traced must follow the batch now; others (a sequence-first (T, B, D)
         boundary, a (B * T, C) output for the loss) are left alone."""
-        hint = _traced_shapes_hint(self._traced_shapes, inputs)
-        if not hint or not self._traced_shapes or self._traced_out is None:
+        if not self._traced_shapes or self._traced_out is None:  # (every step: nothing to do unless traced)
             return None
         traced_batch = next((s[0] for s in self._traced_shapes if s), None)
         batch = next((t.shape[0] for t in inputs if torch.is_tensor(t) and t.dim() > 0), None)
@@ -208,7 +201,7 @@ class Stage:
                     and t.shape[0] != batch):
                 return (f"{self.name} turned a batch of {batch} ({describe(inputs)}) into outputs "
                         f"({describe(outputs)}) whose first dimension was the batch when traced but is not now, "
-                        f"so examples were mixed{hint}")
+                        f"so examples were mixed{_traced_shapes_hint(self._traced_shapes, inputs)}")
         return None
 
     def loss(self, outputs: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
