@@ -537,7 +537,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     t.fit(batches, max_steps=3, checkpoint=str(tmp_path))  # a complete checkpoint at step 3
     # The first Ctrl-C asks for a stop; before the step ends (the loader reads ahead) a second one comes.
     loader = SignallingBatches(batches, at=4, pid=os.getpid(), signum=signal.SIGINT, again=(5,),
-                               handled=lambda: t._stop_here is not None)
+                               handled=lambda: t._signals.here is not None)
     with pytest.raises(KeyboardInterrupt):
         t.fit(loader, max_steps=40, checkpoint=str(tmp_path))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

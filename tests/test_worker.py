@@ -140,7 +140,7 @@ def long_run(rank: int, steps: int) -> dict:
 
     def watched(step, x, y):
         out = original(step, x, y)
-        cache_sizes.append(len(worker.cache))
+        cache_sizes.append(worker.source.in_flight())
         if step in (steps // 4, steps - 1):
             rss.append(psutil.Process().memory_info().rss)
         return out

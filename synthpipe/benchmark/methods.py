@@ -28,6 +28,8 @@ import torch.nn as nn
 
 from ..engine.metrics import NULL_TIMERS, Timers
 from ..engine.reference import evaluate_model
+from ..engine.sources import make_source
+from ..engine.step import StageStep
 from .launcher import RankContext
 from .monitor import peak_memory, reset_peak_memory
 from .workload import Workload, build_model, make_optimizer, optimizer_factory, test_batches, train_batches
@@ -342,7 +344,7 @@ def run_synthpipe(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
         batches = train_batches(w, count=spec.warmup + spec.steps) if main else None
         trainer.fit(batches[:spec.warmup] if main else None, epochs=1)
         timers = Timers(device)
-        trainer.runner.timers = timers
+        trainer.timers = timers
         data = batches[spec.warmup:] if main else None
         dist.barrier()
         synchronize(device)
@@ -355,8 +357,8 @@ def run_synthpipe(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
         result = rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
                              t_start=t_start, t_end=time.time(), timers=timers,
                              losses=[s["loss"] for s in history.steps],
-                             param_checksum=param_checksum([trainer.runner.stage.module]))
-        trainer.runner.timers = NULL_TIMERS  # stop recording
+                             param_checksum=param_checksum([s.module for s in trainer.local_stages]))
+        trainer.timers = NULL_TIMERS  # stop recording
         return result
     finally:
         _close_trainer(trainer)
@@ -389,13 +391,41 @@ def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, t
 
 
 # -- the no-transfer ceiling ---------------------------------------------------------------
+class _Loopback:
+    """Links that send nothing: the target of every activation "arrives" at once, a fixed
+    tensor of the boundary's shape (its value does not change the cost of the regression)."""
+
+    def __init__(self) -> None:
+        self.step: StageStep | None = None
+        self._target: tuple | None = None
+
+    def send_activation(self, step: int, outputs: tuple, y: Any) -> None:
+        if self._target is None:
+            self._target = tuple(torch.randn_like(o.detach()) * 1e-4 for o in outputs)
+        assert self.step is not None
+        self.step.received(step, self._target, False)
+
+    def send_gradient(self, step: int, grads: tuple, skipped: bool) -> None:
+        pass
+
+    def wait_gradient(self, step: int) -> tuple[tuple, bool]:
+        raise RuntimeError("the no-transfer ceiling never waits for a gradient")
+
+    def wait_received(self, step: int) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+
 def run_alone(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
     """Rank r runs stage r of the synthpipe job ``spec`` describes, on its own.
 
     The same split, synthesizer and optimizers as :func:`run_synthpipe`, and per step the
-    same calls as the pipeline worker's synthetic-gradient step: forward; the synthetic
-    gradient (not on the last stage) or the loss; backward; update; the input gradient
-    (not on rank 0); one synthesizer regression step (not on the last stage). Inputs are
+    pipeline worker's own synthetic-gradient step (:class:`~synthpipe.engine.step.StageStep`):
+    forward; the synthetic gradient (not on the last stage) or the loss; backward; update;
+    the input gradient (not on rank 0); one synthesizer regression step (not on the last
+    stage). Inputs are
     the real boundary activations of the workload's batches, computed once beforehand;
     the regression target is a fixed tensor of the boundary's shape (its value does not
     change the cost). Nothing is sent and nothing waits, but all ranks run at the same
@@ -404,8 +434,6 @@ def run_alone(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
     would reach here, a ceiling for the synthpipe row with the same settings.
     """
     import torch.distributed as dist
-
-    from ..stages.stage import all_finite
 
     ctx.set_env()
     w = spec.workload
@@ -421,51 +449,26 @@ def run_alone(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
                 out = s(*h)
                 h = out if isinstance(out, tuple) else (out,)
             inputs.append((tuple(t.to(device) for t in h), y.to(device)))
-    # The trainer builds the stage exactly as for run_synthpipe; its worker is not used.
+    # The trainer builds the stage exactly as for run_synthpipe; its worker is not used:
+    # the stage runs the shared training step with links that send nothing.
     trainer = _synthpipe_trainer(spec, device, (stages, synth))
-    stage = trainer.runner.stage
+    stage = trainer.local_stages[0]
+    config = dataclasses.replace(trainer.config, gradients="synthetic", delay=None, warmup_steps=0)
+    links = _Loopback()
+    stage_step = StageStep(stage, config, make_source(stage, config), links)
+    links.step = stage_step
     timers = Timers(device)
-    target: tuple | None = None
-
-    def step(h: tuple, y: torch.Tensor) -> None:
-        nonlocal target
-        with timers.section("forward"):
-            ins, outs = stage.forward(h)
-        if stage.is_last:
-            with timers.section("forward"):
-                loss = stage.loss(outs, y)
-                all_finite([loss.detach()])
-            with timers.section("backward"):
-                stage.backward(outs, loss=loss)
-            with timers.section("update"):
-                stage.step()
-            float(loss.detach())
-        else:
-            with timers.section("synth"):
-                grads = stage.synthetic_gradient(outs, y)
-                all_finite(grads)
-            with timers.section("backward"):
-                stage.backward(outs, grads)
-            with timers.section("update"):
-                stage.step()
-        stage.input_gradient(ins)
-        if not stage.is_last:
-            detached = tuple(o.detach() for o in outs)
-            if target is None:
-                target = tuple(torch.randn_like(o) * 1e-4 for o in detached)
-            with timers.section("synth"):
-                stage.train_synthesizer(detached, y, target)
-
+    stage_step.timers = timers
     try:
-        for h, y in inputs[:spec.warmup]:
-            step(h, y)
+        for i, (h, y) in enumerate(inputs[:spec.warmup]):
+            stage_step.run(i, h, y)
         synchronize(device)
         dist.barrier()
         reset_peak_memory(device)
         timers.reset()
         t_start, t0 = time.time(), time.perf_counter()
-        for h, y in inputs[spec.warmup:]:
-            step(h, y)
+        for i, (h, y) in enumerate(inputs[spec.warmup:], start=spec.warmup):
+            stage_step.run(i, h, y)
         synchronize(device)
         wall = time.perf_counter() - t0
         return rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,

@@ -1,14 +1,15 @@
 """Training options of the engine, as one plain dataclass (torchtitan style)."""
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 from typing import Optional
 
-GRADIENT_MODES = ("synthetic", "backprop")
+from .sources import SOURCES
+
+GRADIENT_MODES = tuple(SOURCES)  # every registered gradient source (see synthpipe.engine.sources)
 NONFINITE_POLICIES = ("raise", "skip")
-DEFAULT_DELAY = 2  # a target arrives about two steps after its activation left (DESIGN.md)
+DEFAULT_DELAY = 2  # a target arrives about two steps after its activation left (docs/guide.md, section 2)
 
 
 @dataclasses.dataclass
@@ -16,8 +17,10 @@ class TrainConfig:
     """How stages are trained.
 
     Attributes:
-        gradients: ``"synthetic"`` (DNI/cDNI: update at once with M_r's prediction) or
-            ``"backprop"`` (wait for the true gradient: exact, locked model parallelism).
+        gradients: the gradient source of every stage but the last, a name registered in
+            :mod:`synthpipe.engine.sources`: ``"synthetic"`` (DNI/cDNI: update at once with
+            M_r's prediction) or ``"backprop"`` (wait for the true gradient: exact, locked
+            model parallelism), and the others listed there.
         delay: train the synthesizers at step t on exactly the targets of step t - delay.
             ``None``: in a multi-process run, use targets as they arrive (fastest, not
             deterministic); in a single process, model the pipeline with ``DEFAULT_DELAY``.
@@ -51,8 +54,8 @@ class TrainConfig:
     prefetch: int = 2
 
     def __post_init__(self) -> None:
-        if self.gradients not in GRADIENT_MODES:
-            raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {self.gradients!r}")
+        if self.gradients not in SOURCES:
+            raise ValueError(f"gradients must be one of {tuple(SOURCES)}, got {self.gradients!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         # Step counts index steps: 1.5 would silently never match a step id.
@@ -69,14 +72,6 @@ class TrainConfig:
                              f"got {self.stall_warning!r}")
         if not math.isfinite(self.synthetic_scale):
             raise ValueError(f"synthetic_scale must be finite, got {self.synthetic_scale}")
-
-    @property
-    def trains_synthesizers(self) -> bool:
-        return self.gradients == "synthetic"
-
-    def locked(self, step: int) -> bool:
-        """Does step ``step`` wait for true gradients?"""
-        return self.gradients == "backprop" or step < self.warmup_steps
 
 
 def _check_count(name: str, value: object, minimum: int, optional: bool = False) -> None:

@@ -9,9 +9,9 @@ and their sum never exceeds the wall-clock time.
 The engine's worker holds :data:`NULL_TIMERS` (a no-op, a few hundred nanoseconds per
 section) unless someone, e.g. the benchmark harness, installs a real one::
 
-    trainer.runner.timers = Timers()
+    trainer.timers = Timers()
     trainer.fit(...)
-    trainer.runner.timers.totals()   # {"forward": s, "backward": s, ...}
+    trainer.timers.totals()   # {"forward": s, "backward": s, ...}
 
 On CPU the clock is ``time.perf_counter``. On a CUDA device, ``Timers(device=cuda)``
 records a CUDA event at every section switch instead and resolves them lazily, so the

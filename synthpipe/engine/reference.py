@@ -9,20 +9,17 @@ what the determinism tests check.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import dataclasses
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple, restore_training_modes, training_modes
+from ..stages.stage import NonFiniteError, Stage, as_tuple, restore_training_modes, training_modes
 from .config import DEFAULT_DELAY, TrainConfig
 from .history import StepLog
-from .targets import TargetCache, train_due_synthesizer
-
-
-def nonfinite_message(stage: Stage, what: str, step: int, value: Any = None) -> str:
-    shown = f" ({float(value.detach())})" if value is not None else ""
-    return (f"{stage.name}: {what} is not finite{shown} at step {step}; lower the learning rate "
-            f"or the synthetic-gradient scale, or pass nonfinite='skip' to skip such steps")
+from .metrics import Timers
+from .sources import make_source
+from .step import Begun, LiveStats, StageStep
 
 
 def batch_metrics(output: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> tuple[float, float, int]:
@@ -65,86 +62,110 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor,
     return metrics
 
 
+class _HandOff:
+    """The :class:`~synthpipe.engine.step.Links` of stage r in one process.
+
+    Activations are passed on by the runner's loop itself; a gradient stage r sends back
+    goes straight to stage r - 1's source (and, when r - 1 waits for it, to its update).
+    Nothing can be waited for: every message of a step exists before anyone needs it.
+    """
+
+    def __init__(self, runner: "ReferenceRunner", index: int):
+        self.runner = runner
+        self.index = index
+
+    def send_activation(self, step: int, outputs: tuple, y: Any) -> None:
+        pass
+
+    def send_gradient(self, step: int, grads: tuple, skipped: bool) -> None:
+        upstream = self.runner.steps[self.index - 1]
+        upstream.received(step, grads, skipped)
+        self.runner.downstream[self.index - 1] = (grads, skipped)
+
+    def wait_gradient(self, step: int) -> tuple[tuple, bool]:
+        grads = self.runner.downstream.pop(self.index, None)
+        if grads is None:
+            raise RuntimeError(f"internal error: stage {self.index} waits for the gradient of step {step}, "
+                               f"which stage {self.index + 1} has not sent")
+        return grads
+
+    def wait_received(self, step: int) -> None:
+        raise RuntimeError(f"internal error: target of step {step} missing in the reference trainer")
+
+    def poll(self) -> None:
+        pass
+
+
 class ReferenceRunner:
-    """Runs all ``stages`` in this process with the update rule of :class:`Stage`."""
+    """Runs all ``stages`` in this process with the update rule of :class:`StageStep`.
+
+    Per step: every stage's forward in order (an update-unlocked stage updates right
+    after its own), then the locked stages' updates from the last to the first, then each
+    gradient source's work (training the synthesizers on the targets now due). With
+    ``delay=None`` the synthesizer targets are modelled with the delay ``DEFAULT_DELAY``.
+    """
 
     drives_data = True
+    progress = 0  # (one process: the watchdog never watches it)
 
     def __init__(self, stages: Sequence[Stage], config: TrainConfig):
         self.stages = list(stages)
         self.config = config
         self.delay = DEFAULT_DELAY if config.delay is None else config.delay
-        self.caches = [TargetCache() for _ in self.stages[:-1]]
+        modelled = dataclasses.replace(config, delay=self.delay)
         self.log = StepLog()
+        self.stats = LiveStats.empty(len(self.stages))
+        self.downstream: dict[int, tuple[tuple, bool]] = {}
+        self.sources = [make_source(s, modelled) for s in self.stages]
+        self.steps = [StageStep(s, modelled, src, _HandOff(self, r), self.log, self.stats)
+                      for r, (s, src) in enumerate(zip(self.stages, self.sources))]
+
+    @property
+    def caches(self) -> list[Any]:
+        """Each boundary's target cache (synthetic gradients only)."""
+        return [getattr(src, "cache", None) for src in self.sources[:-1]]
+
+    @property
+    def timers(self) -> Timers:
+        return self.steps[0].timers
+
+    @timers.setter
+    def timers(self, timers: Timers) -> None:
+        for s in self.steps:
+            s.timers = timers
 
     @property
     def device(self) -> torch.device:
         return self.stages[0].device
 
-    def _no_wait(self, step: int) -> None:
-        raise RuntimeError(f"internal error: target of step {step} missing in the reference trainer")
+    def live_stats(self) -> LiveStats:
+        return self.stats
 
     def train_step(self, step: int, x: Any, y: torch.Tensor) -> float | None:
         """One training step of every stage. Returns the loss (``None`` if skipped)."""
-        cfg = self.config
-        locked = cfg.locked(step)
-        last = len(self.stages) - 1
         h = as_tuple(x)
-        saved: list[tuple[tuple, tuple]] = []
-        for r, stage in enumerate(self.stages):
-            inputs, outputs = stage.forward(h)
-            saved.append((inputs, outputs))
-            if r < last and cfg.trains_synthesizers:
-                self.caches[r].add(step, outputs, y)
-            if r < last and not locked:
-                grads = stage.synthetic_gradient(outputs, y)
-                if all_finite(grads):
-                    stage.backward(outputs, grads)
-                    stage.step()
-                    if r > 0:
-                        self._put_target(r - 1, step, stage.input_gradient(inputs))
+        self.downstream.clear()
+        waiting: list[tuple[int, Begun]] = []  # locked stages, waiting for r + 1's gradient
+        loss: float | None = None
+        try:
+            for r, stage_step in enumerate(self.steps):
+                begun = stage_step.begin(step, h, y)
+                if stage_step.waits(step):
+                    waiting.append((r, begun))
                 else:
-                    stage.undo_forward()
-                    if cfg.nonfinite == "raise":
-                        raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
-                    if r > 0:
-                        self._put_target(r - 1, step, (), skipped=True)
-            h = tuple(o.detach() if torch.is_tensor(o) else o for o in outputs)
-
-        loss = self.stages[last].loss(saved[last][1], y)
-        finite = all_finite([loss.detach()])
-        # Backward from the last stage: one stage when update-unlocked, all when locked.
-        first_backward = 0 if locked else last
-        if not finite:
-            for stage in self.stages[first_backward:]:
-                stage.undo_forward()  # the stages this loss would have trained skip the step
-            if cfg.nonfinite == "raise":
-                raise NonFiniteError(nonfinite_message(self.stages[last], "the loss", step, loss))
-        grad: tuple | None = None
-        for r in range(last, first_backward - 1, -1):
-            stage, (inputs, outputs) = self.stages[r], saved[r]
-            if finite:
-                if r == last:
-                    stage.backward(outputs, loss=loss)
-                else:
-                    stage.backward(outputs, grad)
-                stage.step()
-                grad = stage.input_gradient(inputs)
-            if r > 0:
-                self._put_target(r - 1, step, grad or (), skipped=not finite)
-        if finite:
-            self.log.put(step, "loss", float(loss.detach()))
-        for r, cache in enumerate(self.caches):
-            trained = train_due_synthesizer(self.stages[r], cache, step, self.delay,
-                                            cfg.max_inflight, self._no_wait)
-            if trained is not None:
-                self.log.put(step, f"synth_loss/{r}", trained)
-        return float(loss.detach()) if finite else None
-
-    def _put_target(self, boundary: int, step: int, target: tuple, skipped: bool = False) -> None:
-        if self.config.trains_synthesizers:
-            self.caches[boundary].put_target(step, target, skipped)
-
+                    loss = stage_step.update(begun)
+                h = tuple(o.detach() if torch.is_tensor(o) else o for o in begun.outputs)
+            while waiting:  # the true gradient, from the last locked stage down
+                r, begun = waiting[-1]
+                self.steps[r].update(begun, self.steps[r].links.wait_gradient(step))
+                waiting.pop()
+        except NonFiniteError:
+            for r, _ in waiting:  # the stages this loss would have trained skip the step
+                self.stages[r].undo_forward()
+            raise
+        for stage_step in self.steps:
+            stage_step.after(step)
+        return loss
     @torch.no_grad()
     def evaluate(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> dict[str, float]:
         """Mean loss and accuracy over ``batches`` (modules in eval mode, restored after)."""
@@ -168,16 +189,43 @@ class ReferenceRunner:
     def end_fit(self) -> None:
         """Nothing is in flight in one process; pending entries stay for the next fit."""
 
-    # -- state ----------------------------------------------------------------------
-    def state_dicts(self) -> list[dict[str, Any]]:
-        """One dict per stage (as a rank would save it)."""
-        return [{"stage": s.state_dict(), "cache": self.caches[r].state_dict() if r < len(self.caches) else []}
-                for r, s in enumerate(self.stages)]
+    def serve_fit(self) -> int:
+        raise RuntimeError("the reference runner drives the data itself; it has nothing to serve")
 
-    def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
-        # Every stage is checked before any changes: a bad checkpoint leaves all as they were.
-        prepared = [stage.prepare_load(state["stage"]) for stage, state in zip(self.stages, states)]
-        for r, (stage, state, ready) in enumerate(zip(self.stages, states, prepared)):
-            stage.commit_load(state["stage"], ready)
-            if r < len(self.caches):
-                self.caches[r].load_state_dict(state["cache"], stage.device)
+    def serve_evaluation(self) -> dict[str, float]:
+        raise RuntimeError("the reference runner drives the data itself; it has nothing to serve")
+
+    # -- state ----------------------------------------------------------------------
+    def states(self) -> list[tuple[int, dict[str, Any]]]:
+        """``[(stage index, state)]`` for every stage (as each rank would save it)."""
+        return [(r, {"stage": s.state_dict(), "cache": src.state_dict()})
+                for r, (s, src) in enumerate(zip(self.stages, self.sources))]
+
+    def prepare_load(self, read: Callable[[int], dict[str, Any]]) -> Any:
+        """Read and check every stage's part; changes nothing (a bad part leaves all as they were)."""
+        states = [read(r) for r in range(len(self.stages))]
+        return states, [stage.prepare_load(state["stage"]) for stage, state in zip(self.stages, states)]
+
+    def commit_load(self, prepared: Any) -> dict[str, Any]:
+        """Install what :meth:`prepare_load` accepted; returns stage 0's state (RNG, step)."""
+        states, ready = prepared
+        for stage, source, state, part in zip(self.stages, self.sources, states, ready):
+            stage.commit_load(state["stage"], part)
+            source.load_state_dict(state["cache"], stage.device)
+        return states[0]
+
+    def module_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every stage's module state, in stage order."""
+        return [s.module.state_dict() for s in self.stages]
+
+    def share(self, value: Any) -> Any:
+        return value
+
+    def gather(self, value: Any) -> list[Any]:
+        return [value]
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -8,37 +8,52 @@ built on the meta device are allocated only where they run (rank r: stage r).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from ..stages.materialize import InitFn
-from ..stages.stage import OptimizerFactory, Stage
+from ..stages.stage import OptimizerFactory, Stage, adam
 from ..stages.synthesizer import Synthesizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (backend_for, default_device, env_world_size, init_process_group, keep_until_exit,
                           is_communication_error)
 from .history import History, merge_logs
+from .metrics import Timers
 from .prefetch import PrefetchQueue
+from .progress import epoch_line, live_postfix, open_bar
 from .reference import ReferenceRunner
+from .runner import Runner
+from .signals import StopSignals
 from .watchdog import Watchdog, open_store
 from .worker import Channels, PipelineWorker
 
 _VERSION = 3  # 2: stage files named by step (crash-safe saves); 3: plus a suffix when re-saved at that step
 
+_T = TypeVar("_T")
 
-def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=1e-3)
+
+def _collective(call: str) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """A Trainer method every rank must call together: the ranks first agree that ``call``
+    is what each makes next, then it runs watched (a rank that stops making progress
+    warns) and guarded (a rank that fails tells the others which rank and why)."""
+    def wrap(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def collective(self: "Trainer", *args: Any, **kwargs: Any) -> _T:
+            self._agree(call)
+            with self._watching(call):
+                return self._guard(lambda: method(self, *args, **kwargs))
+        return collective
+    return wrap
 
 
 def _input_and_target(batch: Any, step: int) -> tuple[Any, torch.Tensor]:
@@ -123,11 +138,9 @@ class Trainer:
         self.config = TrainConfig(gradients=gradients, **options)
         self.n_stages = len(stages)
         self.device = torch.device(device) if device is not None else default_device()
-        optimizer = optimizer or _default_optimizer
+        optimizer = optimizer or adam()
         synthesizer = synthesizer if synthesizer is not None else Synthesizer("linear")
-        if synth_optimizer is None:
-            def synth_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-                return torch.optim.Adam(params, lr=synth_lr)
+        synth_optimizer = synth_optimizer or adam(synth_lr)
 
         def make(r: int) -> Stage:
             return Stage(r, self.n_stages, stages[r], optimizer, loss_fn=loss_fn,
@@ -135,29 +148,10 @@ class Trainer:
                          synth_optimizer=synth_optimizer, synthetic_scale=self.config.synthetic_scale,
                          device=self.device, init=init)
 
-        world = env_world_size()
-        self.distributed = world > 1
         self.watchdog: Watchdog | None = None
-        if self.distributed:
-            if world != self.n_stages:
-                raise ValueError(f"the job has {world} processes but the model has {self.n_stages} stages; "
-                                 f"launch one process per stage (--nproc {self.n_stages}) or split into {world} stages")
-            self._owns_group = not dist.is_initialized()
-            init_process_group(self.device, backend_for(self.device, backend))
-            self.rank = dist.get_rank()
-            Trainer._instances += 1  # every rank creates its trainers in the same order
-            _check_same_job(stages, self.config, self.rank)
-            self.runner: ReferenceRunner | PipelineWorker = PipelineWorker(
-                make(self.rank), self.config, Channels(self.rank, world, self._channel_device()))
-            prefix = "synthpipe/{}/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
-                                                 os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), Trainer._instances)
-            self.watchdog = Watchdog(open_store(self.config.failure_timeout), self.rank, world,
-                                     timeout=self.config.failure_timeout, prefix=prefix).start()
-        else:
-            self._owns_group = False
-            backend_for(self.device, backend)  # validates an explicit nccl request
-            self.rank = 0
-            self.runner = ReferenceRunner([make(r) for r in range(self.n_stages)], self.config)
+        self._owns_group = False
+        self.rank = 0
+        self.runner: Runner = self._make_runner(stages, make, backend)
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -166,12 +160,44 @@ class Trainer:
         self._partial_epoch: tuple[int, int, int, float] | None = None  # epoch, steps, samples, seconds
         self._bar: Any = None
         self.stopped: str | None = None  # why the last fit ended early (e.g. "SIGTERM on rank 1")
-        self._stop_here: str | None = None  # set by this process's SIGTERM/SIGINT handler
-        self._stop_signal: int = signal.SIGTERM  # (which of the two it was)
-        self._stops_before = 0  # the watchdog's stop count when the fit began
+        self._signals = StopSignals(self.rank, self.watchdog)
 
-    def _channel_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    def _make_runner(self, stages: Sequence[nn.Module], make: Callable[[int], Stage],
+                     backend: str | None) -> Runner:
+        """The runner factory: every stage here (one process), or this rank's stage (torchrun)."""
+        world = env_world_size()
+        if world <= 1:
+            backend_for(self.device, backend)  # validates an explicit nccl request
+            return ReferenceRunner([make(r) for r in range(self.n_stages)], self.config)
+        if world != self.n_stages:
+            raise ValueError(f"the job has {world} processes but the model has {self.n_stages} stages; "
+                             f"launch one process per stage (--nproc {self.n_stages}) or split into {world} stages")
+        self._owns_group = not dist.is_initialized()
+        init_process_group(self.device, backend_for(self.device, backend))
+        self.rank = dist.get_rank()
+        Trainer._instances += 1  # every rank creates its trainers in the same order
+        _check_same_job(stages, self.config, self.rank)
+        channel_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        runner = PipelineWorker(make(self.rank), self.config, Channels(self.rank, world, channel_device))
+        prefix = "synthpipe/{}/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
+                                             os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), Trainer._instances)
+        self.watchdog = Watchdog(open_store(self.config.failure_timeout), self.rank, world,
+                                 timeout=self.config.failure_timeout, prefix=prefix).start()
+        return runner
+
+    @property
+    def local_stages(self) -> list[Stage]:
+        """The stages this process runs: all of them in one process, its own under torchrun."""
+        return list(self.runner.stages)
+
+    @property
+    def timers(self) -> Timers:
+        """The section timers of this process's stages (a no-op unless a :class:`Timers` is set)."""
+        return self.runner.timers
+
+    @timers.setter
+    def timers(self, timers: Timers) -> None:
+        self.runner.timers = timers
 
     @property
     def is_main(self) -> bool:
@@ -186,7 +212,7 @@ class Trainer:
 
     def _watching(self, call: str) -> Any:
         """A block in which the watchdog warns if this rank stops making progress (multi-process)."""
-        if self.watchdog is None or not isinstance(self.runner, PipelineWorker):
+        if self.watchdog is None:
             return contextlib.nullcontext()
         runner = self.runner
         return self.watchdog.watching(call, lambda: runner.progress, self.config.stall_warning)
@@ -248,10 +274,11 @@ class Trainer:
         self.runner.log.clear()  # (the steps of an earlier fit that raised are not this fit's)
         self._fit_start = time.perf_counter()
         self._partial_epoch = None
-        self.stopped, self._stop_here = None, None
-        self._stops_before = self.watchdog.stops if self.watchdog is not None else 0
+        self.stopped = None
+        self._signals = StopSignals(self.rank, self.watchdog)
+        if checkpoint is not None:
+            self._signals.install()
         history = History()
-        previous_handlers = self._catch_stop_signals() if checkpoint is not None else {}
         try:
             while True:
                 goal = max_steps
@@ -269,58 +296,12 @@ class Trainer:
                 if self._fit_finished or checkpoint_every is None:
                     break
         finally:
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+            self._signals.restore()
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-        if self._stop_here is not None and self.stopped is None:
-            # The signal came after the data loop had ended (during the last save, say): the
-            # run is complete and saved, so act on it now as the signal's default would have.
-            if self._stop_signal == signal.SIGINT:
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), self._stop_signal)
+        self._signals.act_late(self.stopped)
         return history
-
-    def _catch_stop_signals(self) -> dict[int, Any]:
-        """Turn SIGTERM and a first SIGINT into a clean stop for this fit.
-
-        Returns ``{signal: handler to restore}`` for the signals it took over: only those
-        with their default handler (an application's own handler is left alone), and none
-        outside the main thread (where Python cannot set handlers).
-        """
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous: dict[int, Any] = {}
-
-        def stop(signum: int, frame: Any) -> None:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGINT and self._stop_here is not None:
-                # Ctrl-C again: the user wants out now, not after the save. Saves are atomic, so
-                # the last complete checkpoint survives this.
-                signal.signal(signal.SIGINT, previous[signal.SIGINT])
-                raise KeyboardInterrupt
-            if self._stop_here is None:
-                self._stop_here, self._stop_signal = f"{name} on rank {self.rank}", signum
-                if signum == signal.SIGINT and self.rank == 0:
-                    # (os.write: print() is not safe here, the main thread may be inside one)
-                    os.write(2, b"\nsynthpipe: stopping after this step and saving the checkpoint; "
-                                b"press Ctrl-C again to stop at once\n")
-            if self.watchdog is not None:
-                self.watchdog.request_stop(name)  # for rank 0, if this is not it
-
-        for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
-            if signal.getsignal(signum) is default:
-                previous[signum] = signal.signal(signum, stop)
-        return previous
-
-    def _stop_requested(self) -> str | None:
-        """Rank 0: the reason to stop now, if this process or another rank was asked to."""
-        if self._stop_here is not None:
-            return self._stop_here
-        if self.watchdog is not None and self.watchdog.stops > self._stops_before:
-            return self.watchdog.stop_reason
-        return None
 
     def _fit(self, loader: Iterable[Any], epochs: int, eval_loader: Iterable[Any] | None,
              max_steps: int | None, goal: int | None) -> History:
@@ -335,8 +316,6 @@ class Trainer:
                max_steps: int | None, goal: int | None) -> list[dict[str, Any]]:
         """Rank 0 (or the single process): the data loop, until ``goal`` steps (a
         checkpoint or ``max_steps``) or the last epoch's end."""
-        from tqdm.auto import tqdm
-
         cfg, runner = self.config, self.runner
         rows: list[dict[str, Any]] = []
         try:
@@ -345,11 +324,10 @@ class Trainer:
             per_epoch = None
         total = max_steps if max_steps is not None else (per_epoch * epochs if per_epoch else None)
         if self._bar is None:  # one bar for the whole fit, across checkpoints
-            self._bar = tqdm(total=total, initial=self.step, disable=not cfg.progress, unit="step",
-                             desc=f"synthpipe {cfg.gradients} x{self.n_stages}", dynamic_ncols=True, file=sys.stderr)
+            self._bar = open_bar(total, self.step, cfg.progress, f"synthpipe {cfg.gradients} x{self.n_stages}")
         bar = self._bar
         start = self._fit_start
-        self.stopped = self._stop_requested()  # (it may have come during a checkpoint's save)
+        self.stopped = self._signals.reason  # (it may have come during a checkpoint's save)
         done = self.stopped is not None or (goal is not None and self.step >= goal)
         while self.epoch < epochs and not done:
             sampler = getattr(loader, "sampler", None)
@@ -374,9 +352,9 @@ class Trainer:
                     steps += 1
                     bar.update(1)
                     if self.step % cfg.log_every == 0:
-                        bar.set_postfix(self._live_stats(loss, samples / max(time.perf_counter() - t_epoch, 1e-9)),
-                                        refresh=False)
-                    self.stopped = self._stop_requested()
+                        rate = samples / max(time.perf_counter() - t_epoch, 1e-9)
+                        bar.set_postfix(live_postfix(runner.live_stats(), rate), refresh=False)
+                    self.stopped = self._signals.reason
                     if self.stopped is not None or (goal is not None and self.step >= goal):
                         done = True
                         break
@@ -398,7 +376,7 @@ class Trainer:
                 row.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"])
             rows.append(row)
             if cfg.progress:
-                bar.write(self._epoch_line(row))
+                bar.write(epoch_line(row))
             self.epoch += 1
             self.step_in_epoch = 0
         self._fit_finished = (self.stopped is not None or self.epoch >= epochs
@@ -406,46 +384,16 @@ class Trainer:
         runner.end_fit()
         return rows
 
-    def _live_stats(self, loss: float | None, rate: float) -> dict[str, str]:
-        stats: dict[str, str] = {"samples/s": f"{rate:.0f}"}
-        if isinstance(self.runner, PipelineWorker):
-            s = self.runner.stats
-            loss = s[0]
-            synth = s[2:]
-        else:
-            last = self.runner.log.values.get(self.step - 1, {})
-            synth = [last.get(f"synth_loss/{b}", float("nan")) for b in range(self.n_stages - 1)]
-        if loss is not None and loss == loss:
-            stats["loss"] = f"{loss:.4f}"
-        for b, v in enumerate(synth):
-            if v == v:
-                stats[f"sg{b}"] = f"{v:.3g}"
-        return stats
-
-    @staticmethod
-    def _epoch_line(row: dict[str, Any]) -> str:
-        line = (f"epoch {row['epoch']}: {row['steps']} steps, {row['samples_per_s']:.0f} samples/s, "
-                f"{row['time']:.1f} s")
-        if "eval_accuracy" in row:
-            line += f", eval loss {row['eval_loss']:.4f}, eval accuracy {100 * row['eval_accuracy']:.2f}%"
-        return line
-
     def _serve_fit(self) -> None:
-        assert isinstance(self.runner, PipelineWorker)
-        self.runner.serve()
-        self.step = self.runner.next_step
+        self.step = self.runner.serve_fit()
 
     def _collect(self, epoch_rows: list[dict[str, Any]]) -> History:
         """Merge every rank's step log into one History, on every rank."""
-        logs: list[Any] = [self.runner.log.values]
-        if self.distributed:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (self.runner.log.values, epoch_rows,
-                                              (self.step, self.epoch, self.step_in_epoch, self._fit_finished,
-                                               self.stopped)))
-            logs = [g[0] for g in gathered]
-            epoch_rows = gathered[0][1]
-            self.step, self.epoch, self.step_in_epoch, self._fit_finished, self.stopped = gathered[0][2]
+        gathered = self.runner.gather((self.runner.log.values, epoch_rows,
+                                       (self.step, self.epoch, self.step_in_epoch, self._fit_finished, self.stopped)))
+        logs = [g[0] for g in gathered]
+        epoch_rows = gathered[0][1]
+        self.step, self.epoch, self.step_in_epoch, self._fit_finished, self.stopped = gathered[0][2]
         history = History(steps=merge_logs(logs, self.n_stages - 1), epochs=epoch_rows)
         self.runner.log.clear()
         return history
@@ -458,28 +406,17 @@ class Trainer:
             _warn_user("evaluate: the loader yielded no batches; loss and accuracy are NaN")
         return metrics
 
+    @_collective("evaluate()")
     def evaluate(self, loader: Iterable[Any] | None) -> dict[str, float]:
         """Forward-only pass over ``loader`` (read on rank 0): ``{"loss", "accuracy", "samples"}`` on every rank."""
-        self._agree("evaluate()")
-        def run() -> dict[str, float]:
-            if self.runner.drives_data:
-                if loader is None:
-                    raise ValueError("evaluate needs a loader on rank 0")
-                return self._evaluate(loader)
-            assert isinstance(self.runner, PipelineWorker)
-            from .transport import EVAL_END
-            metrics = self.runner.serve(until=EVAL_END)
-            assert metrics is not None
-            return metrics
-        with self._watching("evaluate()"):
-            return self._guard(run)
+        if not self.runner.drives_data:
+            return self.runner.serve_evaluation()
+        if loader is None:
+            raise ValueError("evaluate needs a loader on rank 0")
+        return self._evaluate(loader)
 
     # -- checkpoints ----------------------------------------------------------------------
-    def _states(self) -> list[tuple[int, dict[str, Any]]]:
-        if isinstance(self.runner, PipelineWorker):
-            return [(self.rank, self.runner.state_dict())]
-        return list(enumerate(self.runner.state_dicts()))
-
+    @_collective("save()")
     def save(self, directory: str) -> None:
         """Write a checkpoint: every rank its stage file, then rank 0 ``meta.json``.
 
@@ -487,52 +424,43 @@ class Trainer:
         earlier one stays loadable until the new one is complete (see
         :mod:`synthpipe.engine.checkpoint`).
         """
-        self._agree("save()")
-        def run() -> None:
-            suffix = [ckpt.save_suffix(directory, self.step) if self.is_main else ""]
-            if self.distributed:
-                dist.broadcast_object_list(suffix, src=0)  # rank 0 decides the file names
-            rng = ckpt.rng_state()
-            states = self._states()
-            for r, state in states:
-                state.update(rng=rng, step=self.step)
-                ckpt.save_stage(directory, r, self.step, state, suffix[0])
-            if self.distributed:
-                dist.barrier()
-            if self.is_main:
-                ckpt.write_meta(directory, {
-                    "version": _VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
-                    "step_in_epoch": self.step_in_epoch, "suffix": suffix[0], "config": vars(self.config)})
-            if self.distributed:
-                dist.barrier()
-            for r, _ in states:  # meta.json names these files now: the others are unreachable
-                ckpt.remove_stale_stages(directory, r, self.step, suffix[0])
-        self._guard(run)
+        # rank 0 decides the file names
+        suffix = self.runner.share(ckpt.save_suffix(directory, self.step) if self.is_main else "")
+        rng = ckpt.rng_state()
+        states = self.runner.states()
+        for r, state in states:
+            state.update(rng=rng, step=self.step)
+            ckpt.save_stage(directory, r, self.step, state, suffix)
+        self.runner.barrier()
+        if self.is_main:
+            ckpt.write_meta(directory, {
+                "version": _VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "suffix": suffix, "config": vars(self.config)})
+        self.runner.barrier()
+        for r, _ in states:  # meta.json names these files now: the others are unreachable
+            ckpt.remove_stale_stages(directory, r, self.step, suffix)
 
     def load(self, directory: str) -> "Trainer":
-        """Restore a checkpoint written by :meth:`save` (same number of stages)."""
-        self._agree("load()")
-        if not isinstance(self.runner, PipelineWorker):
-            meta = ckpt.read_meta(directory)
-            states = [ckpt.load_stage(directory, meta, r, self.n_stages, self.device)
-                      for r in range(self.n_stages)]
-            self.runner.load_state_dicts(states)  # checks every stage before changing any
-            self._restore_position(meta, states[0])
-            return self
+        """Restore a checkpoint written by :meth:`save` (same number of stages).
 
-        worker = self.runner
-        # Every rank reads and checks its part first and learns whether all others could:
-        # a checkpoint that does not fit is an error on every rank, and no rank has loaded.
-        problem = None
+        Every rank reads and checks its part first and learns whether all others could:
+        a checkpoint that does not fit is an error on every rank, and no rank has loaded.
+
+        Raises:
+            ValueError, OSError, KeyError, RuntimeError: this process's part could not be
+                read or does not fit (the state is unchanged); ``ValueError`` naming the
+                ranks whose part failed, on the ranks whose own part was fine.
+        """
+        self._agree("load()")
+        problem, own_error, prepared = None, None, None
         try:
             meta = ckpt.read_meta(directory)
-            state = ckpt.load_stage(directory, meta, self.rank, self.n_stages, self.device)
-            prepared = worker.stage.prepare_load(state["stage"])
+            prepared = self.runner.prepare_load(
+                lambda r: ckpt.load_stage(directory, meta, r, self.n_stages, self.device))
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             own_error, problem = e, f"{type(e).__name__}: {e}"
-        problems: list[Any] = [None] * self.n_stages
-        self._guard(lambda: dist.all_gather_object(problems, problem))
-        if problem is not None:
+        problems = self._guard(lambda: self.runner.gather(problem))
+        if own_error is not None:
             raise own_error
         failed = [(r, p) for r, p in enumerate(problems) if p is not None]
         if failed:
@@ -540,42 +468,26 @@ class Trainer:
                              "; ".join(f"rank {r}: {p}" for r, p in failed))
 
         def commit() -> None:
-            worker.stage.commit_load(state["stage"], prepared)
-            worker.cache.load_state_dict(state["cache"], self.device)
-            worker.next_step = meta["step"]
-            self._restore_position(meta, state)
+            state = self.runner.commit_load(prepared)
+            ckpt.set_rng_state(state["rng"])
+            self.step, self.epoch, self.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
         self._guard(commit)
         return self
-
-    def _restore_position(self, meta: dict[str, Any], state: dict[str, Any]) -> None:
-        ckpt.set_rng_state(state["rng"])
-        self.step, self.epoch, self.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The original model's state_dict (all stages, no synthesizers), on every rank."""
         self._agree("state_dict()")
-        return self._merged_state_dict()
+        return ckpt.merge_module_states(self.runner.module_states())
 
-    def _merged_state_dict(self) -> dict[str, torch.Tensor]:
-        if isinstance(self.runner, PipelineWorker):
-            own = {k: v.detach().cpu() for k, v in self.runner.stage.module.state_dict().items()}
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, own)
-            return ckpt.merge_module_states(gathered)
-        return ckpt.merge_module_states([s.module.state_dict() for s in self.runner.stages])
-
+    @_collective("export()")
     def export(self, path: str) -> None:
         """Write the original model's state_dict (for ``model.load_state_dict``); rank 0 writes."""
-        self._agree("export()")
-        def run() -> None:
-            state = self._merged_state_dict()  # (export's own agreement covers the gather)
-            if self.is_main:
-                parent = os.path.dirname(os.path.abspath(path))
-                os.makedirs(parent, exist_ok=True)
-                torch.save(state, path)
-            if self.distributed:
-                dist.barrier()
-        self._guard(run)
+        state = ckpt.merge_module_states(self.runner.module_states())  # (export's own agreement covers the gather)
+        if self.is_main:
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+            torch.save(state, path)
+        self.runner.barrier()
 
     def close(self) -> None:
         """Finish cleanly (all ranks): stop the receiver threads and the watchdog.
@@ -585,9 +497,8 @@ class Trainer:
         """
         if self.watchdog is not None:
             self._agree("close()")
-            if isinstance(self.runner, PipelineWorker):
-                self.runner.close()
-            dist.barrier()
+            self.runner.close()
+            self.runner.barrier()
             self.watchdog.close()
             self.watchdog = None
             if self._owns_group:

@@ -1,4 +1,4 @@
-"""The per-rank worker: one stage per process, update-unlocked (DESIGN.md, "One training step").
+"""The per-rank worker: one stage per process, update-unlocked (docs/guide.md, "How a step runs").
 
 Rank 0 is driven by the trainer's data loop (``train_step``/``evaluate``); every other
 rank runs :meth:`PipelineWorker.serve`, which processes the messages arriving on its
@@ -11,18 +11,18 @@ show them in its progress bar without any extra communication.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
-from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple, restore_training_modes, training_modes
+from ..stages.stage import Stage, as_tuple, restore_training_modes, training_modes
 from .config import TrainConfig
 from .history import StepLog
-from .metrics import NULL_TIMERS
-from .reference import batch_metrics, mean_metrics, nonfinite_message
-from .targets import TargetCache, train_due_synthesizer
+from .metrics import Timers
+from .reference import batch_metrics, mean_metrics
+from .sources import make_source
+from .step import LiveStats, StageStep
 from .transport import EVAL, EVAL_END, FIT_END, FLAG_SKIPPED, KIND_NAMES, TRAIN, Channel, Message
 
 
@@ -53,7 +53,12 @@ class Channels:
 
 
 class PipelineWorker:
-    """Runs ``stage`` as rank ``stage.index`` of a pipeline of ``stage.n_stages`` processes."""
+    """Runs ``stage`` as rank ``stage.index`` of a pipeline of ``stage.n_stages`` processes.
+
+    It is the :class:`~synthpipe.engine.step.Links` of its :class:`StageStep`: activations
+    go out on the forward channel, and gradient messages from rank + 1 are taken on its
+    receiver thread and handed to the stage's gradient source as they arrive.
+    """
 
     def __init__(self, stage: Stage, config: TrainConfig, channels: Channels):
         self.stage = stage
@@ -61,16 +66,30 @@ class PipelineWorker:
         self.rank = stage.index
         self.world_size = stage.n_stages
         self.ch = channels
-        self.cache = TargetCache()
         self.log = StepLog()
+        self.stats = LiveStats.empty(self.world_size)
+        self.source = make_source(stage, config)
+        self.step_runner = StageStep(stage, config, self.source, self, self.log, self.stats)
         self.outstanding = 0  # gradient messages still to come from rank + 1
         self.locked_grads: dict[int, Message] = {}
-        self.stats = [math.nan] * (2 + self.world_size - 1)  # loss, its step, synth loss per boundary
+        self._received_upto = -1  # messages from rank + 1 arrive in step order
         self.next_step = 0
         self.progress = 0  # steps, batches and gradients done: the watchdog's sign of life
         self._eval = [0.0, 0.0, 0.0]
         self._modes_before_eval: list | None = None  # every submodule's flag, while evaluating
-        self.timers = NULL_TIMERS  # metrics.Timers() to profile (the benchmark does)
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The stages this process runs (its own)."""
+        return [self.stage]
+
+    @property
+    def timers(self) -> Timers:
+        return self.step_runner.timers
+
+    @timers.setter
+    def timers(self, timers: Timers) -> None:
+        self.step_runner.timers = timers
 
     @property
     def drives_data(self) -> bool:
@@ -84,118 +103,64 @@ class PipelineWorker:
     def device(self) -> torch.device:
         return self.stage.device
 
-    # -- receiving gradients ------------------------------------------------------------
+    def live_stats(self) -> LiveStats:
+        return self.stats
+
+    # -- links: receiving gradients ------------------------------------------------------
     def _receive_gradient(self) -> None:
-        """Block for the next gradient message from rank + 1 and file it."""
+        """Block for the next gradient message from rank + 1 and hand it to the source."""
         assert self.ch.grad_in is not None and self.outstanding > 0
         msg = self.ch.grad_in.recv()
         self.outstanding -= 1
         self.progress += 1
-        if msg.stats:
-            n = min(len(msg.stats), len(self.stats))
-            own = 2 + self.rank
-            self.stats[:n] = [v if i != own else self.stats[i] for i, v in enumerate(msg.stats[:n])]
-        if self.config.locked(msg.step):
+        self._received_upto = msg.step
+        if self.step_runner.waits(msg.step):
             self.locked_grads[msg.step] = msg
-        if self.config.trains_synthesizers and self.cache.get(msg.step) is not None:
-            self.cache.put_target(msg.step, msg.tensors, skipped=msg.skipped)
+        self.step_runner.received(msg.step, msg.tensors, msg.skipped, msg.stats)
 
-    def _poll_gradients(self) -> None:
+    def poll(self) -> None:
         """File every gradient message that has already arrived (never blocks)."""
         while self.outstanding > 0 and self.ch.grad_in.ready():
             with self.timers.section("recv"):
                 self._receive_gradient()
 
-    def _wait_target(self, step: int) -> None:
-        entry = self.cache.get(step)
-        while entry is not None and not entry.ready:
+    def wait_received(self, step: int) -> None:
+        while self._received_upto < step:
             if self.outstanding == 0:
                 raise RuntimeError(f"rank {self.rank}: waiting for the target of step {step}, but none is in flight")
             with self.timers.section("wait", step):
                 self._receive_gradient()
 
-    def _wait_locked(self, step: int) -> Message:
+    def wait_gradient(self, step: int) -> tuple[tuple, bool]:
         while step not in self.locked_grads:
             if self.outstanding == 0:
                 raise RuntimeError(f"rank {self.rank}: waiting for the gradient of step {step}, but none is in flight")
-            with self.timers.section("wait", step):
-                self._receive_gradient()
-        return self.locked_grads.pop(step)
+            self._receive_gradient()
+        msg = self.locked_grads.pop(step)
+        return msg.tensors, msg.skipped
+
+    # -- links: sending -----------------------------------------------------------------
+    def send_activation(self, step: int, outputs: tuple, y: Any) -> None:
+        assert self.ch.act_out is not None
+        self.ch.act_out.send(TRAIN, step, (*outputs, y))
+        if self.step_runner.source_sends_back:
+            self.outstanding += 1
+            self.ch.grad_in.expect()  # its gradient comes back on the receiver thread
+
+    def send_gradient(self, step: int, grads: tuple, skipped: bool) -> None:
+        if self.ch.grad_out is not None:
+            self.ch.grad_out.send(TRAIN, step, () if skipped else grads,
+                                  flags=FLAG_SKIPPED if skipped else 0, stats=self.stats.to_list())
 
     # -- one training step ----------------------------------------------------------------
     def train_step(self, step: int, x: Any, y: torch.Tensor) -> float | None:
         """Rank 0's entry point (the others get their steps through :meth:`serve`)."""
         return self._train(step, as_tuple(x), y)
 
-    def _send_back(self, step: int, grads: tuple, skipped: bool) -> None:
-        if self.ch.grad_out is not None:
-            with self.timers.section("send", step):
-                self.ch.grad_out.send(TRAIN, step, () if skipped else grads,
-                                      flags=FLAG_SKIPPED if skipped else 0, stats=self.stats)
-
-    def _backward_and_update(self, step: int, inputs: tuple, outputs: tuple, grads: tuple | None = None,
-                             loss: torch.Tensor | None = None) -> None:
-        # The input gradient is final once backward is done: send it before the update, so
-        # it crosses (and rank - 1 can train its synthesizer) while this rank updates.
-        with self.timers.section("backward", step):
-            self.stage.backward(outputs, grads, loss=loss)
-        self._send_back(step, self.stage.input_gradient(inputs), skipped=False)
-        with self.timers.section("update", step):
-            self.stage.step()
-
     def _train(self, step: int, x: tuple, y: torch.Tensor) -> float | None:
-        cfg, stage, tm = self.config, self.stage, self.timers
-        locked = cfg.locked(step)
         self.next_step = step + 1
         self.progress += 1
-        with tm.section("forward", step):
-            inputs, outputs = stage.forward(x)
-        if self.ch.act_out is not None:
-            with tm.section("send", step):
-                self.ch.act_out.send(TRAIN, step, (*outputs, y))
-            self.outstanding += 1
-            self.ch.grad_in.expect()  # its gradient comes back on the receiver thread
-            if cfg.trains_synthesizers:
-                self.cache.add(step, outputs, y)
-        result: float | None = None
-        if self.is_last:
-            with tm.section("forward", step):
-                loss = stage.loss(outputs, y)
-                ok = all_finite([loss.detach()])
-            if not ok:
-                stage.undo_forward()
-                if cfg.nonfinite == "raise":
-                    raise NonFiniteError(nonfinite_message(stage, "the loss", step, loss))
-            else:
-                result = float(loss.detach())
-                self.stats[0], self.stats[1] = result, float(step)  # travels with this step's gradient
-                self.log.put(step, "loss", result)
-                self._backward_and_update(step, inputs, outputs, loss=loss)
-        else:
-            if locked:
-                msg = self._wait_locked(step)
-                ok = not msg.skipped
-                grads = msg.tensors
-            else:
-                self._poll_gradients()
-                with tm.section("synth", step):
-                    grads = stage.synthetic_gradient(outputs, y)
-                    ok = all_finite(grads)
-            if not ok:
-                stage.undo_forward()  # a skipped step leaves the stage as it was
-                if not locked and cfg.nonfinite == "raise":
-                    raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
-            else:
-                self._backward_and_update(step, inputs, outputs, grads=grads)
-        if not ok:
-            self._send_back(step, (), skipped=True)
-        if self.ch.act_out is not None and cfg.trains_synthesizers:
-            with tm.section("synth", step):
-                trained = train_due_synthesizer(stage, self.cache, step, cfg.delay, cfg.max_inflight, self._wait_target)
-            if trained is not None:
-                self.stats[2 + self.rank] = trained
-                self.log.put(step, f"synth_loss/{self.rank}", trained)
-        return result
+        return self.step_runner.run(step, x, y)
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,10 +195,21 @@ class PipelineWorker:
         for i, (x, y) in enumerate(batches):
             self._eval_batch(i, as_tuple(x), y)
             if self.outstanding:
-                self._poll_gradients()
+                self.poll()
         return self._finish_eval()
 
     # -- the loop of ranks > 0 --------------------------------------------------------------
+    def serve_fit(self) -> int:
+        """Ranks > 0: train on the steps rank 0 sends until the fit ends; returns the next step."""
+        self.serve()
+        return self.next_step
+
+    def serve_evaluation(self) -> dict[str, float]:
+        """Ranks > 0: take part in rank 0's evaluation; returns the metrics."""
+        metrics = self.serve(until=EVAL_END)
+        assert metrics is not None
+        return metrics
+
     def serve(self, until: int = FIT_END) -> dict[str, float] | None:
         """Process messages from rank - 1 until ``until`` (FIT_END or EVAL_END) arrives.
 
@@ -282,4 +258,47 @@ class PipelineWorker:
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage.state_dict(), "cache": self.cache.state_dict()}
+        return {"stage": self.stage.state_dict(), "cache": self.source.state_dict()}
+
+    def states(self) -> list[tuple[int, dict[str, Any]]]:
+        """``[(stage index, state)]`` for the stage this rank saves."""
+        return [(self.rank, self.state_dict())]
+
+    def prepare_load(self, read: Callable[[int], dict[str, Any]]) -> Any:
+        """Read this rank's stage with ``read(rank)`` and check it; changes nothing.
+
+        Raises what reading or checking raised (``OSError``, ``ValueError``, ...).
+        """
+        state = read(self.rank)
+        return state, self.stage.prepare_load(state["stage"])
+
+    def commit_load(self, prepared: Any) -> dict[str, Any]:
+        """Install what :meth:`prepare_load` accepted; returns the state (RNG, step)."""
+        state, ready = prepared
+        self.stage.commit_load(state["stage"], ready)
+        self.source.load_state_dict(state["cache"], self.device)
+        self.next_step = int(state["step"])
+        self._received_upto = self.next_step - 1  # a saved run had drained everything before it
+        return state
+
+    def module_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every stage's module state (gathered from all ranks, on CPU), in stage order."""
+        own = {k: v.detach().cpu() for k, v in self.stage.module.state_dict().items()}
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, own)
+        return gathered
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank (the trainer's own bookkeeping)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def barrier(self) -> None:
+        dist.barrier()

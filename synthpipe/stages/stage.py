@@ -2,7 +2,7 @@
 
 This module is pure model math (no torch.distributed). The single-process reference
 trainer and the per-rank worker both drive a :class:`Stage` through the same calls, so
-they apply exactly the same update rule (DESIGN.md, "One training step on rank r"):
+they apply exactly the same update rule (docs/guide.md, "How a step runs"):
 
     inputs, outputs = stage.forward(inputs)                # h_r = f_r(h_{r-1})
     grads = stage.synthetic_gradient(outputs, y)           # r < N-1: M_r(h_r, y) / B
@@ -71,8 +71,14 @@ class StageInputError(ValueError):
     """A stage could not take the tensors it was given."""
 
 
-def default_synth_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=1e-3)
+def adam(lr: float = 1e-3) -> OptimizerFactory:
+    """The default optimizer factory: ``params -> torch.optim.Adam(params, lr=lr)``."""
+    def make(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=lr)
+    return make
+
+
+default_synth_optimizer = adam()
 
 
 def _traced_shapes_hint(traced: list | None, inputs: Sequence[Any]) -> str:

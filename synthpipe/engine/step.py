@@ -1,0 +1,225 @@
+"""One stage's training step: the single copy of the update rule every runner calls.
+
+:class:`StageStep` drives a :class:`~synthpipe.stages.stage.Stage` through one step::
+
+    begun = step.begin(t, x, y)        # forward; the source sees h_r; h_r goes to r + 1
+    grads = ... if step.waits(t)       # locked: the runner brings r + 1's gradient of t
+    loss = step.update(begun, grads)   # loss or gradient -> backward -> send back -> step
+    step.after(t)                      # the source trains on what came back (synthesizers)
+
+``run`` does the four in order, waiting through the links: that is the per-rank worker
+and the benchmark's no-transfer ceiling. The single-process reference trainer calls the
+phases itself (all forwards first, the locked stages' updates in reverse order, every
+``after`` last), which is why they are separate. Where the output gradient comes from is
+the stage's :class:`~synthpipe.engine.sources.GradientSource`; how messages travel is
+the runner's :class:`Links`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Protocol
+
+import torch
+
+from ..stages.stage import NonFiniteError, Stage, all_finite
+from .config import TrainConfig
+from .history import StepLog
+from .metrics import NULL_TIMERS, Timers
+from .sources import GradientSource
+
+__all__ = ["Links", "StageStep", "Begun", "LiveStats", "nonfinite_message"]
+
+
+def nonfinite_message(stage: Stage, what: str, step: int, value: Any = None) -> str:
+    """The error for a NaN/inf ``what`` (a loss, a gradient) of ``stage`` at ``step``."""
+    shown = f" ({float(value.detach())})" if value is not None else ""
+    return (f"{stage.name}: {what} is not finite{shown} at step {step}; lower the learning rate "
+            f"or the synthetic-gradient scale, or pass nonfinite='skip' to skip such steps")
+
+
+@dataclasses.dataclass
+class LiveStats:
+    """The newest values a progress bar shows; they travel in gradient messages' headers.
+
+    Attributes:
+        loss: the last stage's newest training loss (NaN before the first).
+        loss_step: the step of ``loss``.
+        synth_losses: the newest synthesizer regression loss of each boundary 0..N-2.
+    """
+
+    loss: float = math.nan
+    loss_step: float = math.nan
+    synth_losses: list[float] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_stages: int) -> "LiveStats":
+        return cls(synth_losses=[math.nan] * max(n_stages - 1, 0))
+
+    def to_list(self) -> list[float]:
+        """The flat form that travels in a message header."""
+        return [self.loss, self.loss_step, *self.synth_losses]
+
+    def merge(self, values: list[float], own_boundary: int | None) -> None:
+        """Take the values a message from downstream carried, except this rank's own boundary."""
+        if len(values) >= 2:
+            self.loss, self.loss_step = values[0], values[1]
+        for b, v in enumerate(values[2:2 + len(self.synth_losses)]):
+            if b != own_boundary:
+                self.synth_losses[b] = v
+
+
+class Links(Protocol):
+    """How a stage's step reaches its neighbours (channels, a hand-off in one process, nothing)."""
+
+    def send_activation(self, step: int, outputs: tuple, y: Any) -> None:
+        """Hand ``outputs`` (and the labels) of ``step`` to stage r + 1."""
+
+    def send_gradient(self, step: int, grads: tuple, skipped: bool) -> None:
+        """Hand the input gradient of ``step`` to stage r - 1 (``skipped``: none, the step was skipped)."""
+
+    def wait_gradient(self, step: int) -> tuple[tuple, bool]:
+        """Block until stage r + 1's gradient of ``step`` is here: ``(grads, skipped)``."""
+
+    def wait_received(self, step: int) -> None:
+        """Block until stage r + 1's message of ``step`` has been given to the source."""
+
+    def poll(self) -> None:
+        """Give the source every message from stage r + 1 that has arrived (never blocks)."""
+
+
+@dataclasses.dataclass
+class Begun:
+    """A step after its forward: what its update needs."""
+
+    step: int
+    inputs: tuple
+    outputs: tuple
+    y: Any
+    loss: torch.Tensor | None = None  # the last stage's
+
+
+class StageStep:
+    """Runs ``stage``'s training steps with ``source`` over ``links``.
+
+    Args:
+        stage: the stage.
+        config: the trainer's options (``nonfinite``, ...).
+        source: where its output gradient comes from (ignored on the last stage, which
+            backpropagates its loss).
+        links: its neighbours.
+        log: where per-step values go (``loss``, ``synth_loss/r``).
+        stats: the live values shown by the progress bar (updated in place).
+    """
+
+    def __init__(self, stage: Stage, config: TrainConfig, source: GradientSource, links: Links,
+                 log: StepLog | None = None, stats: LiveStats | None = None):
+        self.stage = stage
+        self.config = config
+        self.source = source
+        self.links = links
+        self.log = log if log is not None else StepLog()
+        self.stats = stats if stats is not None else LiveStats.empty(stage.n_stages)
+        self.timers: Timers = NULL_TIMERS  # type: ignore[assignment]
+        self.has_next = not stage.is_last
+        self.has_previous = not stage.is_first
+
+    def waits(self, step: int) -> bool:
+        """Does the update of ``step`` need stage r + 1's gradient of ``step``?"""
+        return self.has_next and self.source.waits(step)
+
+    def begin(self, step: int, x: tuple, y: Any) -> Begun:
+        """The forward of ``step`` (and the loss, on the last stage); ``h_r`` goes downstream."""
+        tm = self.timers
+        with tm.section("forward", step):
+            inputs, outputs = self.stage.forward(x)
+        begun = Begun(step, inputs, outputs, y)
+        if self.has_next:
+            self.source.seen(step, outputs, y)
+            with tm.section("send", step):
+                self.links.send_activation(step, outputs, y)
+        else:
+            with tm.section("forward", step):
+                begun.loss = self.stage.loss(outputs, y)
+        return begun
+
+    def update(self, begun: Begun, downstream: tuple[tuple, bool] | None = None) -> float | None:
+        """Backward and optimizer step of a begun step; returns the loss (last stage) or ``None``.
+
+        ``downstream``: stage r + 1's ``(grads, skipped)`` of this step, when it waited for them.
+        A non-finite loss or gradient raises :class:`NonFiniteError`, or with
+        ``nonfinite="skip"`` leaves the stage as it was and tells stage r - 1 the step was skipped.
+        """
+        cfg, stage, tm, step = self.config, self.stage, self.timers, begun.step
+        result: float | None = None
+        grads: tuple | None = None
+        if begun.loss is not None:
+            with tm.section("forward", step):
+                ok = all_finite([begun.loss.detach()])
+            if not ok and cfg.nonfinite == "raise":
+                stage.undo_forward()
+                raise NonFiniteError(nonfinite_message(stage, "the loss", step, begun.loss))
+        elif downstream is not None:
+            grads, skipped = downstream
+            ok = not skipped
+        else:
+            self.links.poll()
+            with tm.section("synth", step):
+                grads = self.source.gradient(step, begun.outputs, begun.y)
+                ok = all_finite(grads)
+            if not ok and cfg.nonfinite == "raise":
+                stage.undo_forward()
+                raise NonFiniteError(nonfinite_message(stage, f"the {self.source.name} gradient", step))
+        if not ok:
+            stage.undo_forward()  # a skipped step leaves the stage as it was
+            self._send_back(step, (), skipped=True)
+            return None
+        if begun.loss is not None:
+            result = float(begun.loss.detach())
+            self.stats.loss, self.stats.loss_step = result, float(step)  # travels with this step's gradient
+            self.log.put(step, "loss", result)
+        # The input gradient is final once backward is done: send it before the update, so
+        # it crosses (and stage r - 1 can use it) while this stage updates.
+        with tm.section("backward", step):
+            stage.backward(begun.outputs, grads, loss=begun.loss)
+        self._send_back(step, stage.input_gradient(begun.inputs), skipped=False)
+        with tm.section("update", step):
+            stage.step()
+        return result
+
+    def after(self, step: int) -> None:
+        """The source's work after the update of ``step`` (train a synthesizer on its targets)."""
+        if not self.has_next:
+            return
+        with self.timers.section("synth", step):
+            values = self.source.after_update(step, self.links.wait_received)
+        for key, value in values.items():
+            self.log.put(step, key, value)
+            if key == f"synth_loss/{self.stage.index}":
+                self.stats.synth_losses[self.stage.index] = value
+
+    def run(self, step: int, x: tuple, y: Any) -> float | None:
+        """One whole step, waiting through the links where the source says so."""
+        begun = self.begin(step, x, y)
+        downstream = None
+        if self.waits(step):
+            with self.timers.section("wait", step):
+                downstream = self.links.wait_gradient(step)
+        loss = self.update(begun, downstream)
+        self.after(step)
+        return loss
+
+    def received(self, step: int, grads: tuple, skipped: bool, stats: list[float] | None = None) -> None:
+        """Stage r + 1's message of ``step`` arrived: give it to the source."""
+        if stats:
+            self.stats.merge(stats, self.stage.index)
+        self.source.received(step, grads, skipped)
+
+    def _send_back(self, step: int, grads: tuple, skipped: bool) -> None:
+        if self.has_previous and self.source_sends_back:
+            with self.timers.section("send", step):
+                self.links.send_gradient(step, grads, skipped)
+
+    @property
+    def source_sends_back(self) -> bool:
+        return type(self.source).sends_back
