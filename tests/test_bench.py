@@ -113,7 +113,7 @@ def test_variants_parse() -> None:
 
 def test_baseline_runs_again_after_every_n_jobs() -> None:
     from synthpipe.benchmark.bench import with_baseline_runs
-    from synthpipe.benchmark.methods import JobSpec
+    from synthpipe.benchmark.job import JobSpec
     from synthpipe.benchmark.workload import Workload
 
     w = Workload()

@@ -199,17 +199,6 @@ def test_labels_a_conditional_synthesizer_cannot_take_name_the_stage(labels, mes
         stage.synthetic_gradient((torch.randn(4, 6),), labels)
 
 
-def test_errors_describe_values_without_printing_them():
-    from synthpipe.stages.stage import describe
-
-    text = describe([[0.5] * 1000] * 300)
-    assert text.startswith("list of 1000, list of 1000") and text.endswith("... (300 values)")
-    assert len(text) < 200
-    import numpy as np
-    assert describe([np.zeros((256, 6)), torch.zeros(2, 3, dtype=torch.int64)]) == \
-        "ndarray of shape (256, 6), (2, 3):int64"
-
-
 def test_training_modes_are_restored_per_submodule():
     from synthpipe.stages.stage import restore_training_modes, training_modes
 

@@ -31,12 +31,14 @@ import time
 from typing import Any, Callable
 
 from . import simulator
+from .config import BenchConfig
+from .job import JobSpec
 from .launcher import JobError, RankPool
 from .machine import check_fairness, describe
-from .methods import JobSpec, job_function
+from .methods import job_function
 from .monitor import Monitor
-from .config import BenchConfig
-from .pipelining import MULTI_STAGE, SCHEDULES as PP_SCHEDULES, valid_microbatches
+from .pipelining import MULTI_STAGE, valid_microbatches
+from .pipelining import SCHEDULES as PP_SCHEDULES
 from .report import rank_key
 
 RESULTS_VERSION = 1

@@ -10,7 +10,8 @@ import tempfile
 from typing import Any, Callable
 
 from . import simulator
-from .pipelining import MULTI_STAGE, SCHEDULES as PP_SCHEDULES
+from .pipelining import MULTI_STAGE
+from .pipelining import SCHEDULES as PP_SCHEDULES
 from .workload import Workload
 
 MNIST1D_FEATURES = 40

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from ..engine.metrics import Timers
+from .job import JobSpec, converge_run, model_accuracy, param_checksum, rank_device, rank_result, synchronize
 from .launcher import RankContext
-from .methods import JobSpec, _accuracy, converge_run, param_checksum, rank_device, rank_result, synchronize
 from .monitor import reset_peak_memory
 from .workload import build_model, make_optimizer, test_batches, train_batches
 
@@ -126,8 +126,9 @@ class _Pipeline:
     """This rank's part of a torch pipeline: stages, optimizer, schedule."""
 
     def __init__(self, ctx: RankContext, spec: JobSpec, device: torch.device):
-        import synthpipe as sp
         from torch.distributed.pipelining import PipelineStage
+
+        import synthpipe as sp
 
         w = spec.workload
         self.per_rank = stages_per_rank(spec.schedule, spec.stages_per_rank)
@@ -264,6 +265,6 @@ def _converge(ctx: RankContext, spec: JobSpec, device: torch.device, pipe: _Pipe
     # The untrained model's accuracy, computed locally: an evaluation through the schedule
     # before the first training step would initialise torch's stages without their
     # backward (and silently break the training that follows).
-    initial = _accuracy(build_model(w).to(device), test, device)
+    initial = model_accuracy(build_model(w).to(device), test, device)
     return converge_run(ctx, spec, device, initial, train_epoch, lambda: pipe.accuracy(test, w.batch),
                         before_epoch=dist.barrier)

@@ -23,29 +23,12 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import UninitializedBuffer
 
+from .boundary import as_tuple, describe
 from .materialize import InitFn, materialize, on_meta
-from .split import as_tuple, traced_input_shapes, traced_output_shapes
 from .synthesizer import BoundarySynthesizer, Synthesizer, TokenSynth, per_batch
+from .trace import traced_input_shapes, traced_output_shapes
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def describe(tensors: Sequence[Any]) -> str:
-    """Shapes and dtypes of a boundary, for error messages (never a whole value)."""
-    shown = ", ".join(_describe_one(t) for t in tensors[:8])
-    return shown if len(tensors) <= 8 else f"{shown}, ... ({len(tensors)} values)"
-
-
-def _describe_one(t: Any) -> str:
-    if torch.is_tensor(t):
-        return f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
-    shape = getattr(t, "shape", None)
-    if shape is not None:  # numpy arrays and the like
-        return f"{type(t).__name__} of shape {tuple(shape)}"
-    if isinstance(t, (list, tuple, dict)):
-        return f"{type(t).__name__} of {len(t)}"
-    text = repr(t)
-    return text if len(text) <= 60 else f"{type(t).__name__} {text[:40]}..."
 
 
 def training_modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
