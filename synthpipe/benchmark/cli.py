@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from .simulator import MAX_DEVICES, MAX_MICROBATCHES
+from .profiles import MAX_DEVICES, MAX_MICROBATCHES
 from .workload import Workload
 
 
@@ -234,16 +234,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     Exit codes: 0 success; 2 bad options or an unusable profile (one line on stderr
     naming the option, or the file and the key).
     """
-    from . import simulator
+    from . import profiles, simulator
     from .report import simulation_markdown
 
     try:
-        devices = simulator.check_devices(args.devices, "--devices")
-        profile = simulator.load_profile(args.profile)
+        devices = profiles.check_devices(args.devices, "--devices")
+        profile = profiles.load_profile(args.profile)
         batch = int(profile.get("workload", {}).get("batch", 256))
         microbatches = (None if args.microbatches is None
-                        else simulator.check_microbatches(args.microbatches, batch, "--microbatches"))
-    except simulator.ProfileError as e:
+                        else profiles.check_microbatches(args.microbatches, batch, "--microbatches"))
+    except profiles.ProfileError as e:
         return _error("simulate", f"--profile {e}")
     except ValueError as e:
         return _error("simulate", str(e))
