@@ -1,7 +1,7 @@
 """What the benchmark ran on: cores, threads, versions, devices, and how busy the machine was.
 
 Every output of ``synthpipe bench`` carries :func:`describe` so a number is never
-reported without its machine (DESIGN.md, "Measuring fairly on CPU").
+reported without its machine (docs/guide.md, "Measuring fairly on CPU").
 """
 from __future__ import annotations
 

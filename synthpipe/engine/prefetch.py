@@ -1,4 +1,4 @@
-"""Bounded prefetch queue that feeds rank 0 (DESIGN.md, "Prefetch queue").
+"""Bounded prefetch queue that feeds rank 0 (docs/guide.md, "The prefetch queue").
 
 A background thread iterates the user's loader. On CUDA it pins each batch, copies it to
 the device on a dedicated stream with ``non_blocking=True`` and records an event; the

@@ -2,7 +2,7 @@
 
 This module is pure model math (no torch.distributed). The single-process reference
 trainer and the per-rank worker both drive a :class:`Stage` through the same calls, so
-they apply exactly the same update rule (DESIGN.md, "One training step on rank r"):
+they apply exactly the same update rule (docs/guide.md, "One training step, rank by rank"):
 
     inputs, outputs = stage.forward(inputs)                # h_r = f_r(h_{r-1})
     grads = stage.synthetic_gradient(outputs, y)           # r < N-1: M_r(h_r, y) / B

@@ -1,4 +1,4 @@
-"""Synthetic-gradient models ("synthesizers", M_r in DESIGN.md).
+"""Synthetic-gradient models ("synthesizers", M_r in docs/guide.md, section 1).
 
 A synthesizer predicts the gradient of the loss with respect to a stage's output,
 ``g_r ~ dL/dh_r``, from the output itself and, for cDNI, the labels.
