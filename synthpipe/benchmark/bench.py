@@ -42,6 +42,10 @@ from .pipelining import SCHEDULES as PP_SCHEDULES
 from .profiles import PROFILE_VERSION
 from .report import rank_key
 
+__all__ = ["RESULTS_VERSION", "SECTION_KINDS", "unusable_schedules", "throughput_jobs", "converge_jobs",
+           "with_baseline_runs", "bracketed_speedups", "throughput_row", "error_row", "baseline_drift_warning",
+           "best_of_sweep", "build_profile", "converge_row", "run_benchmark"]
+
 RESULTS_VERSION = 1
 SECTION_KINDS = ("forward", "backward", "update", "synth", "send", "recv", "wait")
 

@@ -18,6 +18,9 @@ from typing import Any
 from .profiles import MAX_DEVICES, MAX_MICROBATCHES
 from .workload import Workload
 
+__all__ = ["BENCH_OPTIONS", "add_bench_arguments", "config_from_args", "run_bench", "add_simulate_arguments",
+           "run_simulate", "main"]
+
 
 def _ints(text: str) -> list[int]:
     try:

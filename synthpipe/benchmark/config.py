@@ -14,6 +14,9 @@ from .pipelining import SCHEDULES as PP_SCHEDULES
 from .profiles import check_devices
 from .workload import Workload
 
+__all__ = ["MNIST1D_FEATURES", "VARIANT_MODES", "VARIANT_SYNTHS", "BenchConfigError", "Variant", "BenchConfig",
+           "model_children", "quick_config"]
+
 MNIST1D_FEATURES = 40
 
 

@@ -23,6 +23,8 @@ import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+__all__ = ["THREAD_VARS", "JobError", "free_port", "RankContext", "RankPool"]
+
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 

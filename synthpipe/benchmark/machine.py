@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+__all__ = ["cpu_model", "usable_cores", "cgroup_cpu_limit", "gpu_names", "describe", "oversubscribed", "check_fairness",
+           "summary_line"]
+
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""

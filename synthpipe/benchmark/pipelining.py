@@ -36,6 +36,8 @@ from .launcher import RankContext
 from .monitor import reset_peak_memory
 from .workload import build_model, make_optimizer, test_batches, train_batches
 
+__all__ = ["SCHEDULES", "MULTI_STAGE", "stages_per_rank", "stage_indices", "valid_microbatches", "run_pipelining"]
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "izb", "zbv")
 MULTI_STAGE = ("interleaved1f1b", "izb", "zbv")
 

@@ -58,6 +58,10 @@ from typing import Any, Iterable, Sequence
 
 from .machine import summary_line
 
+__all__ = ["THROUGHPUT_KEYS", "RANK_KEYS", "CONVERGENCE_KEYS", "KIND_COLORS", "to_json", "write_json",
+           "machine_columns", "write_csv", "markdown", "rank_key", "headline", "simulation_markdown", "plot_accuracy",
+           "timeline_methods", "plot_timeline", "plot_scaling", "OUTPUT_FILES", "write_outputs"]
+
 THROUGHPUT_KEYS = (
     "method", "label", "family", "schedule", "microbatches", "stages_per_rank", "ranks", "threads", "device",
     "batch", "steps", "wall_s", "step_s", "samples_per_s", "speedup", "oversubscribed", "best_in_sweep",

@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any, Iterable
 
+__all__ = ["History", "StepLog", "merge_logs"]
+
 NaN = float("nan")
 
 

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 
+__all__ = ["KINDS", "BUSY_KINDS", "COMM_KINDS", "WAIT_KINDS", "NullTimers", "NULL_TIMERS", "Timers"]
+
 KINDS = ("forward", "backward", "update", "synth", "send", "recv", "wait")
 BUSY_KINDS = ("forward", "backward", "update", "synth")
 COMM_KINDS = ("send", "recv")

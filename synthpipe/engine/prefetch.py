@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+__all__ = ["THREAD_NAME", "PrefetchQueue"]
+
 _END = object()
 
 THREAD_NAME = "synthpipe-prefetch"  # (the watchdog shows this thread's stack when a rank stalls)

@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+__all__ = ["Entry", "TargetCache", "train_due_synthesizer"]
+
 
 @dataclasses.dataclass
 class Entry:

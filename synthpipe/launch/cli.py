@@ -27,6 +27,9 @@ from typing import Any, Sequence
 from .._version import __version__
 from .config import add_train_arguments, load_config, overrides_from_args, overrides_to_argv, read_toml
 
+__all__ = ["TORCHRUN_FLAGS", "BENCH_COMMANDS", "add_launcher_arguments", "build_parser", "torchrun_command",
+           "run_train", "run_export", "run_benchmark_command", "main"]
+
 # (flag, alias, dest, type): torchrun's options that `synthpipe train` passes through.
 TORCHRUN_FLAGS = (
     ("--nnodes", None, "nnodes", str),

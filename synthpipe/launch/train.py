@@ -27,6 +27,10 @@ from typing import Any, Sequence
 
 from .config import JobConfig, add_train_arguments, load_config, overrides_from_args, train_options
 
+__all__ = ["MNIST1D_FEATURES", "NUM_CLASSES", "EVAL_BATCH", "LaunchError", "env_rank", "env_world", "data_shape",
+           "resolve_device", "preflight", "build_model", "build_data", "check_labels", "train_loader", "eval_loader",
+           "choose_balance", "method_name", "train_backprop", "stop_exit_code", "run", "build_parser", "main"]
+
 MNIST1D_FEATURES = 40
 NUM_CLASSES = 10
 EVAL_BATCH = 1000

@@ -28,6 +28,9 @@ from .materialize import InitFn, materialize, on_meta
 from .synthesizer import BoundarySynthesizer, Synthesizer, TokenSynth, per_batch
 from .trace import traced_input_shapes, traced_output_shapes
 
+__all__ = ["OptimizerFactory", "training_modes", "restore_training_modes", "NonFiniteError", "StageInputError",
+           "default_synth_optimizer", "Stage", "running_statistics", "all_finite"]
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 

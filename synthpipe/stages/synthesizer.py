@@ -21,6 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["Tensors", "KINDS", "per_example", "per_batch", "one_hot_labels", "LinearSynth", "LowRankSynth", "MLPSynth",
+           "ConvSynth", "TokenSynth", "LINEAR_WARN_PARAMS", "LINEAR_MAX_PARAMS", "BoundarySynthesizer", "Synthesizer"]
+
 Tensors = tuple  # tuple[Tensor | None, ...]; kept loose for the optional entries
 
 KINDS = ("auto", "linear", "lowrank", "mlp", "conv", "token")
