@@ -12,10 +12,11 @@ import types
 import pytest
 import torch
 
-from multiprocess import free_port
 from synthpipe.engine.checkpoint import read_meta
 from synthpipe.launch import cli
 from synthpipe.launch.config import FLAGS, JobConfig, load_config, overrides_from_args, overrides_to_argv
+
+from multiprocess import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-samples", "600", "--epochs", "1", "--no-progress"]
@@ -58,7 +59,8 @@ ALL_FLAGS = ["--model", "deep_mlp", "--depth", "4", "--hidden", "32", "--data", 
              "--seed", "5", "--stages", "3", "--balance", "3,3,3", "--split-by", "time", "--gradients", "backprop",
              "--synthesizer", "mlp", "--no-conditional", "--synth-lr", "0.002", "--scale", "0.5", "--delay", "1",
              "--warmup-steps", "3", "--max-inflight", "2", "--nonfinite", "skip", "--failure-timeout", "12",
-             "--stall-warning", "60", "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck", "--resume", "old",
+             "--stall-warning", "60", "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck",
+             "--resume", "old",
              "--checkpoint-every", "4", "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out",
              "--log-every", "5", "--prefetch", "3"]
 EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samples=300, features=16, batch_size=32,
@@ -285,7 +287,7 @@ def test_two_nodes_on_one_machine(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.communicate()
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err[-3000:]
     out = "".join(r[1] for r in results)
     assert "2 stages, 2 processes" in out and out.count("test accuracy") == 1  # rank 0 reports, once

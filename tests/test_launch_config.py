@@ -95,7 +95,8 @@ backend = "auto"  # same as leaving it out
 checkpoint = "ckpt"
 """)
     cfg = load_config(path, {})
-    assert (cfg.model, cfg.depth, cfg.hidden, cfg.data, cfg.features, cfg.epochs) == ("deep_mlp", 4, 32, "synthetic", 16, 3)
+    assert (cfg.model, cfg.depth, cfg.hidden, cfg.data, cfg.features, cfg.epochs) == \
+        ("deep_mlp", 4, 32, "synthetic", 16, 3)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.balance == [3, 3, 3] and cfg.n_stages == 3
     assert cfg.conditional is False and cfg.delay == 2 and cfg.backend is None and cfg.checkpoint == "ckpt"

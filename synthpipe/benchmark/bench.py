@@ -64,7 +64,8 @@ def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
     """Single, torch schedules x micro-batch sweep, synthpipe backprop, synthetic variants
     (each followed by its no-transfer ceiling, ``<variant>-alone``, when ``cfg.ceiling``)."""
     w = cfg.workload
-    common = dict(workload=w, steps=cfg.steps, warmup=cfg.warmup, device=cfg.device, timeline=cfg.timeline)
+    common: dict[str, Any] = dict(workload=w, steps=cfg.steps, warmup=cfg.warmup, device=cfg.device,
+                                  timeline=cfg.timeline)
     sweep = sorted({m for m in (1, 2, 4, 8, 16, 32, 64) if m <= w.batch} | set(cfg.microbatches))
     jobs = [JobSpec("single", "single", ranks=1, chunk_sweep=sweep, **common)]
     for sched in cfg.schedules:
@@ -90,14 +91,16 @@ def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
 def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
     """The convergence runs: the torch schedules at their best micro-batch count."""
     w = cfg.conv_workload
-    common = dict(workload=w, mode="converge", epochs=cfg.conv_epochs, device=cfg.device, timeline=False)
+    common: dict[str, Any] = dict(workload=w, mode="converge", epochs=cfg.conv_epochs, device=cfg.device,
+                                  timeline=False)
     jobs = [JobSpec("single", "single", ranks=1, **common)]
     for sched in ("gpipe", "1f1b"):
         if sched in cfg.schedules:
             m = best_m.get(sched, 4)
             while m > 1 and (w.batch % m or w.batch // m < 2):  # BatchNorm: >= 2 rows per micro-batch
                 m //= 2
-            jobs.append(JobSpec(f"{sched}-m{m}", "pipelining", ranks=cfg.ranks, schedule=sched, microbatches=m, **common))
+            jobs.append(JobSpec(f"{sched}-m{m}", "pipelining", ranks=cfg.ranks, schedule=sched, microbatches=m,
+                                **common))
     if cfg.backprop:
         jobs.append(JobSpec("backprop", "synthpipe", ranks=cfg.ranks, gradients="backprop", **common))
     for v in cfg.variants:
@@ -170,7 +173,8 @@ def throughput_row(spec: JobSpec, results: list[dict[str, Any]], usage: dict[str
     cpu = usage.get("cpu_percent") or []
     for i, rr in enumerate(ranks):
         rr["cpu_util_percent"] = cpu[i] if i < len(cpu) else None
-        rr["rss_sampled_peak_mb"] = (usage.get("rss_peak_mb") or [None] * len(ranks))[i] if i < len(usage.get("rss_peak_mb") or []) else None
+        sampled = usage.get("rss_peak_mb") or []
+        rr["rss_sampled_peak_mb"] = sampled[i] if i < len(sampled) else None
     return {
         "method": spec.name, "label": spec.label(), "family": spec.family, "schedule": _schedule_of(spec),
         "microbatches": spec.microbatches if spec.method == "pipelining" else 1,
@@ -225,7 +229,7 @@ def baseline_drift_warning(rows: list[dict[str, Any]], limit: float = 0.10) -> s
     """
     base = next((r for r in rows if r.get("family") == "baseline" and r.get("error") is None), None)
     spread = base.get("samples_per_s_spread") if base else None
-    if spread is None or spread <= limit:
+    if base is None or spread is None or spread <= limit:
         return None
     return (f"the single-device baseline's own speed varied by {100 * spread:.0f}% during this run "
             f"({len(base['samples_per_s_runs'])} runs): the machine's speed drifted (other tenants of a shared "

@@ -70,7 +70,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads of every rank and of the baseline (default: 1)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="rank r runs on cuda:r with --device cuda")
-    g.add_argument("--repeats", type=int, default=None, help="interleaved rounds; the median is reported (default 3, quick 1)")
+    g.add_argument("--repeats", type=int, default=None,
+                   help="interleaved rounds; the median is reported (default 3, quick 1)")
     g.add_argument("--baseline-every", type=int, default=4,
                    help="run single-device backprop again after every N jobs of a round; each speedup is "
                         "against the baseline runs around it (default 4; 0: once per round)")
@@ -207,9 +208,10 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(markdown(results) + "\n")
         sys.stdout.write(f"Files: {', '.join(sorted(files.values()))}\n")
-    failed = [r["method"] for r in _failed(results)]
-    if failed:
-        print(f"synthpipe bench: failed methods: {', '.join(failed)} (details in results.json)", file=sys.stderr)
+    failed_methods = [r["method"] for r in _failed(results)]
+    if failed_methods:
+        print(f"synthpipe bench: failed methods: {', '.join(failed_methods)} (details in results.json)",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -41,9 +41,9 @@ def cgroup_cpu_limit() -> float | None:
     """The container's CPU quota in cores (cgroup v2 ``cpu.max`` or v1), if any."""
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-            if quota != "max":
-                return int(quota) / int(period)
+            text_quota, text_period = f.read().split()[:2]
+            if text_quota != "max":
+                return int(text_quota) / int(text_period)
     except (OSError, ValueError):
         pass
     try:

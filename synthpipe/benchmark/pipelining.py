@@ -105,7 +105,8 @@ class _Instrument:
             setattr(obj, name, fn)
 
 
-def _boundary_examples(modules: list[nn.Module], in_features: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _boundary_examples(modules: list[nn.Module], in_features: int,
+                       rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input, output) example tensors of every stage for a micro-batch of ``rows`` rows.
 
     Runs the stages in eval mode without gradients, so no running statistic changes.
@@ -119,7 +120,7 @@ def _boundary_examples(modules: list[nn.Module], in_features: int, rows: int) ->
             y = m(h)
             out.append((h.clone(), y.clone()))
             h = y
-    for m, mode in zip(modules, modes):
+    for m, mode in zip(modules, modes, strict=True):
         m.train(mode)
     return out
 
@@ -146,7 +147,7 @@ class _Pipeline:
         self.stages = [PipelineStage(m, i, self.n_stages, device,
                                      input_args=shapes[i][0].to(device).requires_grad_(i > 0),
                                      output_args=shapes[i][1].to(device).requires_grad_(True))
-                       for m, i in zip(self.modules, self.mine)]
+                       for m, i in zip(self.modules, self.mine, strict=True)]
         params = [p for m in self.modules for p in m.parameters()]
         self.opt = make_optimizer(w)(params)
         cls = _schedule_class(spec.schedule)
@@ -172,7 +173,7 @@ class _Pipeline:
         else:
             self.opt.step()
         if losses:
-            return float(torch.stack([l.detach() for l in losses]).mean())
+            return float(torch.stack([loss.detach() for loss in losses]).mean())
         return None
 
     def accuracy(self, batches: list, batch: int) -> tuple[float, float]:

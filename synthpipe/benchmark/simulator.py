@@ -33,6 +33,7 @@ synthesizer cost, per-message cost and transfer time) to predict 2..16 devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import math
 from collections import deque
@@ -149,7 +150,7 @@ class _Engine:
         self.all_pairs = False  # set when dependencies may join ranks that are not neighbours
 
     def chain(self, rank: int, ops: Iterable[_Op]) -> None:
-        q = deque()
+        q: deque[_Op] = deque()
         for op in ops:
             self.ops[op.key] = op
             q.append(op)
@@ -194,8 +195,9 @@ class _Engine:
         def refresh(rr: int) -> None:
             cache[rr] = self._best(rr, free[rr])
             version[rr] += 1
-            if cache[rr] is not None:
-                heapq.heappush(heap, (cache[rr][0], cache[rr][1], rr, version[rr]))
+            best = cache[rr]
+            if best is not None:
+                heapq.heappush(heap, (best[0], best[1], rr, version[rr]))
 
         for r in range(self.n_ranks):
             refresh(r)
@@ -205,7 +207,9 @@ class _Engine:
             if not heap:
                 stuck = [q[0].key for qs in self.chains for q in qs if q]
                 raise RuntimeError(f"schedule deadlocks; waiting operations: {stuck[:6]}")
-            start, _, r, q = cache[heap[0][2]]
+            chosen = cache[heap[0][2]]
+            assert chosen is not None  # (a heap entry is pushed only for a rank with a choice)
+            start, _, r, q = chosen
             op = q.popleft()
             op.start, op.finish = start, start + op.dur
             free[r] = op.finish
@@ -294,6 +298,21 @@ def _flush_dep(stage: int, step: int) -> list[tuple[tuple, float]]:
     return [(("U", stage, 0, step - 1), 0.0)] if step > 0 else []
 
 
+def _forward_op(r: int, k: int, f: float, t: float, i: int) -> _Op:
+    """Rank ``r``'s forward of micro-batch ``i`` of step ``k`` (``f`` seconds; ``t``: transfer from r - 1)."""
+    deps = [(("F", r - 1, i, k), t)] if r > 0 else []
+    return _Op(("F", r, i, k), r, f, deps + (_flush_dep(r, k) if i == 0 else []), step=k)
+
+
+def _backward_op(r: int, k: int, b: float, t: float, p: int, i: int) -> _Op:
+    """Rank ``r``'s backward of micro-batch ``i`` of step ``k`` (``b`` seconds; after its forward
+    and, but on the last of ``p`` ranks, the backward of rank r + 1)."""
+    deps = [(("F", r, i, k), 0.0)]
+    if r < p - 1:
+        deps.append((("B", r + 1, i, k), t))
+    return _Op(("B", r, i, k), r, b, deps, step=k)
+
+
 def _microbatched(stages: Sequence[StageCost], m: int, t: float, steps: int, order: str) -> _Engine:
     """Fixed-order schedules: forwards and backwards in ``order``, the update after the last
     backward (its gradient already sent back, so the update is off the critical path)."""
@@ -303,15 +322,9 @@ def _microbatched(stages: Sequence[StageCost], m: int, t: float, steps: int, ord
         f, b, u = _chunk(s, m)
         ops: list[_Op] = []
         for k in range(steps):
-            def F(i: int) -> _Op:
-                deps = [(("F", r - 1, i, k), t)] if r > 0 else []
-                return _Op(("F", r, i, k), r, f, deps + (_flush_dep(r, k) if i == 0 else []), step=k)
-
-            def B(i: int) -> _Op:
-                deps = [(("F", r, i, k), 0.0)]
-                if r < p - 1:
-                    deps.append((("B", r + 1, i, k), t))
-                return _Op(("B", r, i, k), r, b, deps, step=k)
+            # (bound now: F and B are called only within this iteration)
+            F = functools.partial(_forward_op, r, k, f, t)
+            B = functools.partial(_backward_op, r, k, b, t, p)
 
             if order == "gpipe":
                 seq = [F(i) for i in range(m)] + [B(i) for i in range(m)]
@@ -418,7 +431,7 @@ def model_chunk(profile: dict[str, Any], m: int) -> tuple[float, float]:
         n = len(xs)
         mx, my = sum(xs) / n, sum(ys) / n
         var = sum((x - mx) ** 2 for x in xs)
-        c = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else my / mx
+        c = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var > 0 else my / mx
         a = max(0.0, my - c * mx)
         out.append(a + c / m)
     return out[0], out[1]

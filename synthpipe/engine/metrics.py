@@ -103,7 +103,7 @@ class Timers:
         self._pending: deque = deque()  # CUDA: (start_event, end_event, kind, step) not yet resolved
         self._origin_wall = time.time()
         if self.cuda:
-            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin: Any = torch.cuda.Event(enable_timing=True)  # (a float on CPU)
             self._origin.record()
             self._mark: Any = self._origin
         else:

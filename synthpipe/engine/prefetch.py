@@ -11,9 +11,10 @@ leaving a ``with`` block) stops the thread even when the consumer stops early.
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -29,7 +30,11 @@ class _Failure:
         self.error = error
 
 
-def _map_tensors(batch: Any, fn) -> Any:
+def _record_stream(t: torch.Tensor, stream: Any) -> None:
+    t.record_stream(stream)
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if torch.is_tensor(batch):
         return fn(batch)
     if isinstance(batch, (list, tuple)):
@@ -114,7 +119,7 @@ class PrefetchQueue:
                 if event is not None:
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(event)
-                    _map_tensors(batch, lambda t: t.record_stream(current))
+                    _map_tensors(batch, functools.partial(_record_stream, stream=current))
                 yield batch
         finally:
             self.close()

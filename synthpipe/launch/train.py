@@ -295,10 +295,12 @@ def _say_interrupted(cfg: JobConfig, where: str = "") -> None:
         return
     from ..engine.checkpoint import read_meta
 
-    try:
-        kept = f"the checkpoint of step {read_meta(cfg.checkpoint)['step']} in {cfg.checkpoint} is kept"
-    except (TypeError, OSError, ValueError, KeyError):  # no --checkpoint, or nothing saved there yet
-        kept = "nothing was saved" + (" (no --checkpoint)" if cfg.checkpoint is None else "")
+    kept = "nothing was saved" + (" (no --checkpoint)" if cfg.checkpoint is None else "")
+    if cfg.checkpoint is not None:
+        try:
+            kept = f"the checkpoint of step {read_meta(cfg.checkpoint)['step']} in {cfg.checkpoint} is kept"
+        except (TypeError, OSError, ValueError, KeyError):  # nothing (complete) saved there yet
+            pass
     print(f"\nsynthpipe train: interrupted{where}; {kept}", file=sys.stderr, flush=True)
 
 

@@ -24,6 +24,7 @@ Two ways to split:
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -66,7 +67,7 @@ class StageSequential(nn.Sequential):
     the original ``nn.Sequential`` handed the previous child's tuple output to it.
     """
 
-    def forward(self, *inputs: Any) -> Any:  # type: ignore[override]
+    def forward(self, *inputs: Any) -> Any:
         if not inputs:
             raise TypeError("StageSequential needs at least one input")
         x = inputs[0] if len(inputs) == 1 else tuple(inputs)
@@ -122,7 +123,7 @@ def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] 
     if isinstance(points, str):
         raise ValueError(f"points must be a list of submodule names, got the string {points!r}; "
                          f"write points=[{points!r}]")
-    if _is_plain_sequential(model):
+    if isinstance(model, nn.Sequential) and _is_plain_sequential(model):
         return _split_sequential(model, n_stages, balance, by, points, example_input)
     if balance is not None:
         raise ValueError(f"balance={list(balance)} only applies to nn.Sequential; "
@@ -238,4 +239,4 @@ def _points_to_balance(names: list[str], points: list[str]) -> list[int]:
         raise ValueError(f"split points {points} must be distinct children in order, not "
                          f"the first child {names[0]!r} (stage 0 would be empty)")
     bounds = [0] + starts + [len(names)]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    return [b - a for a, b in itertools.pairwise(bounds)]

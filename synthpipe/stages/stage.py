@@ -104,7 +104,8 @@ class Stage:
         if on_meta(module):
             module = materialize(module, self.device, init, name=f"stage {index}")
         self.module = module.to(self.device)
-        self.optimizer = optimizer(list(self.module.parameters())) if any(True for _ in self.module.parameters()) else None
+        params = list(self.module.parameters())
+        self.optimizer = optimizer(params) if params else None
         self.loss_fn = loss_fn
         self.recipe = synthesizer
         self.synth_optimizer_factory = synth_optimizer or default_synth_optimizer
@@ -118,7 +119,7 @@ class Stage:
         # A lazy norm layer's first forward: the saved copies of the statistics that
         # existed, and the layers that had none yet (undone by resetting them).
         self._first_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._first_lazy: list[nn.Module] = []
+        self._first_lazy: list[nn.modules.batchnorm._NormBase] = []
         if self.is_last and loss_fn is None:
             raise ValueError("the last stage needs a loss_fn")
 
@@ -155,6 +156,7 @@ class Stage:
         saved = bool(self._running_stats) and self.module.training
         if saved:
             self._save_running_stats()
+        cause: Exception | None = None
         try:
             out = as_tuple(self.module(*inputs))
             problem = self._traced_batch_problem(inputs, out)
@@ -163,8 +165,6 @@ class Stage:
             # (a traced stage's error goes on with the fx interpreter's notes: the first line says it)
             reason = str(e).strip().splitlines()[0] if hint and str(e).strip() else str(e)
             problem, cause = f"{self.name} failed on its input ({describe(inputs)}): {reason}{hint}", e
-        else:
-            cause = None
         if problem is not None:
             if saved:  # a norm layer may have counted this batch already
                 self.undo_forward()
@@ -182,7 +182,7 @@ class Stage:
         batch = next((t.shape[0] for t in inputs if torch.is_tensor(t) and t.dim() > 0), None)
         if traced_batch is None or batch is None or batch == traced_batch:
             return None
-        for t, traced in zip(outputs, self._traced_out):
+        for t, traced in zip(outputs, self._traced_out, strict=False):
             if (torch.is_tensor(t) and t.dim() > 0 and traced and traced[0] == traced_batch
                     and t.shape[0] != batch):
                 return (f"{self.name} turned a batch of {batch} ({describe(inputs)}) into outputs "
@@ -209,7 +209,8 @@ class Stage:
             self.synth, self.synth_optimizer = self._new_synthesizer([t.detach() for t in example])
         return self.synth
 
-    def _new_synthesizer(self, example: Sequence[torch.Tensor]) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None]:
+    def _new_synthesizer(self, example: Sequence[torch.Tensor]
+                         ) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None]:
         """A synthesizer built by the recipe from ``example``, and its optimizer."""
         assert self.recipe is not None
         synth = self.recipe.build(self.index, example)
@@ -221,7 +222,7 @@ class Stage:
         assert self.synth is not None and self.recipe is not None
         if callable(self.recipe.kind):
             return  # a custom model checks its own input
-        for i, (t, shape, part) in enumerate(zip(h, self.synth.shapes, self.synth.parts)):
+        for i, (t, shape, part) in enumerate(zip(h, self.synth.shapes, self.synth.parts, strict=False)):
             # Only the token synthesizer takes any sequence length.
             token = (isinstance(part, TokenSynth) and shape is not None and len(shape) == 2
                      and t.dim() == 3 and t.shape[-1] == shape[-1])
@@ -258,7 +259,7 @@ class Stage:
         # dloss/dpred = 2 d / numel.
         outs, grads, total = [], [], 0.0
         with torch.no_grad():
-            for p, g in zip(pred, target):
+            for p, g in zip(pred, target, strict=False):
                 if p is None or g is None:
                     continue
                 d = torch.sub(p, g.to(p.device, p.dtype), alpha=g.shape[0])
@@ -291,7 +292,7 @@ class Stage:
             raise StageInputError(
                 f"{self.name}: got {len(grads)} gradient tensors for {len(outputs)} outputs")
         pairs = []
-        for i, (o, g) in enumerate(zip(outputs, grads)):
+        for i, (o, g) in enumerate(zip(outputs, grads, strict=True)):
             if g is None or not torch.is_tensor(o) or not o.requires_grad:
                 continue
             if g.shape != o.shape:
@@ -443,10 +444,10 @@ def running_statistics(module: nn.Module) -> list[torch.Tensor]:
     constants and are not copied.)
     """
     return [b for m in _tracking_norms(module) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-            if b is not None]
+            if isinstance(b, torch.Tensor)]
 
 
-def _tracking_norms(module: nn.Module) -> list[nn.Module]:
+def _tracking_norms(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
     """The BatchNorm / InstanceNorm layers of ``module`` that track running statistics."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
 

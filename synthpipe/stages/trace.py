@@ -18,7 +18,7 @@ import operator
 import os
 import re
 import warnings
-from typing import Any, Hashable
+from typing import Any, Sequence, cast
 
 import torch
 import torch.fx as fx
@@ -58,7 +58,7 @@ def split_traced(model: nn.Module, points: list[str], example_input: Any) -> lis
     # pipeline() patches forward() of each split-point module in place and never undoes
     # it; remember what was there to restore the model afterwards.
     patched = [model.get_submodule(p) for p in points]
-    saved = [{k: m.__dict__[k] for k in ("forward", "_orig_forward") if k in m.__dict__}
+    saved: list[dict[str, Any]] = [{k: m.__dict__[k] for k in ("forward", "_orig_forward") if k in m.__dict__}
              for m in patched]
     try:
         with warnings.catch_warnings():
@@ -71,7 +71,7 @@ def split_traced(model: nn.Module, points: list[str], example_input: Any) -> lis
     else:
         failure = None
     finally:
-        for m, before in zip(patched, saved):
+        for m, before in zip(patched, saved, strict=True):
             for k in ("forward", "_orig_forward"):
                 m.__dict__.pop(k, None)
             m.__dict__.update(before)
@@ -84,7 +84,7 @@ def split_traced(model: nn.Module, points: list[str], example_input: Any) -> lis
                          f"{len(points) + 1}; every point must run once in forward(), after "
                          f"some computation, and on a distinct boundary")
     try:
-        stages = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
+        stages = [cast(fx.GraphModule, pipe.get_stage_module(i)) for i in range(pipe.num_stages)]
     except AttributeError as e:  # (a point called twice leaves a stage without its module)
         raise _why_tracing_failed(model, points, args, e) from e
     _chain(pipe.split_gm, stages)
@@ -93,7 +93,8 @@ def split_traced(model: nn.Module, points: list[str], example_input: Any) -> lis
         _warn_frozen_dropout(stage, model, i)
         stage.training = model.training
     _check_no_parameter_in_two_traced_stages(stages)
-    return stages
+    out: list[nn.Module] = list(stages)
+    return out
 
 
 def traced_input_shapes(stage: nn.Module) -> list[tuple[int, ...] | None] | None:
@@ -121,7 +122,7 @@ def traced_output_shapes(stage: nn.Module) -> list[tuple[int, ...] | None] | Non
             else None for v in values]
 
 
-def _check_no_parameter_in_two_traced_stages(stages: list[nn.Module]) -> None:
+def _check_no_parameter_in_two_traced_stages(stages: Sequence[nn.Module]) -> None:
     """A parameter used by two stages (tied weights, a root-level parameter, a module
     called on both sides of a point) would be trained as two copies, one per process.
 
@@ -167,7 +168,7 @@ def _run_as_is(model: nn.Module, args: tuple, points: list[str]) -> list[int]:
 
 def _check_points_run_once(model: nn.Module, points: list[str], args: tuple) -> None:
     calls = _run_as_is(model, args, points)
-    for p, n in zip(points, calls):
+    for p, n in zip(points, calls, strict=True):
         if n != 1:
             raise ValueError(f"split point {p!r} is called {n} times by {type(model).__name__}.forward(); a "
                              f"stage begins where its module runs, so it must run exactly once: choose a "
@@ -187,7 +188,7 @@ def _why_tracing_failed(model: nn.Module, points: list[str], args: tuple, error:
         return ValueError(f"{name}(*example_input) fails when run as is, so it cannot be traced for "
                           f"splitting: {type(e).__name__}: {_first_line(e)} (example_input: "
                           f"{describe(args)})")
-    root = error
+    root: BaseException = error
     while root.__cause__ is not None:
         root = root.__cause__
     where = _user_frame(root)
@@ -216,7 +217,7 @@ def _user_frame(error: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
 
 
-Key = Hashable  # ("in", j) for model input j, (stage, index) for a stage output
+Key = tuple[Any, Any]  # ("in", j) for model input j, (stage, index) for a stage output
 
 
 def _output_values(graph: fx.Graph) -> tuple[fx.Node, list[Any]]:
@@ -253,14 +254,14 @@ def _chain(split_gm: fx.GraphModule, stages: list[fx.GraphModule]) -> None:
             final = list(as_tuple(node.args[0]))
         else:
             raise RuntimeError(f"unexpected node {node.format_node()} in the traced pipeline")
-    if len(calls) != len(stages) or any(getattr(split_gm, c.target) is not s
-                                        for c, s in zip(calls, stages)):
+    if len(calls) != len(stages) or any(getattr(split_gm, str(c.target)) is not s
+                                        for c, s in zip(calls, stages, strict=True)):
         raise RuntimeError("traced pipeline stages are not called in order")
     for v in final:
         if not isinstance(v, fx.Node):
             raise ValueError(f"model output {v!r} is not a tensor; traced stages return tensors")
     final_keys = [key[v] for v in final]
-    args = [[key[a] for a in c.args] for c in calls]
+    args = [[key[cast(fx.Node, a)] for a in c.args] for c in calls]
 
     own: list[list[Key]] = []
     for i, stage in enumerate(stages):
@@ -292,14 +293,14 @@ def _rewrite(stage: fx.GraphModule, arg_keys: list[Key], in_keys: list[Key],
     with graph.inserting_before(first):
         for pos, k in enumerate(in_keys):
             new[k] = graph.placeholder(f"boundary_{pos}")
-    for node, k in zip(old, arg_keys):
+    for node, k in zip(old, arg_keys, strict=True):
         if not new[k].meta:
             new[k].meta = dict(node.meta)
         node.replace_all_uses_with(new[k])
         graph.erase_node(node)
 
     out, values = _output_values(graph)
-    local = dict(zip(own_keys, values))
+    local = dict(zip(own_keys, values, strict=True))
     result = [local[k] if k in local else new[k] for k in out_keys]
     out.args = (tuple(result) if len(result) != 1 else result[0],)
     out.meta = {}
@@ -411,7 +412,7 @@ def _restorable(parent: nn.Module, atom: str, traced: nn.Module, orig: nn.Module
         if val is not None and not isinstance(val, torch.Tensor):
             return False
     # One value out (BatchNorm used twice threads its counter out as a second value).
-    if not isinstance(_output_values(traced.graph)[0].args[0], fx.Node):
+    if not isinstance(_output_values(cast(fx.Graph, traced.graph))[0].args[0], fx.Node):
         return False
     try:
         params = list(inspect.signature(orig.forward).parameters.values())
