@@ -48,7 +48,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "mypy", "pdoc"],
     },
     entry_points={
         "console_scripts": ["synthpipe=synthpipe.launch.cli:main"],

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import functools
 import random
+from typing import Any, Iterator, Sized, cast
 
 import numpy as np
 import torch
-from typing import Iterator
-
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 __all__ = ["mnist1d", "synthetic_classification", "loader"]
@@ -115,10 +114,10 @@ class EpochShuffle(Sampler[int]):
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
-           drop_last: bool = False, **kwargs) -> DataLoader:
+           drop_last: bool = False, **kwargs: Any) -> DataLoader:
     """A ``DataLoader`` whose order is fixed by ``seed`` and the epoch (see :class:`EpochShuffle`).
 
     Extra keyword arguments (``num_workers``, ``pin_memory``, ...) go to ``DataLoader``.
     """
-    sampler = EpochShuffle(len(dataset), seed) if shuffle else None
+    sampler = EpochShuffle(len(cast(Sized, dataset)), seed) if shuffle else None  # (a map-style dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 
-def plain_backprop(model: nn.Module, batches: list, optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]) -> dict:
+def plain_backprop(model: nn.Module, batches: list,
+                   optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]) -> dict:
     """The unsplit model trained with cross-entropy, one optimizer step per batch."""
     opt = optimizer(model.parameters())
     for x, y in batches:

@@ -16,7 +16,7 @@ def brute_force_best(costs, n_parts):
     best = None
     for cuts in itertools.combinations(range(1, n), n_parts - 1):
         bounds = (0,) + cuts + (n,)
-        worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
         best = worst if best is None else min(best, worst)
     return best
 

@@ -113,7 +113,7 @@ def test_variants_parse() -> None:
 
 def test_baseline_runs_again_after_every_n_jobs() -> None:
     from synthpipe.benchmark.bench import with_baseline_runs
-    from synthpipe.benchmark.methods import JobSpec
+    from synthpipe.benchmark.job import JobSpec
     from synthpipe.benchmark.workload import Workload
 
     w = Workload()
@@ -241,6 +241,7 @@ def test_bench_refuses_bad_options_before_any_job(tmp_path, capsys, no_jobs, arg
 
 def test_bench_refuses_cuda_without_a_gpu_per_rank(tmp_path, capsys, no_jobs, monkeypatch) -> None:
     import torch
+
     from synthpipe.benchmark.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 import synthpipe as sp
+from synthpipe.engine.checkpoint import export_checkpoint, read_meta
+
 from multiprocess import run_ranks
 from reference import assert_states_close
-from synthpipe.engine.checkpoint import export_checkpoint, read_meta
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -220,7 +221,8 @@ def test_a_checkpoint_that_does_not_fit_some_rank_is_an_error_on_every_rank_and_
         "ValueError: the checkpoint was not loaded on any rank: rank 1: FileNotFoundError: "), results[0]["errors"][1]
 
 
-@pytest.mark.parametrize("text, message", [("", "is corrupt \\(JSONDecodeError"), ("[1, 2]", "is corrupt: it holds a JSON list"),
+@pytest.mark.parametrize("text, message", [("", "is corrupt \\(JSONDecodeError"),
+                                           ("[1, 2]", "is corrupt: it holds a JSON list"),
                                            ('{"epoch": 0}', "is corrupt: it has no step, step_in_epoch, n_stages")])
 def test_a_corrupt_meta_file_is_named(tmp_path, text, message):
     (tmp_path / "meta.json").write_text(text)
@@ -233,7 +235,7 @@ def test_a_corrupt_meta_file_is_named(tmp_path, text, message):
 
 def test_resume_with_a_shuffled_loader_sees_the_same_order(tmp_path):
     from synthpipe import data
-    dataset = torch.utils.data.TensorDataset(*[torch.cat(t) for t in zip(*make_batches(6))])
+    dataset = torch.utils.data.TensorDataset(*[torch.cat(t) for t in zip(*make_batches(6), strict=True)])
     straight = trainer(2)
     straight.fit(data.loader(dataset, 16, shuffle=True, seed=5), epochs=3)
     first = trainer(2)

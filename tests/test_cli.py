@@ -12,10 +12,11 @@ import types
 import pytest
 import torch
 
-from multiprocess import free_port
 from synthpipe.engine.checkpoint import read_meta
 from synthpipe.launch import cli
 from synthpipe.launch.config import FLAGS, JobConfig, load_config, overrides_from_args, overrides_to_argv
+
+from multiprocess import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-samples", "600", "--epochs", "1", "--no-progress"]
@@ -58,15 +59,17 @@ ALL_FLAGS = ["--model", "deep_mlp", "--depth", "4", "--hidden", "32", "--data", 
              "--seed", "5", "--stages", "3", "--balance", "3,3,3", "--split-by", "time", "--gradients", "backprop",
              "--synthesizer", "mlp", "--no-conditional", "--synth-lr", "0.002", "--scale", "0.5", "--delay", "1",
              "--warmup-steps", "3", "--max-inflight", "2", "--nonfinite", "skip", "--failure-timeout", "12",
-             "--stall-warning", "60", "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck", "--resume", "old",
-             "--checkpoint-every", "4", "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out"]
+             "--stall-warning", "60", "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck",
+             "--resume", "old",
+             "--checkpoint-every", "4", "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out",
+             "--log-every", "5", "--prefetch", "3"]
 EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samples=300, features=16, batch_size=32,
                 epochs=2, max_steps=7, lr=0.01, seed=5, n_stages=3, balance=[3, 3, 3], split_by="time",
                 gradients="backprop", synthesizer="mlp", conditional=False, synth_lr=0.002, synthetic_scale=0.5,
                 delay=1, warmup_steps=3, max_inflight=2, nonfinite="skip", failure_timeout=12.0, stall_warning=60.0,
                 device="cpu",
                 backend="gloo", threads=2, checkpoint="ck", checkpoint_every=4, resume="old", export="m.pt",
-                compare_backprop=False, progress=False, output="out")
+                compare_backprop=False, progress=False, output="out", log_every=5, prefetch=3)
 
 
 def parse_train(argv: list[str]):
@@ -97,6 +100,17 @@ def test_overrides_round_trip_through_the_flags_given_to_torchrun():
     back = overrides_from_args(parse_train(overrides_to_argv({"delay": None, "conditional": True})))
     assert back == {"delay": None, "conditional": True}
     assert len({f.flag for f in FLAGS}) == len(FLAGS)
+    off = overrides_from_args(parse_train(overrides_to_argv({"stall_warning": None})))
+    assert off == {"stall_warning": None}
+
+
+def test_stall_warning_off_and_the_old_spellings():
+    assert overrides_from_args(parse_train(["--stall-warning", "off"])) == {"stall_warning": None}
+    assert overrides_from_args(parse_train(["--delay", "auto"])) == {"delay": None}
+    assert overrides_from_args(parse_train(["--scale", "0.5"])) == {"synthetic_scale": 0.5}
+    assert overrides_from_args(parse_train(["--synthetic-scale", "0.5"])) == {"synthetic_scale": 0.5}
+    with pytest.raises(SystemExit):
+        parse_train(["--stall-warning", "never"])
 
 
 def test_torchrun_command_line():
@@ -152,10 +166,11 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_training(capsys, tmp_
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--failure-timeout", "inf"], "failure_timeout must be a finite number of seconds above 1; got inf"),
-    (["--failure-timeout", "nan"], "failure_timeout must be a finite number of seconds above 1; got nan"),
-    (["--stall-warning", "-1"], "stall_warning must be a finite number of seconds, 0 for none; got -1.0"),
-    (["--scale", "nan"], "synthetic_scale (--scale) must be finite; got nan"),
+    (["--failure-timeout", "inf"], "failure_timeout must be a finite number of seconds above 1, got inf"),
+    (["--failure-timeout", "nan"], "failure_timeout must be a finite number of seconds above 1, got nan"),
+    (["--stall-warning", "-1"], "stall_warning must be a positive, finite number of seconds (or None), got -1.0"),
+    (["--stall-warning", "0"], "stall_warning must be a positive, finite number of seconds (or None), got 0.0"),
+    (["--scale", "nan"], "synthetic_scale must be finite, got nan"),
     (["--nproc", "1", "--nnodes", "2"], "--nnodes 2 needs a rendezvous the nodes can reach: --rdzv-endpoint"),
 ])
 def test_values_that_would_hang_or_mislead_are_refused(capsys, flags, message):
@@ -272,7 +287,7 @@ def test_two_nodes_on_one_machine(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.communicate()
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err[-3000:]
     out = "".join(r[1] for r in results)
     assert "2 stages, 2 processes" in out and out.count("test accuracy") == 1  # rank 0 reports, once

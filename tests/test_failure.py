@@ -98,7 +98,7 @@ def test_killing_one_rank_makes_the_others_exit_naming_it(tmp_path, world, victi
     procs[victim].send_signal(signal.SIGKILL)
     bound = FAILURE_TIMEOUT + 10  # detection plus process teardown, on a busy 2-core machine
     results = finish(procs, bound)
-    for rank, (code, err, took) in enumerate(results):
+    for rank, (code, err, _took) in enumerate(results):
         if rank == victim:
             continue
         assert code is not None, f"rank {rank} still running {bound} s after rank {victim} was killed"

@@ -5,7 +5,8 @@ import dataclasses
 
 import pytest
 
-from synthpipe.launch.config import JobConfig, load_config
+from synthpipe.engine.config import TrainConfig
+from synthpipe.launch.config import FLAGS, JobConfig, field_docs, load_config, train_options
 
 
 def write(tmp_path, text: str) -> str:
@@ -23,9 +24,59 @@ def test_defaults_are_the_documented_main_job():
 
 
 def test_every_field_is_documented():
-    doc = JobConfig.__doc__
+    engine = {f.name for f in dataclasses.fields(TrainConfig)}
     for f in dataclasses.fields(JobConfig):
+        doc = TrainConfig.__doc__ if f.name in engine else JobConfig.__doc__
         assert f"{f.name}:" in doc, f"field {f.name} is not documented"
+
+
+def test_the_engine_options_are_the_train_config_fields():
+    engine = [f.name for f in dataclasses.fields(TrainConfig)]
+    job = [f.name for f in dataclasses.fields(JobConfig)]
+    assert job[:len(engine)] == engine  # inherited: one name and one default each
+    assert {n: getattr(JobConfig(), n) for n in engine} == dataclasses.asdict(TrainConfig())
+    options = train_options(load_config(None, {"gradients": "backprop", "stall_warning": None, "delay": 1}))
+    assert TrainConfig(**options) == TrainConfig(gradients="backprop", stall_warning=None, delay=1)
+
+
+def test_every_engine_flag_takes_its_help_from_the_field_doc():
+    docs = field_docs(TrainConfig)
+    by_field = {f.field: f for f in FLAGS}
+    for f in dataclasses.fields(TrainConfig):
+        flag = by_field[f.name]
+        assert flag.flag == "--" + f.name.replace("_", "-")
+        assert flag.help and flag.help.replace("%%", "%") in docs[f.name].replace("``", ""), f.name
+
+
+def test_field_docs_reads_the_attributes_section():
+    class Example:
+        """Title.
+
+        Attributes:
+            a: first line
+                continued.
+            b, c: shared.
+
+        Raises:
+            x: not a field.
+        """
+
+    assert field_docs(Example) == {"a": "first line continued.", "b": "shared.", "c": "shared."}
+
+
+def test_engine_checks_are_the_engine_s(tmp_path):
+    # One check: the launcher reports exactly the engine's message.
+    for bad in ({"failure_timeout": 0.5}, {"stall_warning": 0.0}, {"max_inflight": 0}, {"nonfinite": "ignore"}):
+        with pytest.raises(ValueError) as job_error:
+            load_config(None, bad)
+        with pytest.raises(ValueError) as engine_error:
+            TrainConfig(**bad)
+        assert str(job_error.value) == str(engine_error.value)
+
+
+def test_stall_warning_off_is_none(tmp_path):
+    assert load_config(write(tmp_path, 'stall_warning = "off"\n'), {}).stall_warning is None
+    assert load_config(None, {"stall_warning": None}).stall_warning is None
 
 
 def test_toml_file_is_loaded(tmp_path):
@@ -44,7 +95,8 @@ backend = "auto"  # same as leaving it out
 checkpoint = "ckpt"
 """)
     cfg = load_config(path, {})
-    assert (cfg.model, cfg.depth, cfg.hidden, cfg.data, cfg.features, cfg.epochs) == ("deep_mlp", 4, 32, "synthetic", 16, 3)
+    assert (cfg.model, cfg.depth, cfg.hidden, cfg.data, cfg.features, cfg.epochs) == \
+        ("deep_mlp", 4, 32, "synthetic", 16, 3)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.balance == [3, 3, 3] and cfg.n_stages == 3
     assert cfg.conditional is False and cfg.delay == 2 and cfg.backend is None and cfg.checkpoint == "ckpt"

@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 import synthpipe as sp
-from multiprocess import run_ranks
-from reference import assert_states_close, plain_backprop
 from synthpipe.stages.materialize import materialize, on_meta
 from synthpipe.stages.stage import Stage
+
+from multiprocess import run_ranks
+from reference import assert_states_close, plain_backprop
 
 
 def sgd(params):
@@ -78,7 +79,8 @@ def test_init_that_leaves_a_tensor_on_meta_is_an_error():
     with torch.device("meta"):
         m = nn.Sequential(Scale(3))
     with pytest.raises(ValueError, match="0.gain still on the meta device"):
-        materialize(m, torch.device("cpu"), init=lambda module: setattr(module[0], "gain", nn.Parameter(torch.ones(3, device="meta"))))
+        materialize(m, torch.device("cpu"),
+                    init=lambda module: setattr(module[0], "gain", nn.Parameter(torch.ones(3, device="meta"))))
 
 
 def test_stage_of_a_meta_module_needs_a_device_and_allocates_there():

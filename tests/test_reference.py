@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 import synthpipe as sp
-from reference import assert_states_close, plain_backprop
 from synthpipe import data, models
+
+from reference import assert_states_close, plain_backprop
 
 
 def make_model(seed: int = 0) -> nn.Sequential:
@@ -107,7 +108,7 @@ def module_states(trainer: sp.Trainer) -> list[dict]:
 
 
 def assert_unchanged(before: list[dict], after: list[dict]) -> None:
-    for r, (b, a) in enumerate(zip(before, after)):
+    for r, (b, a) in enumerate(zip(before, after, strict=True)):
         assert any("running_mean" in k for k in b), f"stage {r} has no BatchNorm"
         for k in b:
             assert torch.equal(a[k], b[k]), f"stage {r}: {k} changed in a step that was not taken"
@@ -244,9 +245,9 @@ def test_cdni_on_mnist1d_comes_within_three_points_of_backprop():
 
 @pytest.mark.parametrize("value", ["5", True, 0, -1.0, float("nan"), float("inf")])
 def test_stall_warning_must_be_a_positive_number_of_seconds_or_none(value):
-    from synthpipe.engine.config import TrainConfig
-
     import re
+
+    from synthpipe.engine.config import TrainConfig
 
     with pytest.raises(ValueError, match=r"stall_warning must be a positive, finite number of seconds \(or None\), "
                                          rf"got {re.escape(repr(value))}$"):

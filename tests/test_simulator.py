@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from synthpipe.benchmark import profiles
 from synthpipe.benchmark import simulator as sim
 from synthpipe.benchmark.cli import add_simulate_arguments, run_simulate
 from synthpipe.benchmark.simulator import StageCost, Transfer, simulate
@@ -106,7 +107,7 @@ def test_transfer_fit_recovers_a_line() -> None:
 
 def profile(**overrides: object) -> dict:
     p = {
-        "version": sim.PROFILE_VERSION, "workload": {"batch": 256, "model": "deep_mlp"},
+        "version": profiles.PROFILE_VERSION, "workload": {"batch": 256, "model": "deep_mlp"},
         "machine": {"device_names": ["cpu"], "ranks": 2, "threads_per_rank": 1, "torch": "x"},
         "single": {"step_s": 3.0, "forward_s": 1.0, "backward_s": 2.0, "update_s": 0.0, "other_s": 0.0},
         "boundary_bytes": 1 << 20, "transfer": [], "synth_s": {"cdni": 0.0}, "message_s": 0.0,
@@ -234,8 +235,8 @@ def test_unusable_profiles_are_refused_naming_the_file_and_the_key(tmp_path, cap
     from synthpipe.launch.cli import main
 
     path = _write(tmp_path, "profile.json", data)
-    with pytest.raises(sim.ProfileError, match="^" + re.escape(path + message)):
-        sim.load_profile(path)
+    with pytest.raises(profiles.ProfileError, match="^" + re.escape(path + message)):
+        profiles.load_profile(path)
     assert main(["simulate", "--profile", path]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"synthpipe simulate: error: --profile {path}{message}") and err.count("\n") == 1, err
@@ -244,8 +245,8 @@ def test_unusable_profiles_are_refused_naming_the_file_and_the_key(tmp_path, cap
 def test_nan_times_in_a_profile_are_refused(tmp_path) -> None:
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(profile()).replace('"forward_s": 1.0', '"forward_s": NaN'))
-    with pytest.raises(sim.ProfileError, match="'single.forward_s' must be a finite number >= 0; got nan"):
-        sim.load_profile(str(path))
+    with pytest.raises(profiles.ProfileError, match="'single.forward_s' must be a finite number >= 0; got nan"):
+        profiles.load_profile(str(path))
 
 
 @pytest.mark.parametrize("argv,message", [

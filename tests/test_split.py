@@ -8,7 +8,6 @@ import torch.nn as nn
 
 from synthpipe.stages.split import StageSequential, as_tuple, compose, split
 
-
 # -- helpers ---------------------------------------------------------------------------
 
 
@@ -82,7 +81,7 @@ def test_sequential_by_n_stages_with_batchnorm(by):
     assert len(stages) == 3 and sum(len(s) for s in stages) == len(model)
     assert_shares_model(stages, model)
     # Splitting (and profiling) changed nothing in the model.
-    for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+    for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
     # Training mode: batch statistics, and running stats update in the model itself.
@@ -235,12 +234,12 @@ def test_traced_residual_model_eval_and_train(traced_in, points):
     torch.manual_seed(1)
     expected = reference(x)
     assert torch.equal(out, expected)
-    for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+    for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert int(model.bn1.num_batches_tracked) == 1
     out.square().sum().backward()
     expected.square().sum().backward()
-    for (k, a), b in zip(reference.named_parameters(), model.parameters()):
+    for (k, a), b in zip(reference.named_parameters(), model.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), k
 
 

@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 
 import synthpipe as sp
-from reference import assert_states_close, plain_backprop
 from synthpipe.engine.config import TrainConfig
 from synthpipe.engine.sources import SOURCES, GradientSource, make_source, register
 from synthpipe.engine.step import LiveStats, StageStep
 from synthpipe.stages.stage import NonFiniteError, Stage, adam
+
+from reference import assert_states_close, plain_backprop
 
 
 def make_model(seed: int = 0) -> nn.Sequential:

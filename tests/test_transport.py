@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synthpipe.engine.transport import (FLAG_SKIPPED, HEADER_LEN, N_STATS, TRAIN, TransportError, as_bytes,
-                                        decode_header, encode_header)
+from synthpipe.engine.transport import (
+    FLAG_SKIPPED,
+    HEADER_LEN,
+    N_STATS,
+    TRAIN,
+    TransportError,
+    as_bytes,
+    decode_header,
+    encode_header,
+)
 
 
 def test_header_round_trip_with_shapes_dtypes_none_and_stats():
@@ -54,8 +62,9 @@ def _exchange(rank: int, sizes: list[int]) -> list:
         got = []
         if rank == 0:
             for i, n in enumerate(sizes):
-                ch.send(TRAIN, i, (torch.full((n,), float(i)), None, torch.arange(3), torch.tensor([True, False]).reshape(1, 2))
-                        if n else (), stats=[i / 2])
+                tensors = (torch.full((n,), float(i)), None, torch.arange(3),
+                           torch.tensor([True, False]).reshape(1, 2)) if n else ()
+                ch.send(TRAIN, i, tensors, stats=[i / 2])
             ch.flush()
         else:
             for i in range(len(sizes)):
@@ -81,7 +90,7 @@ def test_channel_messages_arrive_whole_before_recv_in_order():
     sizes = [1 << 18, 0, 17, 1 << 16]
     _, got = run_ranks(_exchange, 2, sizes, timeout=90)
     assert [g[1] for g in got] == list(range(len(sizes)))
-    for i, (kind, step, stats, tensors) in enumerate(got):
+    for i, (kind, _step, stats, tensors) in enumerate(got):
         assert kind == TRAIN and stats == [i / 2]
         if sizes[i] == 0:
             assert tensors == []

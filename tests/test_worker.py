@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import synthpipe as sp
+
 from multiprocess import run_ranks
 from reference import assert_states_close, plain_backprop
 
@@ -60,8 +61,8 @@ def test_backprop_mode_across_ranks_equals_single_process_backprop(n_stages):
 
 def test_fixed_delay_synthetic_mode_equals_the_single_process_trainer():
     batches = make_batches(n=10)
-    options = {"gradients": "synthetic", "delay": 2, "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=5),
-               "synth_lr": 1e-2}
+    options = {"gradients": "synthetic", "delay": 2,
+               "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=5), "synth_lr": 1e-2}
     results = run_ranks(fit_and_state, 3, 3, batches, options)
     reference = trainer_for(3, **options)
     history = reference.fit(batches)

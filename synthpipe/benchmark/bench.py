@@ -31,13 +31,20 @@ import time
 from typing import Any, Callable
 
 from . import simulator
+from .config import BenchConfig
+from .job import JobSpec
 from .launcher import JobError, RankPool
 from .machine import check_fairness, describe
-from .methods import JobSpec, job_function
+from .methods import job_function
 from .monitor import Monitor
-from .config import BenchConfig
-from .pipelining import MULTI_STAGE, SCHEDULES as PP_SCHEDULES, valid_microbatches
+from .pipelining import MULTI_STAGE, valid_microbatches
+from .pipelining import SCHEDULES as PP_SCHEDULES
+from .profiles import PROFILE_VERSION
 from .report import rank_key
+
+__all__ = ["RESULTS_VERSION", "SECTION_KINDS", "unusable_schedules", "throughput_jobs", "converge_jobs",
+           "with_baseline_runs", "bracketed_speedups", "throughput_row", "error_row", "baseline_drift_warning",
+           "best_of_sweep", "build_profile", "converge_row", "run_benchmark"]
 
 RESULTS_VERSION = 1
 SECTION_KINDS = ("forward", "backward", "update", "synth", "send", "recv", "wait")
@@ -57,7 +64,8 @@ def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
     """Single, torch schedules x micro-batch sweep, synthpipe backprop, synthetic variants
     (each followed by its no-transfer ceiling, ``<variant>-alone``, when ``cfg.ceiling``)."""
     w = cfg.workload
-    common = dict(workload=w, steps=cfg.steps, warmup=cfg.warmup, device=cfg.device, timeline=cfg.timeline)
+    common: dict[str, Any] = dict(workload=w, steps=cfg.steps, warmup=cfg.warmup, device=cfg.device,
+                                  timeline=cfg.timeline)
     sweep = sorted({m for m in (1, 2, 4, 8, 16, 32, 64) if m <= w.batch} | set(cfg.microbatches))
     jobs = [JobSpec("single", "single", ranks=1, chunk_sweep=sweep, **common)]
     for sched in cfg.schedules:
@@ -83,14 +91,16 @@ def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
 def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
     """The convergence runs: the torch schedules at their best micro-batch count."""
     w = cfg.conv_workload
-    common = dict(workload=w, mode="converge", epochs=cfg.conv_epochs, device=cfg.device, timeline=False)
+    common: dict[str, Any] = dict(workload=w, mode="converge", epochs=cfg.conv_epochs, device=cfg.device,
+                                  timeline=False)
     jobs = [JobSpec("single", "single", ranks=1, **common)]
     for sched in ("gpipe", "1f1b"):
         if sched in cfg.schedules:
             m = best_m.get(sched, 4)
             while m > 1 and (w.batch % m or w.batch // m < 2):  # BatchNorm: >= 2 rows per micro-batch
                 m //= 2
-            jobs.append(JobSpec(f"{sched}-m{m}", "pipelining", ranks=cfg.ranks, schedule=sched, microbatches=m, **common))
+            jobs.append(JobSpec(f"{sched}-m{m}", "pipelining", ranks=cfg.ranks, schedule=sched, microbatches=m,
+                                **common))
     if cfg.backprop:
         jobs.append(JobSpec("backprop", "synthpipe", ranks=cfg.ranks, gradients="backprop", **common))
     for v in cfg.variants:
@@ -163,7 +173,8 @@ def throughput_row(spec: JobSpec, results: list[dict[str, Any]], usage: dict[str
     cpu = usage.get("cpu_percent") or []
     for i, rr in enumerate(ranks):
         rr["cpu_util_percent"] = cpu[i] if i < len(cpu) else None
-        rr["rss_sampled_peak_mb"] = (usage.get("rss_peak_mb") or [None] * len(ranks))[i] if i < len(usage.get("rss_peak_mb") or []) else None
+        sampled = usage.get("rss_peak_mb") or []
+        rr["rss_sampled_peak_mb"] = sampled[i] if i < len(sampled) else None
     return {
         "method": spec.name, "label": spec.label(), "family": spec.family, "schedule": _schedule_of(spec),
         "microbatches": spec.microbatches if spec.method == "pipelining" else 1,
@@ -218,7 +229,7 @@ def baseline_drift_warning(rows: list[dict[str, Any]], limit: float = 0.10) -> s
     """
     base = next((r for r in rows if r.get("family") == "baseline" and r.get("error") is None), None)
     spread = base.get("samples_per_s_spread") if base else None
-    if spread is None or spread <= limit:
+    if base is None or spread is None or spread <= limit:
         return None
     return (f"the single-device baseline's own speed varied by {100 * spread:.0f}% during this run "
             f"({len(base['samples_per_s_runs'])} runs): the machine's speed drifted (other tenants of a shared "
@@ -263,7 +274,7 @@ def build_profile(cfg: BenchConfig, machine: dict[str, Any], rows: list[dict[str
     ok = [r for r in rows if r.get("error") is None and r.get("per_rank")]
     single = next((r for r in ok if r["schedule"] == "single"), None)
     profile: dict[str, Any] = {
-        "version": simulator.PROFILE_VERSION, "machine": machine, "workload": dataclasses.asdict(w),
+        "version": PROFILE_VERSION, "machine": machine, "workload": dataclasses.asdict(w),
         "boundary_bytes": w.batch * w.hidden * 4, "transfer": transfers, "max_inflight": cfg.max_inflight,
         "weight_fraction": 0.5, "synth_s": {}, "runs": [],
     }
@@ -330,6 +341,9 @@ def run_benchmark(cfg: BenchConfig, verbose: bool = True,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run everything ``cfg`` asks for; returns the results dict (see report.py).
 
+    The steps: the machine and its warnings, the transfer time of boundary-sized messages,
+    the throughput rounds, the simulator's profile and prediction, the convergence runs.
+
     Raises :class:`~.config.BenchConfigError` (from :meth:`BenchConfig.validate`) before starting
     any process when ``cfg`` cannot run.
     """
@@ -338,6 +352,24 @@ def run_benchmark(cfg: BenchConfig, verbose: bool = True,
     # caller's business: this function writes nothing (see report.write_outputs).
     cfg.validate(check_output=False)
     started = time.time()
+    results = _new_results(cfg, log)
+    runner = _JobRunner(cfg, log)
+    try:
+        _measure_transfer(cfg, runner, results)
+        best_m: dict[str, int] = {}
+        if cfg.throughput:
+            best_m = _measure_throughput(cfg, runner, results, log)
+            _simulate(cfg, results)
+        if cfg.converge:
+            _measure_convergence(cfg, runner, results, best_m, log)
+    finally:
+        runner.close()
+    results["elapsed_s"] = time.time() - started
+    return results
+
+
+def _new_results(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """The results dict before any job ran: the machine, the config and the warnings so far."""
     machine = describe(cfg.ranks, cfg.threads, cfg.device)
     warnings_out: list[str] = []
     message = check_fairness(cfg.ranks, cfg.threads, cfg.device)
@@ -348,113 +380,143 @@ def run_benchmark(cfg: BenchConfig, verbose: bool = True,
         for message in unusable_schedules(cfg):
             warnings_out.append(message)
             log(f"warning: {message}")
-    over = bool(machine["oversubscribed"])
-    results: dict[str, Any] = {
+    return {
         "version": RESULTS_VERSION, "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "machine": machine, "config": cfg.as_dict(), "warnings": warnings_out,
         "throughput": [], "sweep": {}, "transfer": [], "profile": None, "validation": [], "simulation": [],
         "convergence": [], "timelines": {},
     }
-    pool = RankPool(max(cfg.ranks, 2), cfg.threads, pin=cfg.pin)
-    monitor = Monitor(pool.pids).start()
 
-    def run_job(spec: JobSpec) -> tuple[list[dict[str, Any]] | None, dict[str, Any], str | None]:
+
+class _JobRunner:
+    """The rank processes and their CPU monitor, shared by every job of a run."""
+
+    def __init__(self, cfg: BenchConfig, log: Callable[[str], None]) -> None:
+        self.timeout = cfg.timeout
+        self.log = log
+        self.pool = RankPool(max(cfg.ranks, 2), cfg.threads, pin=cfg.pin)
+        self.monitor = Monitor(self.pool.pids).start()
+
+    def run(self, spec: JobSpec) -> tuple[list[dict[str, Any]] | None, dict[str, Any], str | None]:
+        """``(per-rank results, CPU usage of the timed window, None)``, or ``(None, {}, error)``."""
         t0 = time.time()
         try:
-            res = pool.run(job_function(spec), spec, spec.ranks, timeout=cfg.timeout)
+            res = self.pool.run(job_function(spec), spec, spec.ranks, timeout=self.timeout)
         except JobError as e:
-            monitor.set_pids(pool.pids)
+            self.monitor.set_pids(self.pool.pids)
             return None, {}, str(e)
-        usage = monitor.window(min(r["t_start"] for r in res), max(r["t_end"] for r in res),
-                               pool.pids[:spec.ranks])
-        log(f"  {spec.name:<22} {time.time() - t0:6.1f} s")
+        usage = self.monitor.window(min(r["t_start"] for r in res), max(r["t_end"] for r in res),
+                                    self.pool.pids[:spec.ranks])
+        self.log(f"  {spec.name:<22} {time.time() - t0:6.1f} s")
         return res, usage, None
 
-    try:
-        # 1. transfer time of boundary-sized messages
-        w = cfg.workload
-        bb = w.batch * w.hidden * 4
-        ping = JobSpec("pingpong", "pingpong", w, ranks=2, device=cfg.device,
-                       sizes=sorted({1024, bb // 8, bb // 4, bb // 2, bb}))
-        res, _, err = run_job(ping)
-        if res is not None:
-            results["transfer"] = res[0]["transfers"]
-        elif err:
-            warnings_out.append(f"transfer measurement failed: {err.splitlines()[-1]}")
+    def close(self) -> None:
+        self.monitor.stop()
+        self.pool.close()
 
-        # 2. throughput
-        rows: list[dict[str, Any]] = []
-        best_m: dict[str, int] = {}
-        if cfg.throughput:
-            jobs = throughput_jobs(cfg)
-            runs: dict[str, list[dict[str, Any]]] = {j.name: [] for j in jobs}
-            timelines: dict[str, Any] = {}
-            for rep in range(cfg.repeats):
-                log(f"throughput, round {rep + 1}/{cfg.repeats}: {w.describe()}")
-                order: list[tuple[str, dict[str, Any]]] = []
-                for spec in with_baseline_runs(jobs, cfg.baseline_every):
-                    res, usage, err = run_job(spec)
-                    if res is None:
-                        log(f"  {spec.name}: FAILED: {err.strip().splitlines()[-1] if err else ''}")
-                        runs[spec.name].append(error_row(spec, err or "failed"))
-                        order.append((spec.name, runs[spec.name][-1]))
-                        continue
-                    row = throughput_row(spec, res, usage, over and spec.device == "cpu" and spec.ranks > 1)
-                    if spec.device == "cpu" and spec.ranks * cfg.threads > machine["usable_cores"]:
-                        row["oversubscribed"] = True
-                    row["_timeline"] = [{"rank": r["rank"], "origin": r.get("timeline_origin"),
-                                         "segments": r.get("timeline", [])} for r in res]
-                    runs[spec.name].append(row)
-                    order.append((spec.name, row))
-                ratios = bracketed_speedups([(name, row.get("samples_per_s")) for name, row in order], jobs[0].name)
-                for (name, row), ratio in zip(order, ratios):
-                    row["speedup_bracketed"] = 1.0 if name == jobs[0].name else ratio
-            for spec in jobs:
-                chosen = _median_run(runs[spec.name])
-                timelines[spec.name] = chosen.pop("_timeline", None)
-                for r in runs[spec.name]:
-                    r.pop("_timeline", None)
-                rows.append(chosen)
-            for r in rows:
-                if r.get("samples_per_s"):
-                    # the median over rounds of the ratio to the baseline runs around it
-                    ratios = [x["speedup_bracketed"] for x in runs[r["method"]] if x.get("speedup_bracketed")]
-                    r["speedup_by_round"] = ratios
-                    r["speedup"] = statistics.median(ratios) if ratios else None
-                r.pop("speedup_bracketed", None)
-            drift = baseline_drift_warning(rows)
-            if drift:
-                warnings_out.append(drift)
-                log(f"warning: {drift}")
-            best = best_of_sweep(rows)
-            best_m = {s: r["microbatches"] for s, r in best.items()}
-            for r in rows:
-                r["best_in_sweep"] = r["family"] == "torch.distributed.pipelining" and best.get(r["schedule"]) is r
-            results["throughput"] = rows
-            results["timelines"] = timelines
-            results["sweep"] = {"microbatches": cfg.microbatches, "schedules": cfg.schedules,
-                                "best_microbatches": best_m,
-                                "best_samples_per_s": {s: r["samples_per_s"] for s, r in best.items()}}
 
-            # 3. simulator: profile, check against the measured runs, prediction
-            profile = build_profile(cfg, machine, rows, results["transfer"])
-            results["profile"] = profile
-            if "single" in profile:
-                results["validation"] = simulator.validate(profile)
-                results["simulation"] = simulator.predict_table(profile, cfg.devices)
+def _measure_transfer(cfg: BenchConfig, runner: _JobRunner, results: dict[str, Any]) -> None:
+    """Step 1: the one-way transfer time of boundary-sized messages (for the simulator)."""
+    w = cfg.workload
+    bb = w.batch * w.hidden * 4
+    ping = JobSpec("pingpong", "pingpong", w, ranks=2, device=cfg.device,
+                   sizes=sorted({1024, bb // 8, bb // 4, bb // 2, bb}))
+    res, _, err = runner.run(ping)
+    if res is not None:
+        results["transfer"] = res[0]["transfers"]
+    elif err:
+        results["warnings"].append(f"transfer measurement failed: {err.splitlines()[-1]}")
 
-        # 4. convergence
-        if cfg.converge:
-            log(f"convergence: {cfg.conv_workload.describe()}, {cfg.conv_epochs} epochs")
-            for spec in converge_jobs(cfg, best_m):
-                res, _, err = run_job(spec)
-                if res is None:
-                    log(f"  {spec.name}: FAILED: {err.strip().splitlines()[-1] if err else ''}")
-                    results["convergence"].append(error_row(spec, err or "failed"))
-                    continue
-                results["convergence"].append(converge_row(spec, res, cfg.conv_target))
-    finally:
-        monitor.stop()
-        pool.close()
-    results["elapsed_s"] = time.time() - started
-    return results
+
+def _measure_throughput(cfg: BenchConfig, runner: _JobRunner, results: dict[str, Any],
+                        log: Callable[[str], None]) -> dict[str, int]:
+    """Step 2: ``cfg.repeats`` rounds of every throughput job; fills ``throughput``, ``timelines``
+    and ``sweep``. Returns the best micro-batch count of each torch schedule."""
+    jobs = throughput_jobs(cfg)
+    runs: dict[str, list[dict[str, Any]]] = {j.name: [] for j in jobs}
+    for rep in range(cfg.repeats):
+        log(f"throughput, round {rep + 1}/{cfg.repeats}: {cfg.workload.describe()}")
+        _throughput_round(cfg, runner, results["machine"], jobs, runs, log)
+    rows, timelines = _median_rows(jobs, runs)
+    drift = baseline_drift_warning(rows)
+    if drift:
+        results["warnings"].append(drift)
+        log(f"warning: {drift}")
+    best = best_of_sweep(rows)
+    best_m = {s: r["microbatches"] for s, r in best.items()}
+    for r in rows:
+        r["best_in_sweep"] = r["family"] == "torch.distributed.pipelining" and best.get(r["schedule"]) is r
+    results["throughput"] = rows
+    results["timelines"] = timelines
+    results["sweep"] = {"microbatches": cfg.microbatches, "schedules": cfg.schedules,
+                        "best_microbatches": best_m,
+                        "best_samples_per_s": {s: r["samples_per_s"] for s, r in best.items()}}
+    return best_m
+
+
+def _throughput_round(cfg: BenchConfig, runner: _JobRunner, machine: dict[str, Any], jobs: list[JobSpec],
+                      runs: dict[str, list[dict[str, Any]]], log: Callable[[str], None]) -> None:
+    """One round: every job once (with baseline runs between), each row's speedup over the
+    baseline runs around it."""
+    over = bool(machine["oversubscribed"])
+    order: list[tuple[str, dict[str, Any]]] = []
+    for spec in with_baseline_runs(jobs, cfg.baseline_every):
+        res, usage, err = runner.run(spec)
+        if res is None:
+            log(f"  {spec.name}: FAILED: {err.strip().splitlines()[-1] if err else ''}")
+            runs[spec.name].append(error_row(spec, err or "failed"))
+            order.append((spec.name, runs[spec.name][-1]))
+            continue
+        row = throughput_row(spec, res, usage, over and spec.device == "cpu" and spec.ranks > 1)
+        if spec.device == "cpu" and spec.ranks * cfg.threads > machine["usable_cores"]:
+            row["oversubscribed"] = True
+        row["_timeline"] = [{"rank": r["rank"], "origin": r.get("timeline_origin"),
+                             "segments": r.get("timeline", [])} for r in res]
+        runs[spec.name].append(row)
+        order.append((spec.name, row))
+    ratios = bracketed_speedups([(name, row.get("samples_per_s")) for name, row in order], jobs[0].name)
+    for (name, row), ratio in zip(order, ratios, strict=True):
+        row["speedup_bracketed"] = 1.0 if name == jobs[0].name else ratio
+
+
+def _median_rows(jobs: list[JobSpec], runs: dict[str, list[dict[str, Any]]]
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each job's median round (and its timeline), with the median of its per-round speedups."""
+    rows: list[dict[str, Any]] = []
+    timelines: dict[str, Any] = {}
+    for spec in jobs:
+        chosen = _median_run(runs[spec.name])
+        timelines[spec.name] = chosen.pop("_timeline", None)
+        for r in runs[spec.name]:
+            r.pop("_timeline", None)
+        rows.append(chosen)
+    for r in rows:
+        if r.get("samples_per_s"):
+            # the median over rounds of the ratio to the baseline runs around it
+            ratios = [x["speedup_bracketed"] for x in runs[r["method"]] if x.get("speedup_bracketed")]
+            r["speedup_by_round"] = ratios
+            r["speedup"] = statistics.median(ratios) if ratios else None
+        r.pop("speedup_bracketed", None)
+    return rows, timelines
+
+
+def _simulate(cfg: BenchConfig, results: dict[str, Any]) -> None:
+    """Step 3: the simulator's profile, its check against the measured runs, its prediction."""
+    profile = build_profile(cfg, results["machine"], results["throughput"], results["transfer"])
+    results["profile"] = profile
+    if "single" in profile:
+        results["validation"] = simulator.validate(profile)
+        results["simulation"] = simulator.predict_table(profile, cfg.devices)
+
+
+def _measure_convergence(cfg: BenchConfig, runner: _JobRunner, results: dict[str, Any], best_m: dict[str, int],
+                         log: Callable[[str], None]) -> None:
+    """Step 4: time to accuracy of every method (torch schedules at their best micro-batch count)."""
+    log(f"convergence: {cfg.conv_workload.describe()}, {cfg.conv_epochs} epochs")
+    for spec in converge_jobs(cfg, best_m):
+        res, _, err = runner.run(spec)
+        if res is None:
+            log(f"  {spec.name}: FAILED: {err.strip().splitlines()[-1] if err else ''}")
+            results["convergence"].append(error_row(spec, err or "failed"))
+            continue
+        results["convergence"].append(converge_row(spec, res, cfg.conv_target))

@@ -15,8 +15,11 @@ import os
 import sys
 from typing import Any
 
-from .simulator import MAX_DEVICES, MAX_MICROBATCHES
+from .profiles import MAX_DEVICES, MAX_MICROBATCHES
 from .workload import Workload
+
+__all__ = ["BENCH_OPTIONS", "add_bench_arguments", "config_from_args", "run_bench", "add_simulate_arguments",
+           "run_simulate", "main"]
 
 
 def _ints(text: str) -> list[int]:
@@ -67,7 +70,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads of every rank and of the baseline (default: 1)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="rank r runs on cuda:r with --device cuda")
-    g.add_argument("--repeats", type=int, default=None, help="interleaved rounds; the median is reported (default 3, quick 1)")
+    g.add_argument("--repeats", type=int, default=None,
+                   help="interleaved rounds; the median is reported (default 3, quick 1)")
     g.add_argument("--baseline-every", type=int, default=4,
                    help="run single-device backprop again after every N jobs of a round; each speedup is "
                         "against the baseline runs around it (default 4; 0: once per round)")
@@ -204,9 +208,10 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(markdown(results) + "\n")
         sys.stdout.write(f"Files: {', '.join(sorted(files.values()))}\n")
-    failed = [r["method"] for r in _failed(results)]
-    if failed:
-        print(f"synthpipe bench: failed methods: {', '.join(failed)} (details in results.json)", file=sys.stderr)
+    failed_methods = [r["method"] for r in _failed(results)]
+    if failed_methods:
+        print(f"synthpipe bench: failed methods: {', '.join(failed_methods)} (details in results.json)",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -234,16 +239,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     Exit codes: 0 success; 2 bad options or an unusable profile (one line on stderr
     naming the option, or the file and the key).
     """
-    from . import simulator
+    from . import profiles, simulator
     from .report import simulation_markdown
 
     try:
-        devices = simulator.check_devices(args.devices, "--devices")
-        profile = simulator.load_profile(args.profile)
+        devices = profiles.check_devices(args.devices, "--devices")
+        profile = profiles.load_profile(args.profile)
         batch = int(profile.get("workload", {}).get("batch", 256))
         microbatches = (None if args.microbatches is None
-                        else simulator.check_microbatches(args.microbatches, batch, "--microbatches"))
-    except simulator.ProfileError as e:
+                        else profiles.check_microbatches(args.microbatches, batch, "--microbatches"))
+    except profiles.ProfileError as e:
         return _error("simulate", f"--profile {e}")
     except ValueError as e:
         return _error("simulate", str(e))

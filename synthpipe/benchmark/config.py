@@ -9,9 +9,13 @@ import os
 import tempfile
 from typing import Any, Callable
 
-from . import simulator
-from .pipelining import MULTI_STAGE, SCHEDULES as PP_SCHEDULES
+from .pipelining import MULTI_STAGE
+from .pipelining import SCHEDULES as PP_SCHEDULES
+from .profiles import check_devices
 from .workload import Workload
+
+__all__ = ["MNIST1D_FEATURES", "VARIANT_MODES", "VARIANT_SYNTHS", "BenchConfigError", "Variant", "BenchConfig",
+           "model_children", "quick_config"]
 
 MNIST1D_FEATURES = 40
 
@@ -155,7 +159,7 @@ class BenchConfig:
         positive entry per rank summing to the model's children, a model with fewer
         children than the pipeline stages of the parts that run, too few MNIST-1D
         samples for one training batch, ``device="cuda"`` without one GPU per rank,
-        ``devices`` outside 1..:data:`simulator.MAX_DEVICES`, an ``output`` that is a
+        ``devices`` outside 1..:data:`~synthpipe.benchmark.profiles.MAX_DEVICES`, an ``output`` that is a
         file or cannot be created (unless ``check_output`` is false), or nothing to run.
         ``names`` maps field names (``"ranks"``, ``"workload.batch"``, ...) to the names
         the message should use (the command line passes its options).
@@ -234,7 +238,7 @@ class BenchConfig:
         if self.balance is not None:
             int_list("balance", self.balance, 1, unique=False)
         try:
-            simulator.check_devices(self.devices, n("devices"))
+            check_devices(self.devices, n("devices"))
         except ValueError as e:
             fail("devices", str(e))
         self._check_combinations(n)

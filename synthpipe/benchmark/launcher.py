@@ -23,6 +23,8 @@ import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+__all__ = ["THREAD_VARS", "JobError", "free_port", "RankContext", "RankPool"]
+
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -128,7 +130,7 @@ class RankPool:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        return [p.pid for p in self.procs if p.pid is not None]
 
     def run(self, fn: Callable[[RankContext, Any], Any], spec: Any, world: int, timeout: float) -> list[Any]:
         """Run ``fn(ctx, spec)`` on ranks ``0..world-1``; their return values by rank."""
@@ -170,7 +172,7 @@ class RankPool:
 
     def close(self, graceful: bool = True) -> None:
         if graceful:
-            for inbox, p in zip(self.inboxes, self.procs):
+            for inbox, p in zip(self.inboxes, self.procs, strict=True):
                 if p.is_alive():
                     inbox.put(None)
             for p in self.procs:

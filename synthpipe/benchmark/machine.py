@@ -1,7 +1,7 @@
 """What the benchmark ran on: cores, threads, versions, devices, and how busy the machine was.
 
 Every output of ``synthpipe bench`` carries :func:`describe` so a number is never
-reported without its machine (DESIGN.md, "Measuring fairly on CPU").
+reported without its machine (docs/guide.md, "Measuring fairly on CPU").
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import warnings
 from typing import Any
 
 import torch
+
+__all__ = ["cpu_model", "usable_cores", "cgroup_cpu_limit", "gpu_names", "describe", "oversubscribed", "check_fairness",
+           "summary_line"]
 
 
 def cpu_model() -> str:
@@ -38,9 +41,9 @@ def cgroup_cpu_limit() -> float | None:
     """The container's CPU quota in cores (cgroup v2 ``cpu.max`` or v1), if any."""
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-            if quota != "max":
-                return int(quota) / int(period)
+            text_quota, text_period = f.read().split()[:2]
+            if text_quota != "max":
+                return int(text_quota) / int(text_period)
     except (OSError, ValueError):
         pass
     try:

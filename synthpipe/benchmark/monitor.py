@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
+__all__ = ["Monitor", "release_free_memory", "reset_peak_memory", "peak_memory"]
+
 
 class Monitor:
     """Sample CPU (per process and machine-wide), RSS and GPU utilisation in a thread.

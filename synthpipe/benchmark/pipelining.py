@@ -31,10 +31,12 @@ import torch
 import torch.nn as nn
 
 from ..engine.metrics import Timers
+from .job import JobSpec, converge_run, model_accuracy, param_checksum, rank_device, rank_result, synchronize
 from .launcher import RankContext
-from .methods import JobSpec, _accuracy, converge_run, param_checksum, rank_device, rank_result, synchronize
 from .monitor import reset_peak_memory
 from .workload import build_model, make_optimizer, test_batches, train_batches
+
+__all__ = ["SCHEDULES", "MULTI_STAGE", "stages_per_rank", "stage_indices", "valid_microbatches", "run_pipelining"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "izb", "zbv")
 MULTI_STAGE = ("interleaved1f1b", "izb", "zbv")
@@ -103,7 +105,8 @@ class _Instrument:
             setattr(obj, name, fn)
 
 
-def _boundary_examples(modules: list[nn.Module], in_features: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _boundary_examples(modules: list[nn.Module], in_features: int,
+                       rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input, output) example tensors of every stage for a micro-batch of ``rows`` rows.
 
     Runs the stages in eval mode without gradients, so no running statistic changes.
@@ -117,7 +120,7 @@ def _boundary_examples(modules: list[nn.Module], in_features: int, rows: int) ->
             y = m(h)
             out.append((h.clone(), y.clone()))
             h = y
-    for m, mode in zip(modules, modes):
+    for m, mode in zip(modules, modes, strict=True):
         m.train(mode)
     return out
 
@@ -126,8 +129,9 @@ class _Pipeline:
     """This rank's part of a torch pipeline: stages, optimizer, schedule."""
 
     def __init__(self, ctx: RankContext, spec: JobSpec, device: torch.device):
-        import synthpipe as sp
         from torch.distributed.pipelining import PipelineStage
+
+        import synthpipe as sp
 
         w = spec.workload
         self.per_rank = stages_per_rank(spec.schedule, spec.stages_per_rank)
@@ -143,7 +147,7 @@ class _Pipeline:
         self.stages = [PipelineStage(m, i, self.n_stages, device,
                                      input_args=shapes[i][0].to(device).requires_grad_(i > 0),
                                      output_args=shapes[i][1].to(device).requires_grad_(True))
-                       for m, i in zip(self.modules, self.mine)]
+                       for m, i in zip(self.modules, self.mine, strict=True)]
         params = [p for m in self.modules for p in m.parameters()]
         self.opt = make_optimizer(w)(params)
         cls = _schedule_class(spec.schedule)
@@ -169,7 +173,7 @@ class _Pipeline:
         else:
             self.opt.step()
         if losses:
-            return float(torch.stack([l.detach() for l in losses]).mean())
+            return float(torch.stack([loss.detach() for loss in losses]).mean())
         return None
 
     def accuracy(self, batches: list, batch: int) -> tuple[float, float]:
@@ -264,6 +268,6 @@ def _converge(ctx: RankContext, spec: JobSpec, device: torch.device, pipe: _Pipe
     # The untrained model's accuracy, computed locally: an evaluation through the schedule
     # before the first training step would initialise torch's stages without their
     # backward (and silently break the training that follows).
-    initial = _accuracy(build_model(w).to(device), test, device)
+    initial = model_accuracy(build_model(w).to(device), test, device)
     return converge_run(ctx, spec, device, initial, train_epoch, lambda: pipe.accuracy(test, w.batch),
                         before_epoch=dist.barrier)

@@ -17,8 +17,9 @@ Files written by :func:`write_outputs` into the output directory:
   round); ``speedup`` is the median over rounds of the ratio to the mean of the
   single-device backprop runs just before and just after it in its round
   (``speedup_by_round``; the baseline runs again after every ``baseline_every`` jobs,
-  and its own ``samples_per_s_by_round`` lists every baseline run); ``per_rank`` holds :data:`RANK_KEYS` for each rank; ``losses`` are
-  the timed steps' training losses and ``param_checksum`` is ``[sum |p|, sum p^2]`` of all
+  and its own ``samples_per_s_by_round`` lists every baseline run); ``per_rank`` holds
+  :data:`RANK_KEYS` for each rank; ``losses`` are the timed steps' training losses and
+  ``param_checksum`` is ``[sum |p|, sum p^2]`` of all
   parameters after them (exact methods match ``single``: every stage trained); rows of
   ``family`` ``"ceiling"`` (method ``<variant>-alone``, schedule ``"alone"``) time the
   synthetic-gradient variant's stages run alone on every rank at once, with no
@@ -58,10 +59,15 @@ from typing import Any, Iterable, Sequence
 
 from .machine import summary_line
 
+__all__ = ["THROUGHPUT_KEYS", "RANK_KEYS", "CONVERGENCE_KEYS", "KIND_COLORS", "to_json", "write_json",
+           "machine_columns", "write_csv", "markdown", "rank_key", "headline", "simulation_markdown", "plot_accuracy",
+           "timeline_methods", "plot_timeline", "plot_scaling", "OUTPUT_FILES", "write_outputs"]
+
 THROUGHPUT_KEYS = (
     "method", "label", "family", "schedule", "microbatches", "stages_per_rank", "ranks", "threads", "device",
     "batch", "steps", "wall_s", "step_s", "samples_per_s", "speedup", "oversubscribed", "best_in_sweep",
-    "repeats", "samples_per_s_runs", "samples_per_s_by_round", "speedup_by_round", "system_cpu_percent", "other_cpu_cores", "steal_percent", "gpu_util_percent",
+    "repeats", "samples_per_s_runs", "samples_per_s_by_round", "speedup_by_round", "system_cpu_percent",
+    "other_cpu_cores", "steal_percent", "gpu_util_percent",
     "gpu_mem_peak_mb", "max_inflight", "synthesizer", "conditional", "per_rank", "losses", "param_checksum",
     "error",
 )
@@ -166,7 +172,8 @@ def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = ["# synthpipe bench", "", f"**Machine:** {summary_line(m)}", ""]
     if m.get("oversubscribed"):
-        lines += ["**Warning:** ranks x threads exceeds the usable cores; rows marked `*` are not a fair comparison.", ""]
+        lines += ["**Warning:** ranks x threads exceeds the usable cores; rows marked `*` are not a fair "
+                  "comparison.", ""]
     for w in results.get("warnings", []):
         lines.append(f"> {w}")
     rows = results.get("throughput") or []
@@ -175,16 +182,19 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "## Throughput", "",
             f"Workload: {w['model']}(in={w['in_features']}, hidden={w['hidden']}, depth={w['depth']}), "
-            f"batch {w['batch']}, {w['optimizer']} lr {w['lr']}; {cfg['steps']} timed steps after {cfg['warmup']} warm-up, "
+            f"batch {w['batch']}, {w['optimizer']} lr {w['lr']}; {cfg['steps']} timed steps after "
+            f"{cfg['warmup']} warm-up, "
             f"median of {cfg['repeats']} round(s); {cfg['threads']} thread(s) per rank and for the baseline. "
             f"torch.distributed.pipelining micro-batch sweep: m in {{{', '.join(map(str, cfg['microbatches']))}}} "
             f"for {', '.join(cfg['schedules'])}; the best m per schedule is marked **best**.", "",
-            "| method | ranks | m | samples/s | speedup | busy % (per rank) | comm % | wait % | CPU % (per rank) | peak RSS MB | notes |",
+            "| method | ranks | m | samples/s | speedup | busy % (per rank) | comm % | wait % | CPU % (per rank) "
+            "| peak RSS MB | notes |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             if r.get("error"):
-                lines.append(f"| {r['method']} | {r['ranks']} | {r.get('microbatches', '')} | failed | | | | | | | {r['error']} |")
+                lines.append(f"| {r['method']} | {r['ranks']} | {r.get('microbatches', '')} | failed "
+                             f"| | | | | | | {r['error']} |")
                 continue
             pr = r["per_rank"]
             notes = []
@@ -202,7 +212,8 @@ def markdown(results: dict[str, Any]) -> str:
                 notes.append(f"spread {100 * r['samples_per_s_spread']:.0f}%")
             name = r["method"] + (" *" if r.get("oversubscribed") else "")
             lines.append(
-                f"| {name} | {r['ranks']} | {r['microbatches'] if r['family'] == 'torch.distributed.pipelining' else ''} | "
+                f"| {name} | {r['ranks']} | "
+                f"{r['microbatches'] if r['family'] == 'torch.distributed.pipelining' else ''} | "
                 f"{_fmt(r['samples_per_s'], 0)} | {_fmt(r.get('speedup'), 2)} | "
                 f"{_ranks((x['busy_fraction'] for x in pr), pct=True)} | "
                 f"{_ranks((x['comm_fraction'] for x in pr), pct=True)} | "
@@ -225,12 +236,14 @@ def markdown(results: dict[str, Any]) -> str:
     if val:
         lines += ["", "## Simulator check (measured 2-rank runs)", "",
                   "Each run predicted from its own per-rank forward/backward/update/synthesizer/communication "
-                  "times and the measured transfer time; the model supplies the schedule's dependencies and bubbles.", "",
+                  "times and the measured transfer time; the model supplies the schedule's dependencies and "
+                  "bubbles.", "",
                   "| run | schedule | m | measured ms/step | predicted ms/step | error | within 15% |",
                   "|---|---|---|---|---|---|---|"]
         for v in val:
             lines.append(f"| {v['name']} | {v['schedule']} | {v['microbatches']} | {v['measured_step_s'] * 1e3:.1f} | "
-                         f"{v['predicted_step_s'] * 1e3:.1f} | {100 * v['error']:+.1f}% | {'yes' if v['within_15pct'] else 'no'} |")
+                         f"{v['predicted_step_s'] * 1e3:.1f} | {100 * v['error']:+.1f}% | "
+                         f"{'yes' if v['within_15pct'] else 'no'} |")
     sim = results.get("simulation") or []
     if sim:
         lines += ["", "## Simulated scaling (balanced stages from the single-device profile)", "",
@@ -255,7 +268,8 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {r['method']} | {r['ranks']} | {_fmt(r['samples_per_s'], 0)} | "
                          f"{_fmt(r['time_to_target_s'], 2)} | {_fmt(r['epochs_to_target'])} | "
-                         f"{100 * r['final_accuracy']:.1f}% | {100 * r['best_accuracy']:.1f}% | {r['train_time_s']:.1f} |")
+                         f"{100 * r['final_accuracy']:.1f}% | {100 * r['best_accuracy']:.1f}% | "
+                         f"{r['train_time_s']:.1f} |")
     lines += ["", f"_{results.get('created', '')}; {results.get('elapsed_s', 0):.0f} s in total._", ""]
     return "\n".join(lines)
 
@@ -273,7 +287,7 @@ def _vs(row: dict[str, Any], ref: dict[str, Any]) -> float:
     import statistics
     for key in ("speedup_by_round", "samples_per_s_by_round"):
         mine, theirs = row.get(key) or [], ref.get(key) or []
-        ratios = [a / b for a, b in zip(mine, theirs) if a and b]
+        ratios = [a / b for a, b in zip(mine, theirs, strict=False) if a and b]
         if ratios and len(mine) == len(theirs):
             return statistics.median(ratios)
     return row["samples_per_s"] / ref["samples_per_s"]
@@ -304,7 +318,8 @@ def headline(results: dict[str, Any]) -> str:
         parts.append(text)
     line = "Headline (same run): " + "; ".join(parts)
     if top is not None and top.get("speedup"):
-        line += f"; the best torch schedule ({top['schedule']}, m={top['microbatches']}) is {top['speedup']:.2f}x single."
+        line += (f"; the best torch schedule ({top['schedule']}, m={top['microbatches']}) is "
+                 f"{top['speedup']:.2f}x single.")
     return line
 
 
@@ -320,12 +335,12 @@ def simulation_markdown(rows: Sequence[dict[str, Any]]) -> str:
     for meth in methods:
         cells = []
         for n in devices:
-            r = next((x for x in rows if x["devices"] == n and x["method"] == meth), None)
-            if r is None:
+            found = next((x for x in rows if x["devices"] == n and x["method"] == meth), None)
+            if found is None:
                 cells.append("–")
                 continue
-            extra = f", m={r['microbatches']}" if meth in ("gpipe", "1f1b", "zb") else ""
-            cells.append(f"{r['speedup']:.2f}x (bubble {100 * r['bubble']:.0f}%{extra})")
+            extra = f", m={found['microbatches']}" if meth in ("gpipe", "1f1b", "zb") else ""
+            cells.append(f"{found['speedup']:.2f}x (bubble {100 * found['bubble']:.0f}%{extra})")
         out.append(f"| {meth} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -390,7 +405,7 @@ def plot_timeline(results: dict[str, Any], path: str, steps: float = 3.0) -> Non
         return
     fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.0 + 0.9 * sum(
         len(results["timelines"][n]) for n in names)), squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
+    for ax, name in zip(axes[:, 0], names, strict=True):
         ranks = results["timelines"][name]
         row = rows[name]
         origin = min(r["origin"] for r in ranks if r.get("origin") is not None)

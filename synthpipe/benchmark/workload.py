@@ -14,6 +14,9 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+__all__ = ["MODELS", "OPTIMIZERS", "DATASETS", "Workload", "build_model", "optimizer_factory", "make_optimizer",
+           "train_batches", "test_batches"]
+
 MODELS = ("deep_mlp", "paper_mlp")
 OPTIMIZERS = ("adam-fused", "adam", "sgd")
 DATASETS = ("synthetic", "mnist1d")

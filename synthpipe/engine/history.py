@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any, Iterable
 
+__all__ = ["History", "StepLog", "merge_logs"]
+
 NaN = float("nan")
 
 
@@ -78,7 +80,7 @@ class History:
             points = [(s["step"], s["synth_loss"][b]) for s in self.steps
                       if b < len(s["synth_loss"]) and math.isfinite(s["synth_loss"][b]) and s["synth_loss"][b] > 0]
             if points:
-                ax.plot(*zip(*points), lw=0.8, label=f"boundary {b}")
+                ax.plot(*zip(*points, strict=True), lw=0.8, label=f"boundary {b}")
                 drawn = True
         if drawn:
             ax.set_yscale("log")

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 
+__all__ = ["KINDS", "BUSY_KINDS", "COMM_KINDS", "WAIT_KINDS", "NullTimers", "NULL_TIMERS", "Timers"]
+
 KINDS = ("forward", "backward", "update", "synth", "send", "recv", "wait")
 BUSY_KINDS = ("forward", "backward", "update", "synth")
 COMM_KINDS = ("send", "recv")
@@ -101,7 +103,7 @@ class Timers:
         self._pending: deque = deque()  # CUDA: (start_event, end_event, kind, step) not yet resolved
         self._origin_wall = time.time()
         if self.cuda:
-            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin: Any = torch.cuda.Event(enable_timing=True)  # (a float on CPU)
             self._origin.record()
             self._mark: Any = self._origin
         else:

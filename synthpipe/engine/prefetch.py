@@ -1,4 +1,4 @@
-"""Bounded prefetch queue that feeds rank 0 (DESIGN.md, "Prefetch queue").
+"""Bounded prefetch queue that feeds rank 0 (docs/guide.md, "The prefetch queue").
 
 A background thread iterates the user's loader. On CUDA it pins each batch, copies it to
 the device on a dedicated stream with ``non_blocking=True`` and records an event; the
@@ -11,11 +11,14 @@ leaving a ``with`` block) stops the thread even when the consumer stops early.
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+__all__ = ["THREAD_NAME", "PrefetchQueue"]
 
 _END = object()
 
@@ -27,7 +30,11 @@ class _Failure:
         self.error = error
 
 
-def _map_tensors(batch: Any, fn) -> Any:
+def _record_stream(t: torch.Tensor, stream: Any) -> None:
+    t.record_stream(stream)
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if torch.is_tensor(batch):
         return fn(batch)
     if isinstance(batch, (list, tuple)):
@@ -112,7 +119,7 @@ class PrefetchQueue:
                 if event is not None:
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(event)
-                    _map_tensors(batch, lambda t: t.record_stream(current))
+                    _map_tensors(batch, functools.partial(_record_stream, stream=current))
                 yield batch
         finally:
             self.close()

@@ -118,7 +118,7 @@ class ReferenceRunner:
         self.downstream: dict[int, tuple[tuple, bool]] = {}
         self.sources = [make_source(s, modelled) for s in self.stages]
         self.steps = [StageStep(s, modelled, src, _HandOff(self, r), self.log, self.stats)
-                      for r, (s, src) in enumerate(zip(self.stages, self.sources))]
+                      for r, (s, src) in enumerate(zip(self.stages, self.sources, strict=True))]
 
     @property
     def caches(self) -> list[Any]:
@@ -199,17 +199,17 @@ class ReferenceRunner:
     def states(self) -> list[tuple[int, dict[str, Any]]]:
         """``[(stage index, state)]`` for every stage (as each rank would save it)."""
         return [(r, {"stage": s.state_dict(), "cache": src.state_dict()})
-                for r, (s, src) in enumerate(zip(self.stages, self.sources))]
+                for r, (s, src) in enumerate(zip(self.stages, self.sources, strict=True))]
 
     def prepare_load(self, read: Callable[[int], dict[str, Any]]) -> Any:
         """Read and check every stage's part; changes nothing (a bad part leaves all as they were)."""
         states = [read(r) for r in range(len(self.stages))]
-        return states, [stage.prepare_load(state["stage"]) for stage, state in zip(self.stages, states)]
+        return states, [stage.prepare_load(state["stage"]) for stage, state in zip(self.stages, states, strict=True)]
 
     def commit_load(self, prepared: Any) -> dict[str, Any]:
         """Install what :meth:`prepare_load` accepted; returns stage 0's state (RNG, step)."""
         states, ready = prepared
-        for stage, source, state, part in zip(self.stages, self.sources, states, ready):
+        for stage, source, state, part in zip(self.stages, self.sources, states, ready, strict=True):
             stage.commit_load(state["stage"], part)
             source.load_state_dict(state["cache"], stage.device)
         return states[0]

@@ -22,8 +22,10 @@ __all__ = ["Runner"]
 class Runner(Protocol):
     """Runs stages; every method is called on every rank unless it says otherwise."""
 
-    drives_data: bool
-    """True where the data loop runs (rank 0, or the single process)."""
+    @property
+    def drives_data(self) -> bool:
+        """True where the data loop runs (rank 0, or the single process)."""
+
     log: StepLog
     """Per-step values of the stages run here (merged into the History by the trainer)."""
     progress: int

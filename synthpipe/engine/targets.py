@@ -1,4 +1,4 @@
-"""The per-stage cache of activations waiting for their gradient target (DESIGN.md step 7)."""
+"""The per-stage cache of activations waiting for their gradient target (docs/guide.md, "The target cache")."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +6,8 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import torch
+
+__all__ = ["Entry", "TargetCache", "train_due_synthesizer"]
 
 
 @dataclasses.dataclass
@@ -79,7 +81,9 @@ class TargetCache:
 
 def train_due_synthesizer(stage: Any, cache: TargetCache, step: int, delay: int | None,
                           max_inflight: int, wait_for: Callable[[int], None]) -> float | None:
-    """DESIGN.md step 7 for one stage, after its update at step ``step``.
+    """Train the synthesizer of one stage on its due targets, after its update at step ``step``.
+
+    What is due is described in docs/guide.md, "The target cache".
 
     With a fixed ``delay``, train on exactly the entry of step ``step - delay`` (waiting
     for its target through ``wait_for``). Without, train on every entry whose target has

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import warnings
+from types import FrameType
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
@@ -25,8 +26,14 @@ from ..stages.stage import OptimizerFactory, Stage, adam
 from ..stages.synthesizer import Synthesizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .distributed import (backend_for, default_device, env_world_size, init_process_group, keep_until_exit,
-                          is_communication_error)
+from .distributed import (
+    backend_for,
+    default_device,
+    env_world_size,
+    init_process_group,
+    is_communication_error,
+    keep_until_exit,
+)
 from .history import History, merge_logs
 from .metrics import Timers
 from .prefetch import PrefetchQueue
@@ -81,10 +88,11 @@ def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int)
     dist.all_gather_object(gathered, (my_split, my_rule))
     for other, (their_split, their_rule) in enumerate(gathered):
         if their_split != my_split:
-            stage = next(i for i, (a, b) in enumerate(zip(my_split, their_split)) if a != b)
+            stage = next(i for i, (a, b) in enumerate(zip(my_split, their_split, strict=False)) if a != b)
             raise ValueError(
                 f"rank {rank} and rank {other} split the model differently (stage {stage} holds "
-                f"{[k for k, _ in my_split[stage]][:4]}... here and {[k for k, _ in their_split[stage]][:4]}... there); "
+                f"{[k for k, _ in my_split[stage]][:4]}... here and "
+                f"{[k for k, _ in their_split[stage]][:4]}... there); "
                 f"build the same model on every rank and split it with an explicit balance (a by='time' "
                 f"profile can differ between ranks: compute it on one rank and broadcast it)")
         differ = [k for k in _RULE_OPTIONS if other != rank and their_rule[k] != my_rule[k]]
@@ -97,7 +105,8 @@ def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int)
 def _warn_user(message: str) -> None:
     """A RuntimeWarning attributed to the first caller outside synthpipe (the user's line)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(0), 1
+    frame: FrameType | None = sys._getframe(0)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
@@ -286,7 +295,7 @@ class Trainer:
                     nxt = (self.step // checkpoint_every + 1) * checkpoint_every
                     goal = nxt if max_steps is None else min(nxt, max_steps)
                 with self._watching("fit()"):
-                    part = self._guard(lambda: self._fit(train_loader, epochs, eval_loader, max_steps, goal))
+                    part = self._guard(functools.partial(self._fit, train_loader, epochs, eval_loader, max_steps, goal))
                 history.steps += part.steps
                 history.epochs += part.epochs
                 if checkpoint is not None:
@@ -330,9 +339,9 @@ class Trainer:
         self.stopped = self._signals.reason  # (it may have come during a checkpoint's save)
         done = self.stopped is not None or (goal is not None and self.step >= goal)
         while self.epoch < epochs and not done:
-            sampler = getattr(loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(self.epoch)
+            set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.epoch)
             steps, samples, before = 0, 0, 0.0
             if self._partial_epoch is not None and self._partial_epoch[0] == self.epoch:
                 _, steps, samples, before = self._partial_epoch  # the epoch went on across a checkpoint
@@ -340,10 +349,13 @@ class Trainer:
             t_epoch = time.perf_counter() - before
             exhausted = False
             batches = itertools.islice(iter(loader), self.step_in_epoch, None)
-            with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as queue:
+            # closing(): the queue's iterator is closed here, not when it is collected, so a
+            # second Ctrl-C that lands while it stops its thread is raised, not ignored.
+            with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as prefetch, \
+                    contextlib.closing(iter(prefetch)) as queue:
                 for batch in queue:
                     x, y = _input_and_target(batch, self.step)
-                    loss = runner.train_step(self.step, x, y)
+                    runner.train_step(self.step, x, y)
                     runner.log.put(self.step, "time", time.perf_counter() - start)
                     runner.log.put(self.step, "epoch", self.epoch)
                     self.step += 1

@@ -35,10 +35,15 @@ class Channels:
         for r in range(world_size - 1):
             fwd_groups.append(dist.new_group([r, r + 1]))
             bwd_groups.append(dist.new_group([r, r + 1]))
-        self.act_in = Channel(fwd_groups[rank - 1], rank - 1, device, f"activations {rank - 1}->{rank}") if rank > 0 else None
-        self.act_out = Channel(fwd_groups[rank], rank + 1, device, f"activations {rank}->{rank + 1}") if rank < world_size - 1 else None
-        self.grad_in = Channel(bwd_groups[rank], rank + 1, device, f"gradients {rank + 1}->{rank}") if rank < world_size - 1 else None
-        self.grad_out = Channel(bwd_groups[rank - 1], rank - 1, device, f"gradients {rank}->{rank - 1}") if rank > 0 else None
+        first, last = rank == 0, rank == world_size - 1
+        self.act_in = None if first else Channel(fwd_groups[rank - 1], rank - 1, device,
+                                                 f"activations {rank - 1}->{rank}")
+        self.act_out = None if last else Channel(fwd_groups[rank], rank + 1, device,
+                                                 f"activations {rank}->{rank + 1}")
+        self.grad_in = None if last else Channel(bwd_groups[rank], rank + 1, device,
+                                                 f"gradients {rank + 1}->{rank}")
+        self.grad_out = None if first else Channel(bwd_groups[rank - 1], rank - 1, device,
+                                                   f"gradients {rank}->{rank - 1}")
 
     def flush(self) -> None:
         for ch in (self.act_out, self.grad_out):
@@ -120,7 +125,7 @@ class PipelineWorker:
 
     def poll(self) -> None:
         """File every gradient message that has already arrived (never blocks)."""
-        while self.outstanding > 0 and self.ch.grad_in.ready():
+        while self.outstanding > 0 and self.ch.grad_in is not None and self.ch.grad_in.ready():
             with self.timers.section("recv"):
                 self._receive_gradient()
 
@@ -144,6 +149,7 @@ class PipelineWorker:
         assert self.ch.act_out is not None
         self.ch.act_out.send(TRAIN, step, (*outputs, y))
         if self.step_runner.source_sends_back:
+            assert self.ch.grad_in is not None
             self.outstanding += 1
             self.ch.grad_in.expect()  # its gradient comes back on the receiver thread
 

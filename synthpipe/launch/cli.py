@@ -12,8 +12,9 @@ With ``--nproc N`` (N > 1) or ``--nnodes M`` (M > 1) it checks its arguments, th
     python -m synthpipe.launch.torchrun --nproc-per-node N [torchrun flags] -m synthpipe.launch.train [flags]
 
 (torchrun's own entry point, save that a job stopped cleanly by a signal ends with one
-line and 128 + signal instead of torchrun's tracebacks and 1), so its signals are torchrun's. Without ``--stages`` (or a balance) the job then gets one stage
-per process: ``n_stages = N * M``. torchrun's multi-node flags pass through (dash or
+line and 128 + signal instead of torchrun's tracebacks and 1), so its signals are
+torchrun's. Without ``--stages`` (or a balance) the job then gets one stage per process:
+``n_stages = N * M``. torchrun's multi-node flags pass through (dash or
 underscore spelling); on one node without rendezvous flags ``--standalone`` is used, so
 concurrent jobs never collide on a port.
 """
@@ -26,6 +27,9 @@ from typing import Any, Sequence
 
 from .._version import __version__
 from .config import add_train_arguments, load_config, overrides_from_args, overrides_to_argv, read_toml
+
+__all__ = ["TORCHRUN_FLAGS", "BENCH_COMMANDS", "add_launcher_arguments", "build_parser", "torchrun_command",
+           "run_train", "run_export", "run_benchmark_command", "main"]
 
 # (flag, alias, dest, type): torchrun's options that `synthpipe train` passes through.
 TORCHRUN_FLAGS = (

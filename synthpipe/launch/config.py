@@ -1,7 +1,11 @@
 """The job configuration of ``synthpipe train``: one flat dataclass, a TOML file, CLI flags.
 
 Precedence: dataclass defaults < TOML file (``--config``) < command-line flags the user
-actually gave. Every field has exactly one flag (see :data:`FLAGS`); the same argparse
+actually gave. The engine's options are not restated here: :class:`JobConfig` extends
+:class:`synthpipe.engine.config.TrainConfig`, so each of them has the engine's one name,
+default and check (``TrainConfig.__post_init__``), and its flag and help are derived from
+that field (:func:`engine_flags`). Every field has exactly one flag (see :data:`FLAGS`);
+the same argparse
 definition (:func:`add_train_arguments`) is used by ``synthpipe train`` and by
 ``python -m synthpipe.launch.train`` (the torchrun entry point), so the two never drift,
 and :func:`overrides_to_argv` turns parsed overrides back into those flags when
@@ -16,35 +20,47 @@ A config file is flat TOML, one key per field::
     n_stages = 3
     balance = [4, 3, 3]
     conditional = true
+    stall_warning = "off"
+
+An optional option (one whose value may be ``None``) takes the word ``none`` on the
+command line and in TOML (TOML has no null); ``--stall-warning off``, ``--delay auto`` and
+``--backend auto`` say the same in the option's own terms.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import dataclasses
+import inspect
 import os
+import re
 import typing
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from ..engine.config import GRADIENT_MODES, NONFINITE_POLICIES
+from ..engine.config import TrainConfig
 from ..stages.synthesizer import KINDS
 
 __all__ = ["JobConfig", "load_config", "read_toml", "add_train_arguments", "overrides_from_args",
-           "overrides_to_argv", "FLAGS", "MODELS", "DATASETS"]
+           "overrides_to_argv", "train_options", "engine_flags", "field_docs", "check_type", "Flag", "FLAGS",
+           "MODELS", "DATASETS"]
 
 MODELS = ("paper_mlp", "paper_cnn", "deep_mlp")
 DATASETS = ("mnist1d", "synthetic")
 SPLIT_BY = ("params", "time")
-GRADIENTS = GRADIENT_MODES
 SYNTHESIZERS = KINDS
-NONFINITE = NONFINITE_POLICIES
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("gloo", "nccl")
 
 
 @dataclasses.dataclass
-class JobConfig:
+class JobConfig(TrainConfig):
     """Everything one ``synthpipe train`` job needs (flat; TOML keys are the field names).
+
+    The engine's training options (``gradients``, ``delay``, ``stall_warning``, ...) are
+    the fields of :class:`~synthpipe.engine.config.TrainConfig`, inherited with their
+    names, defaults, documentation and checks; each has the flag ``--name-with-dashes``
+    (``synthetic_scale`` also ``--scale``), and an optional one takes ``none`` for
+    ``None`` (``--stall-warning off`` turns the stall warning off). The fields below are
+    the launcher's own.
 
     Model:
         model: ``"paper_mlp"`` (the DNI paper's MLP: Linear-BN-ReLU blocks),
@@ -81,20 +97,6 @@ class JobConfig:
             chosen by ``split_by``. Flag ``--balance 4,3,3``.
         split_by: ``"params"`` (parameter counts) or ``"time"`` (measured forward+backward
             time) when ``balance`` is not given. Flag ``--split-by``.
-        gradients: ``"synthetic"`` (DNI/cDNI: update unlocked) or ``"backprop"`` (wait for
-            the true gradient: locked, exact model parallelism). Flag ``--gradients``.
-        delay: train synthesizers at step t on the target of step t - delay (deterministic);
-            ``None``: as targets arrive (multi-process) or 2 (one process). Flag ``--delay``.
-        warmup_steps: first steps that use true gradients while synthesizers already learn.
-            Flag ``--warmup-steps``.
-        max_inflight: activations per stage waiting for their gradient target before the
-            stage waits (bounds memory and staleness). Flag ``--max-inflight``.
-        nonfinite: ``"raise"`` (stop on NaN/inf) or ``"skip"`` (drop that step's update).
-            Flag ``--nonfinite``.
-        failure_timeout: seconds of silence after which a rank counts as dead.
-            Flag ``--failure-timeout``.
-        stall_warning: seconds without progress after which a rank prints where its main
-            thread is (a stuck data loader, say); 0 turns it off. Flag ``--stall-warning``.
 
     Synthesizer:
         synthesizer: kind of synthetic-gradient model: ``"linear"``, ``"lowrank"``,
@@ -102,7 +104,6 @@ class JobConfig:
         conditional: condition the synthesizers on one-hot labels (cDNI); needs labelled
             data. Flags ``--conditional`` / ``--no-conditional``.
         synth_lr: Adam learning rate of the synthesizers. Flag ``--synth-lr``.
-        synthetic_scale: factor on every synthetic gradient. Flag ``--scale``.
 
     Placement:
         device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU),
@@ -123,8 +124,6 @@ class JobConfig:
             single-process backprop on the same data order for the same number of steps
             and print both test accuracies (on rank 0, after the pipeline has finished).
             Flags ``--compare`` / ``--no-compare``.
-        progress: progress bar and per-epoch lines on stderr (rank 0).
-            Flags ``--progress`` / ``--no-progress``.
         output: directory for ``history.json`` (per-step and per-epoch records) and
             ``summary.json`` (config and results). Flag ``--output``.
     """
@@ -147,18 +146,10 @@ class JobConfig:
     n_stages: int = 3
     balance: Optional[list[int]] = None
     split_by: str = "params"
-    gradients: str = "synthetic"
-    delay: Optional[int] = None
-    warmup_steps: int = 0
-    max_inflight: int = 4
-    nonfinite: str = "raise"
-    failure_timeout: float = 30.0
-    stall_warning: float = 300.0
     # synthesizer
     synthesizer: str = "linear"
     conditional: bool = True
     synth_lr: float = 1e-3
-    synthetic_scale: float = 1.0
     # placement
     device: str = "auto"
     backend: Optional[str] = None
@@ -169,48 +160,42 @@ class JobConfig:
     resume: Optional[str] = None
     export: Optional[str] = None
     compare_backprop: bool = True
-    progress: bool = True
     output: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> "JobConfig":
-        """Check types, choices and ranges; raise ``ValueError`` naming the field."""
+        """Check types, choices and ranges; raise ``ValueError`` naming the field.
+
+        Types are checked for every field (a TOML value may be of any type); the engine's
+        options are then checked by ``TrainConfig.__post_init__`` and the launcher's here.
+        """
         if self.backend == "auto":
             self.backend = None
         for f in dataclasses.fields(self):
             check_type(f.name, getattr(self, f.name))
+        TrainConfig.__post_init__(self)
         for name, choices in (("model", MODELS), ("data", DATASETS), ("split_by", SPLIT_BY),
-                              ("gradients", GRADIENTS), ("synthesizer", SYNTHESIZERS),
-                              ("nonfinite", NONFINITE), ("device", DEVICES)):
+                              ("synthesizer", SYNTHESIZERS), ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or auto); got {self.backend!r}")
-        for name in ("num_samples", "batch_size", "n_stages", "threads", "max_inflight"):
+        for name in ("num_samples", "batch_size", "n_stages", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("depth", "hidden", "features", "max_steps", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "depth" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'depth' else 1}; got {value}")
-        for name in ("epochs", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
-        if self.delay is not None and self.delay < 0:
-            raise ValueError(f"delay must be >= 0; got {self.delay}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0; got {self.epochs}")
         for name in ("lr", "synth_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
         if self.checkpoint_every is not None and self.checkpoint is None:
             raise ValueError("checkpoint_every needs a checkpoint directory (--checkpoint DIR) to save into")
-        if not 1 < self.failure_timeout < math.inf:  # (NaN fails this too)
-            raise ValueError(f"failure_timeout must be a finite number of seconds above 1; got {self.failure_timeout}")
-        if not 0 <= self.stall_warning < math.inf:
-            raise ValueError(f"stall_warning must be a finite number of seconds, 0 for none; got {self.stall_warning}")
-        if not math.isfinite(self.synthetic_scale):
-            raise ValueError(f"synthetic_scale (--scale) must be finite; got {self.synthetic_scale}")
         if self.balance is not None:
             if any(b < 1 for b in self.balance):
                 raise ValueError(f"balance entries must be >= 1; got {self.balance}")
@@ -221,7 +206,13 @@ class JobConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (for ``summary.json``)."""
         return dataclasses.asdict(self)
+
+
+def train_options(cfg: JobConfig) -> dict[str, Any]:
+    """The engine's options of ``cfg``: every :class:`TrainConfig` field by name, for ``Trainer(**options)``."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
 
 
 # -- types ------------------------------------------------------------------------------
@@ -311,8 +302,8 @@ def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in values.items():
         if key not in valid:
             raise ValueError(f"unknown key {key!r} in {source}; valid keys are: {', '.join(valid)}")
-        if key == "backend" and value == "auto":
-            value = None
+        if isinstance(value, str) and value.lower() in _none_words(key):
+            value = None  # TOML has no null
         value = _coerce(key, value)
         try:
             check_type(key, value)
@@ -349,17 +340,41 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,3,3; got {text!r}") from None
 
 
-def _optional_int(text: str) -> int | None:
-    if text.lower() in ("none", "auto"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none'; got {text!r}") from None
+def _optional(kind: Callable[[str], Any], words: tuple[str, ...]) -> Callable[[str], Any]:
+    """A flag's parser for an optional value: one of ``words`` is ``None``, anything else is ``kind(text)``."""
+
+    def parse(text: str) -> Any:
+        if text.lower() in words:
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_type_name(kind)} or {' / '.join(words)}; "
+                                             f"got {text!r}") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own errors
+    return parse
 
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
+    """The command-line flag of one :class:`JobConfig` field.
+
+    Attributes:
+        field: the field's name (also its TOML key).
+        flag: the flag, e.g. ``"--batch-size"``.
+        help: one line for ``--help`` (the default is appended).
+        type: argparse ``type`` (``None`` for a boolean flag).
+        choices: the allowed values, shown by ``--help`` and checked by argparse.
+        metavar: the value's name in ``--help``.
+        boolean: a ``--flag`` / ``--no-flag`` pair.
+        group: the ``--help`` section.
+        none: what a default of ``None`` means, for the help.
+        none_words: the words that stand for ``None`` (on the command line and in TOML);
+            empty when the field cannot be ``None`` from outside.
+        aliases: further spellings of the flag.
+    """
+
     field: str
     flag: str
     help: str
@@ -368,10 +383,14 @@ class Flag:
     metavar: str | None = None
     boolean: bool = False
     group: str = "training"
-    none: str = "none"  # what a default of None means, for the help
+    none: str = "none"
+    none_words: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
 
 
-FLAGS: tuple[Flag, ...] = (
+_NONE = ("none",)
+
+LAUNCHER_FLAGS: tuple[Flag, ...] = (
     Flag("model", "--model", "model to train", str, MODELS, group="model"),
     Flag("depth", "--depth", "hidden blocks of the model", int, metavar="N", group="model", none="the model's own"),
     Flag("hidden", "--hidden", "hidden width / channels", int, metavar="N", group="model", none="the model's own"),
@@ -388,29 +407,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("balance", "--balance", "model children per stage, e.g. 4,3,3", _int_list, metavar="A,B,...",
          group="pipeline", none="chosen by --split-by"),
     Flag("split_by", "--split-by", "how to balance stages without --balance", str, SPLIT_BY, group="pipeline"),
-    Flag("gradients", "--gradients", "synthetic (DNI, unlocked) or backprop (locked, exact)", str, GRADIENTS,
-         group="pipeline"),
-    Flag("delay", "--delay", "fixed synthesizer target delay in steps (deterministic); 'none': as they arrive",
-         _optional_int, metavar="D", group="pipeline", none="none"),
-    Flag("warmup_steps", "--warmup-steps", "first steps on true gradients", int, metavar="K", group="pipeline"),
-    Flag("max_inflight", "--max-inflight", "activations awaiting a target per stage", int, metavar="N",
-         group="pipeline"),
-    Flag("nonfinite", "--nonfinite", "on NaN/inf: stop (raise) or drop the step (skip)", str, NONFINITE,
-         group="pipeline"),
-    Flag("failure_timeout", "--failure-timeout", "seconds before a silent rank counts as dead", float,
-         metavar="S", group="pipeline"),
-    Flag("stall_warning", "--stall-warning", "seconds without progress before a rank shows where it is stuck "
-         "(0: never)", float, metavar="S", group="pipeline"),
     Flag("synthesizer", "--synthesizer", "synthetic-gradient model kind", str, SYNTHESIZERS, group="synthesizer"),
     Flag("conditional", "--conditional", "condition synthesizers on labels (cDNI)", boolean=True,
          group="synthesizer"),
     Flag("synth_lr", "--synth-lr", "Adam learning rate of the synthesizers", float, metavar="LR",
          group="synthesizer"),
-    Flag("synthetic_scale", "--scale", "factor on the synthetic gradients", float, metavar="X",
-         group="synthesizer"),
     Flag("device", "--device", "device of every rank", str, DEVICES, group="placement"),
-    Flag("backend", "--backend", "process-group backend", str, BACKENDS,
-         group="placement", none="nccl on CUDA, gloo on CPU"),
+    Flag("backend", "--backend", "process-group backend", _optional(str, ("auto",)), metavar="{gloo,nccl,auto}",
+         group="placement", none="nccl on CUDA, gloo on CPU", none_words=("auto",)),
     Flag("threads", "--threads", "torch threads per rank", int, metavar="T", group="placement"),
     Flag("checkpoint", "--checkpoint", "save a checkpoint here at the end", str, metavar="DIR", group="outputs"),
     Flag("checkpoint_every", "--checkpoint-every", "also save the checkpoint every N steps", int, metavar="N",
@@ -419,12 +423,76 @@ FLAGS: tuple[Flag, ...] = (
     Flag("export", "--export", "write the trained model's state_dict here", str, metavar="PATH", group="outputs"),
     Flag("compare_backprop", "--compare", "also train with plain backprop and compare accuracy", boolean=True,
          group="outputs"),
-    Flag("progress", "--progress", "progress bar on stderr", boolean=True, group="outputs"),
     Flag("output", "--output", "directory for history.json and summary.json", str, metavar="DIR",
          group="outputs"),
 )
 
-_GROUPS = ("model", "data", "training", "pipeline", "synthesizer", "placement", "outputs")
+# Command-line spellings of engine options beyond --name-with-dashes and "none" (kept so that
+# existing command lines go on working); names, defaults, help and checks are TrainConfig's.
+_ENGINE_ALIASES: dict[str, tuple[str, ...]] = {"synthetic_scale": ("--scale",)}
+_ENGINE_NONE_WORDS: dict[str, tuple[str, ...]] = {"delay": ("none", "auto"), "stall_warning": ("none", "off")}
+_METAVARS = {int: "N", float: "X", str: "NAME"}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its text in the ``Attributes:`` section of ``cls``'s docstring (joined to one line)."""
+    docs: dict[str, str] = {}
+    name = None
+    in_section = False
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        if line.strip() == "Attributes:":
+            in_section = True
+            continue
+        if not in_section:
+            continue
+        entry = re.match(r"^    (\w+(?:, \w+)*): (.*)$", line)
+        if entry:
+            for one in entry.group(1).split(", "):
+                docs[one] = entry.group(2)
+            name = entry.group(1)
+        elif line.startswith("        ") and name is not None:
+            for one in name.split(", "):
+                docs[one] += " " + line.strip()
+        elif line.strip():
+            break  # the next section
+    return docs
+
+
+def _first_sentence(text: str) -> str:
+    text = text.replace("``", "").replace("%", "%%")  # (argparse formats help with %)
+    end = re.search(r"\.(\s|$)", text)
+    return text[:end.start()] if end else text
+
+
+def engine_flags() -> tuple[Flag, ...]:
+    """One flag per :class:`TrainConfig` field: ``--name-with-dashes``, its type from the field's,
+    its help the first sentence of the field's documentation."""
+    docs = field_docs(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    flags = []
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        optional = type(None) in typing.get_args(hint)
+        kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        help_text = _first_sentence(docs.get(f.name, f.name.replace("_", " ")))
+        if kind is bool:
+            flags.append(Flag(f.name, "--" + f.name.replace("_", "-"), help_text, boolean=True, group="engine"))
+            continue
+        words = _ENGINE_NONE_WORDS.get(f.name, _NONE) if optional else ()
+        flags.append(Flag(f.name, "--" + f.name.replace("_", "-"), help_text,
+                          _optional(kind, words) if optional else kind, metavar=_METAVARS.get(kind),
+                          group="engine", none_words=words, aliases=_ENGINE_ALIASES.get(f.name, ())))
+    return tuple(flags)
+
+
+FLAGS: tuple[Flag, ...] = engine_flags() + LAUNCHER_FLAGS
+
+_GROUPS = ("model", "data", "training", "pipeline", "engine", "synthesizer", "placement", "outputs")
+_GROUP_TITLES = {"engine": "engine options (synthpipe.TrainConfig)"}
+
+
+def _none_words(name: str) -> tuple[str, ...]:
+    return next((f.none_words for f in FLAGS if f.field == name), ())
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -437,18 +505,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     defaults = JobConfig()
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="TOML file with JobConfig fields (flags override it)")
-    groups = {g: parser.add_argument_group(f"{g} options") for g in _GROUPS}
+    groups = {g: parser.add_argument_group(_GROUP_TITLES.get(g, f"{g} options")) for g in _GROUPS}
     for f in FLAGS:
         default = getattr(defaults, f.field)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{f.help} (default: {f.none if shown is None else shown})"
+        extra = f"; {'/'.join(f.none_words)} for None" if f.none_words else ""
+        help_text = f"{f.help} (default: {f.none if shown is None else shown}{extra})"
         group = groups[f.group]
         if f.boolean:
-            group.add_argument(f.flag, dest=f.field, action=argparse.BooleanOptionalAction,
+            group.add_argument(f.flag, *f.aliases, dest=f.field, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(f.flag, dest=f.field, type=f.type, choices=f.choices, metavar=f.metavar,
-                               default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(f.flag, *f.aliases, dest=f.field, type=f.type, choices=f.choices,
+                               metavar=f.metavar, default=argparse.SUPPRESS, help=help_text)
     return parser
 
 
@@ -459,7 +528,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def overrides_to_argv(overrides: dict[str, Any]) -> list[str]:
-    """The flags that :func:`add_train_arguments` parses back into ``overrides``."""
+    """The flags that :func:`add_train_arguments` parses back into ``overrides``.
+
+    Raises:
+        ValueError: a ``None`` for a field whose flag has no word for it.
+    """
     by_field = {f.field: f for f in FLAGS}
     argv: list[str] = []
     for name, value in overrides.items():
@@ -467,9 +540,9 @@ def overrides_to_argv(overrides: dict[str, Any]) -> list[str]:
         if f.boolean:
             argv.append(f.flag if value else "--no-" + f.flag[2:])
         elif value is None:
-            if name != "delay":
+            if not f.none_words:
                 raise ValueError(f"{name} cannot be given as None on the command line")
-            argv += [f.flag, "none"]
+            argv += [f.flag, f.none_words[0]]
         elif isinstance(value, list):
             argv += [f.flag, ",".join(str(v) for v in value)]
         else:

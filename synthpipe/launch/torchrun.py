@@ -13,6 +13,8 @@ from __future__ import annotations
 import signal
 import sys
 
+__all__ = ["CLEAN_STOPS", "main"]
+
 # What a rank's exit code says when synthpipe train stopped it on a signal after saving.
 CLEAN_STOPS = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM"}
 

@@ -17,6 +17,7 @@ traceback), 1 a failure during training.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -24,7 +25,11 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .config import JobConfig, add_train_arguments, load_config, overrides_from_args
+from .config import JobConfig, add_train_arguments, load_config, overrides_from_args, train_options
+
+__all__ = ["MNIST1D_FEATURES", "NUM_CLASSES", "EVAL_BATCH", "LaunchError", "env_rank", "env_world", "data_shape",
+           "resolve_device", "preflight", "build_model", "build_data", "check_labels", "train_loader", "eval_loader",
+           "choose_balance", "method_name", "train_backprop", "stop_exit_code", "run", "build_parser", "main"]
 
 MNIST1D_FEATURES = 40
 NUM_CLASSES = 10
@@ -62,6 +67,7 @@ def data_shape(cfg: JobConfig) -> tuple[int, int | None]:
 
 def resolve_device(cfg: JobConfig) -> Any:
     import torch
+
     from ..engine.distributed import default_device
 
     if cfg.device == "auto":
@@ -115,6 +121,7 @@ def _check_paths(cfg: JobConfig) -> None:
 def build_model(cfg: JobConfig, in_features: int, num_classes: int) -> Any:
     """The model of ``cfg``, initialised from ``cfg.seed`` (identical on every rank)."""
     import torch
+
     from .. import models
 
     torch.manual_seed(cfg.seed)
@@ -143,6 +150,7 @@ def build_model(cfg: JobConfig, in_features: int, num_classes: int) -> Any:
 def build_data(cfg: JobConfig) -> tuple[Any, Any]:
     """``(train, test)`` datasets of ``(x, y)``."""
     from torch.utils.data import TensorDataset
+
     from .. import data
 
     if cfg.data == "mnist1d":
@@ -214,6 +222,7 @@ def choose_balance(cfg: JobConfig, model: Any, in_features: int, device: Any, wo
     if world == 1:
         return measure()
     import torch.distributed as dist
+
     from ..engine.distributed import backend_for, init_process_group
 
     init_process_group(device, backend_for(device, cfg.backend))  # the Trainer reuses this group
@@ -286,10 +295,12 @@ def _say_interrupted(cfg: JobConfig, where: str = "") -> None:
         return
     from ..engine.checkpoint import read_meta
 
-    try:
-        kept = f"the checkpoint of step {read_meta(cfg.checkpoint)['step']} in {cfg.checkpoint} is kept"
-    except (TypeError, OSError, ValueError, KeyError):  # no --checkpoint, or nothing saved there yet
-        kept = "nothing was saved" + (" (no --checkpoint)" if cfg.checkpoint is None else "")
+    kept = "nothing was saved" + (" (no --checkpoint)" if cfg.checkpoint is None else "")
+    if cfg.checkpoint is not None:
+        try:
+            kept = f"the checkpoint of step {read_meta(cfg.checkpoint)['step']} in {cfg.checkpoint} is kept"
+        except (TypeError, OSError, ValueError, KeyError):  # nothing (complete) saved there yet
+            pass
     print(f"\nsynthpipe train: interrupted{where}; {kept}", file=sys.stderr, flush=True)
 
 
@@ -304,69 +315,99 @@ def run(cfg: JobConfig) -> int:
         return 128 + signal.SIGINT
 
 
+@dataclasses.dataclass
+class _Job:
+    """What :func:`_build` made: the trainer and, on rank 0, the data."""
+
+    trainer: Any
+    world: int
+    rank: int
+    train_set: Any = None
+    test_set: Any = None
+    loader: Any = None
+    loader_eval: Any = None
+
+
+@dataclasses.dataclass
+class _Trained:
+    """What :func:`_train` leaves for the report."""
+
+    history: Any
+    metrics: dict[str, float]
+    wall: float
+    steps_total: int
+
+
 def _run(cfg: JobConfig) -> int:
     import torch
 
     torch.set_num_threads(cfg.threads)
+    try:
+        job = _build(cfg, env_world(), env_rank())
+    except (LaunchError, ValueError, RuntimeError) as e:  # ours, and the Trainer's, split's and models' checks
+        _say(str(e))
+        return 2
+    outcome = _train(cfg, job)
+    if isinstance(outcome, int):
+        return outcome
+    if job.rank == 0:
+        _report(cfg, job, outcome)
+    sys.stdout.flush()
+    return 0
+
+
+def _build(cfg: JobConfig, world: int, rank: int) -> _Job:
+    """Check the job, build and split the model, make the Trainer and (rank 0) the data.
+
+    Raises:
+        LaunchError, ValueError, RuntimeError: a configuration or setup problem (exit code 2).
+    """
     import torch.nn as nn
 
     import synthpipe as sp
 
-    world, rank = env_world(), env_rank()
-    try:
-        preflight(cfg, world)
-        in_features, num_classes = data_shape(cfg)
-        device = resolve_device(cfg)
-        model = build_model(cfg, in_features, num_classes or NUM_CLASSES)
-        balance = choose_balance(cfg, model, in_features, device, world)
-        stages = sp.split(model, balance=balance) if balance is not None else \
-            sp.split(model, n_stages=cfg.n_stages, by="params")
-        synthesizer = sp.Synthesizer(cfg.synthesizer, conditional=cfg.conditional,
-                                     num_classes=num_classes if cfg.conditional else None)
+    preflight(cfg, world)
+    in_features, num_classes = data_shape(cfg)
+    device = resolve_device(cfg)
+    model = build_model(cfg, in_features, num_classes or NUM_CLASSES)
+    balance = choose_balance(cfg, model, in_features, device, world)
+    stages = sp.split(model, balance=balance) if balance is not None else \
+        sp.split(model, n_stages=cfg.n_stages, by="params")
+    synthesizer = sp.Synthesizer(cfg.synthesizer, conditional=cfg.conditional,
+                                 num_classes=num_classes if cfg.conditional else None)
+    trainer = sp.Trainer(stages, loss_fn=nn.CrossEntropyLoss(), optimizer=_adam(cfg.lr), synthesizer=synthesizer,
+                         synth_lr=cfg.synth_lr, device=device, backend=cfg.backend, **train_options(cfg))
+    job = _Job(trainer, world, rank)
+    if trainer.is_main:
+        job.train_set, job.test_set = build_data(cfg)
+        check_labels(cfg, job.train_set, num_classes)
+        job.loader, job.loader_eval = train_loader(cfg, job.train_set), eval_loader(job.test_set)
+        if len(job.loader) == 0:
+            raise LaunchError(f"no training batches: {len(job.train_set)} training examples at batch size "
+                              f"{cfg.batch_size}")
+    return job
 
-        def adam(params: Any) -> torch.optim.Optimizer:
-            return torch.optim.Adam(params, lr=cfg.lr)
 
-        trainer = sp.Trainer(stages, loss_fn=nn.CrossEntropyLoss(), optimizer=adam, synthesizer=synthesizer,
-                             gradients=cfg.gradients, synth_lr=cfg.synth_lr, device=device, backend=cfg.backend,
-                             delay=cfg.delay, synthetic_scale=cfg.synthetic_scale, warmup_steps=cfg.warmup_steps,
-                             max_inflight=cfg.max_inflight, nonfinite=cfg.nonfinite,
-                             failure_timeout=cfg.failure_timeout, stall_warning=cfg.stall_warning or None,
-                             progress=cfg.progress)
-        train_set = test_set = loader = loader_eval = None
-        if trainer.is_main:
-            train_set, test_set = build_data(cfg)
-            check_labels(cfg, train_set, num_classes)
-            loader, loader_eval = train_loader(cfg, train_set), eval_loader(test_set)
-            if len(loader) == 0:
-                raise LaunchError(f"no training batches: {len(train_set)} training examples at batch size "
-                                  f"{cfg.batch_size}")
-    except LaunchError as e:
-        _say(str(e))
-        return 2
-    except (ValueError, RuntimeError) as e:  # the Trainer's, split's and the models' argument checks
-        _say(str(e))
-        return 2
+def _adam(lr: float) -> Any:
+    """The stages' optimizer factory: ``params -> Adam(params, lr)``."""
+    import torch
 
+    def adam(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=lr)
+
+    return adam
+
+
+def _train(cfg: JobConfig, job: _Job) -> _Trained | int:
+    """Fit, evaluate, export and close; an exit code instead when the run stopped or failed."""
+    trainer = job.trainer
     start = time.perf_counter()
     try:
-        history = trainer.fit(loader, epochs=cfg.epochs, eval_loader=loader_eval, max_steps=cfg.max_steps,
+        history = trainer.fit(job.loader, epochs=cfg.epochs, eval_loader=job.loader_eval, max_steps=cfg.max_steps,
                               resume=cfg.resume, checkpoint=cfg.checkpoint, checkpoint_every=cfg.checkpoint_every)
         if trainer.stopped is not None:  # SIGTERM or Ctrl-C: the checkpoint is saved; skip the rest
-            # We are already exiting as asked. A second SIGTERM (torchrun sends one to the
-            # other ranks when the first exits) must not kill us mid-close.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if rank == 0:
-                print(f"synthpipe train: stopped by {trainer.stopped} at step {trainer.step}; checkpoint saved "
-                      f"to {cfg.checkpoint}; continue with --resume {cfg.checkpoint}", file=sys.stderr, flush=True)
-            trainer.close()
-            return stop_exit_code(trainer.stopped)
-        final_epoch_eval = (bool(history.epochs) and "eval_accuracy" in history.final
-                            and history.final["epoch"] == trainer.epoch - 1 and trainer.step_in_epoch == 0)
-        if final_epoch_eval:
-            metrics = {"accuracy": history.final["eval_accuracy"], "loss": history.final["eval_loss"]}
-        else:
-            metrics = trainer.evaluate(loader_eval)  # every rank takes part
+            return _stopped(cfg, job)
+        metrics = _final_metrics(job, history)
         wall = time.perf_counter() - start
         if cfg.export is not None:
             trainer.export(cfg.export)
@@ -376,47 +417,82 @@ def _run(cfg: JobConfig) -> int:
         _say_interrupted(cfg, f" at step {trainer.step}")
         return 128 + signal.SIGINT
     except (ValueError, RuntimeError, ArithmeticError, OSError) as e:
-        where = f" on rank {rank}" if world > 1 else ""
+        where = f" on rank {job.rank}" if job.world > 1 else ""
         print(f"synthpipe train: training failed{where}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if os.environ.get("SYNTHPIPE_TRACEBACK"):
             raise
         return 1
+    return _Trained(history, metrics, wall, steps_total)
 
-    if rank != 0:
-        return 0
+
+def _stopped(cfg: JobConfig, job: _Job) -> int:
+    """A fit stopped by a signal: say where it was saved, close, and exit as the signal would."""
+    trainer = job.trainer
+    # We are already exiting as asked. A second SIGTERM (torchrun sends one to the
+    # other ranks when the first exits) must not kill us mid-close.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if job.rank == 0:
+        print(f"synthpipe train: stopped by {trainer.stopped} at step {trainer.step}; checkpoint saved "
+              f"to {cfg.checkpoint}; continue with --resume {cfg.checkpoint}", file=sys.stderr, flush=True)
+    trainer.close()
+    return stop_exit_code(trainer.stopped)
+
+
+def _final_metrics(job: _Job, history: Any) -> dict[str, float]:
+    """The test metrics after training: the last epoch's evaluation when it ran at the very end, else a fresh one."""
+    trainer = job.trainer
+    final_epoch_eval = (bool(history.epochs) and "eval_accuracy" in history.final
+                        and history.final["epoch"] == trainer.epoch - 1 and trainer.step_in_epoch == 0)
+    if final_epoch_eval:
+        return {"accuracy": history.final["eval_accuracy"], "loss": history.final["eval_loss"]}
+    return trainer.evaluate(job.loader_eval)  # every rank takes part
+
+
+def _report(cfg: JobConfig, job: _Job, done: _Trained) -> None:
+    """Rank 0: print the results, run the backprop comparison, write the output directory."""
+    trainer, history, metrics = job.trainer, done.history, done.metrics
     steps_run = len(history.steps)  # steps of this fit (after a resume: the new ones)
     samples, seconds = _throughput(history, steps_run, cfg.batch_size)
     name = method_name(cfg)
-    procs = f"{world} processes" if world > 1 else "1 process"
+    procs = f"{job.world} processes" if job.world > 1 else "1 process"
     print(f"{name}: {cfg.model} on {cfg.data}, {cfg.n_stages} stages, {procs}, device {trainer.device}")
-    resumed = f" (resumed; now at step {steps_total})" if cfg.resume is not None else ""
-    print(f"trained {steps_run} steps{resumed} in {wall:.1f} s, {samples / max(seconds, 1e-9):.0f} samples/s")
+    resumed = f" (resumed; now at step {done.steps_total})" if cfg.resume is not None else ""
+    print(f"trained {steps_run} steps{resumed} in {done.wall:.1f} s, {samples / max(seconds, 1e-9):.0f} samples/s")
     print(f"{name} test accuracy {100 * metrics['accuracy']:.2f}% (test loss {metrics['loss']:.4f})")
     if cfg.checkpoint is not None:
         print(f"checkpoint saved to {cfg.checkpoint}")
     if cfg.export is not None:
         print(f"model state_dict exported to {cfg.export}")
-    summary: dict[str, Any] = {"config": cfg.to_dict(), "world_size": world, "steps": steps_total,
-                               "epochs": trainer.epoch, "time": wall, "samples_per_s": samples / max(seconds, 1e-9),
+    summary: dict[str, Any] = {"config": cfg.to_dict(), "world_size": job.world, "steps": done.steps_total,
+                               "epochs": trainer.epoch, "time": done.wall,
+                               "samples_per_s": samples / max(seconds, 1e-9),
                                "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
-    if cfg.compare_backprop and steps_total > 0:
-        base = train_backprop(cfg, train_set, test_set, steps_total, trainer.device)
-        print(f"backprop (1 process, unsplit): {base['steps']} steps in {base['time']:.1f} s, "
-              f"test accuracy {100 * base['accuracy']:.2f}%")
-        print(f"{name} test accuracy {100 * metrics['accuracy']:.1f}% vs backprop {100 * base['accuracy']:.1f}% "
-              f"(same steps)")
-        summary["backprop"] = base
+    if cfg.compare_backprop and done.steps_total > 0:
+        summary["backprop"] = _compare_with_backprop(cfg, job, done)
     if cfg.output is not None:
-        os.makedirs(cfg.output, exist_ok=True)
-        history.to_json(os.path.join(cfg.output, "history.json"))
-        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1, default=str)
-        history.plot(os.path.join(cfg.output, "training.png"),
-                     title=f"{name}: {cfg.model} on {cfg.data}, {cfg.n_stages} stages, {procs}",
-                     reference_accuracy=summary["backprop"]["accuracy"] if "backprop" in summary else None)
-        print(f"history, summary and training curves (training.png) written to {cfg.output}")
-    sys.stdout.flush()
-    return 0
+        _write_outputs(cfg.output, history, summary,
+                       title=f"{name}: {cfg.model} on {cfg.data}, {cfg.n_stages} stages, {procs}")
+
+
+def _compare_with_backprop(cfg: JobConfig, job: _Job, done: _Trained) -> dict[str, float]:
+    """Train the unsplit model with plain backprop for as many steps and print both accuracies."""
+    name, accuracy = method_name(cfg), done.metrics["accuracy"]
+    base = train_backprop(cfg, job.train_set, job.test_set, done.steps_total, job.trainer.device)
+    print(f"backprop (1 process, unsplit): {base['steps']} steps in {base['time']:.1f} s, "
+          f"test accuracy {100 * base['accuracy']:.2f}%")
+    print(f"{name} test accuracy {100 * accuracy:.1f}% vs backprop {100 * base['accuracy']:.1f}% (same steps)")
+    return base
+
+
+def _write_outputs(output: str, history: Any, summary: dict[str, Any], title: str) -> None:
+    """``history.json``, ``summary.json`` and ``training.png`` in the directory ``output``."""
+    os.makedirs(output, exist_ok=True)
+    history.to_json(os.path.join(output, "history.json"))
+    with open(os.path.join(output, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    history.plot(os.path.join(output, "training.png"), title=title,
+                 reference_accuracy=summary["backprop"]["accuracy"] if "backprop" in summary else None)
+    print(f"history, summary and training curves (training.png) written to {output}")
 
 
 def build_parser(prog: str = "python -m synthpipe.launch.train") -> argparse.ArgumentParser:

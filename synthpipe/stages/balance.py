@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -173,9 +173,9 @@ def _time_child(child: nn.Module, x: Any) -> float:
     y = child(x)
     outs = [t for t in _tensors(y) if t.requires_grad]
     if outs:
-        loss = sum(t.sum() for t in outs)
+        loss = cast(torch.Tensor, sum(t.sum() for t in outs))  # (outs is not empty)
         # autograd.grad rather than backward(): nothing accumulates into .grad.
-        torch.autograd.grad(loss, inputs + params, allow_unused=True)
+        torch.autograd.grad(loss, [*inputs, *params], allow_unused=True)
     _synchronize(_tensors(y))
     return time.perf_counter() - start
 
@@ -221,7 +221,7 @@ def balance_by_time(model: nn.Sequential, n_stages: int, example_input: Any,
                 for child in children:
                     inputs.append(x)
                     x = child(x)
-            for child, x in zip(children, inputs):
+            for child, x in zip(children, inputs, strict=True):
                 _time_child(child, x)  # warm-up: allocator, lazy init, caches
                 costs.append(statistics.median(_time_child(child, x) for _ in range(repeats)))
     finally:

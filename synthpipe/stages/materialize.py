@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+__all__ = ["InitFn", "on_meta", "materialize"]
+
 InitFn = Callable[[nn.Module], None]
 
 

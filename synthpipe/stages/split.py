@@ -24,28 +24,21 @@ Two ways to split:
 """
 from __future__ import annotations
 
-import inspect
+import itertools
 import operator
-import os
-import re
-import warnings
 from collections import OrderedDict
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
-import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from .balance import balance_by_params, balance_by_time, sequential_children
+from .boundary import as_tuple
+from .trace import original_name as original_name  # re-exported: engine.checkpoint imports it from here
+from .trace import split_traced
 
 __all__ = ["split", "compose", "as_tuple", "StageSequential"]
 
 _BY = ("params", "time")
-
-
-def as_tuple(x: Any) -> tuple:
-    """A boundary value as a tuple (a tensor becomes a 1-tuple; a list becomes a tuple)."""
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def compose(stages: Sequence[nn.Module], *inputs: Any) -> Any:
@@ -74,7 +67,7 @@ class StageSequential(nn.Sequential):
     the original ``nn.Sequential`` handed the previous child's tuple output to it.
     """
 
-    def forward(self, *inputs: Any) -> Any:  # type: ignore[override]
+    def forward(self, *inputs: Any) -> Any:
         if not inputs:
             raise TypeError("StageSequential needs at least one input")
         x = inputs[0] if len(inputs) == 1 else tuple(inputs)
@@ -130,7 +123,7 @@ def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] 
     if isinstance(points, str):
         raise ValueError(f"points must be a list of submodule names, got the string {points!r}; "
                          f"write points=[{points!r}]")
-    if _is_plain_sequential(model):
+    if isinstance(model, nn.Sequential) and _is_plain_sequential(model):
         return _split_sequential(model, n_stages, balance, by, points, example_input)
     if balance is not None:
         raise ValueError(f"balance={list(balance)} only applies to nn.Sequential; "
@@ -143,7 +136,7 @@ def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] 
     if n_stages is not None and n_stages != len(points) + 1:
         raise ValueError(f"n_stages={n_stages} does not match {len(points)} points "
                          f"({len(points) + 1} stages)")
-    return _split_traced(model, points, example_input)
+    return split_traced(model, points, example_input)
 
 
 # -- nn.Sequential -------------------------------------------------------------------
@@ -246,401 +239,4 @@ def _points_to_balance(names: list[str], points: list[str]) -> list[int]:
         raise ValueError(f"split points {points} must be distinct children in order, not "
                          f"the first child {names[0]!r} (stage 0 would be empty)")
     bounds = [0] + starts + [len(names)]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
-
-
-# -- tracing -------------------------------------------------------------------------
-
-
-def _some_names(model: nn.Module, k: int = 10) -> list[str]:
-    return [name for name, _ in model.named_modules() if name][:k]
-
-
-def _split_traced(model: nn.Module, points: list[str], example_input: Any) -> list[nn.Module]:
-    if not points:
-        return [model]  # one stage: the model itself
-    if len(set(points)) != len(points):
-        raise ValueError(f"split points {points} contain duplicates")
-    for p in points:
-        try:
-            if not p:
-                raise AttributeError(p)
-            model.get_submodule(p)
-        except AttributeError:
-            names = _some_names(model, 12)
-            raise ValueError(f"unknown split point {p!r}: {type(model).__name__} has no such "
-                             f"submodule; valid names include {names}") from None
-    if example_input is None:
-        raise ValueError(f"split points {points} need example_input to trace "
-                         f"{type(model).__name__}")
-    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-
-    # Imported here: only the tracer is used, never a process group.
-    from torch.distributed.pipelining import SplitPoint, pipeline
-
-    # pipeline() patches forward() of each split-point module in place and never undoes
-    # it; remember what was there to restore the model afterwards.
-    patched = [model.get_submodule(p) for p in points]
-    saved = [{k: m.__dict__[k] for k in ("forward", "_orig_forward") if k in m.__dict__}
-             for m in patched]
-    try:
-        with warnings.catch_warnings():
-            # Tracing emits deprecation noise from torch internals; not the user's concern.
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pipe = pipeline(model, args, split_spec={p: SplitPoint.BEGINNING for p in points})
-    except Exception as e:
-        failure: Exception | None = e
-    else:
-        failure = None
-    finally:
-        for m, before in zip(patched, saved):
-            for k in ("forward", "_orig_forward"):
-                m.__dict__.pop(k, None)
-            m.__dict__.update(before)
-    if failure is not None:
-        raise _why_tracing_failed(model, points, args, failure) from failure
-
-    if pipe.num_stages != len(points) + 1:
-        _check_points_run_once(model, points, args)
-        raise ValueError(f"split points {points} gave {pipe.num_stages} stages, expected "
-                         f"{len(points) + 1}; every point must run once in forward(), after "
-                         f"some computation, and on a distinct boundary")
-    try:
-        stages = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
-    except AttributeError as e:  # (a point called twice leaves a stage without its module)
-        raise _why_tracing_failed(model, points, args, e) from e
-    _chain(pipe.split_gm, stages)
-    for i, stage in enumerate(stages):
-        _restore_leaves(stage, model, i)
-        _warn_frozen_dropout(stage, model, i)
-        stage.training = model.training
-    _check_no_parameter_in_two_traced_stages(stages)
-    return stages
-
-
-def traced_input_shapes(stage: nn.Module) -> list[tuple[int, ...] | None] | None:
-    """The input shapes a traced stage was recorded with (``None`` entries for non-tensor
-    inputs), or ``None`` for a stage that was not traced."""
-    graph = getattr(stage, "graph", None)
-    if not isinstance(stage, fx.GraphModule) or not isinstance(graph, fx.Graph):
-        return None
-    shapes = []
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            val = node.meta.get("val")
-            shapes.append(tuple(val.shape) if isinstance(val, torch.Tensor) else None)
-    return shapes
-
-
-def traced_output_shapes(stage: nn.Module) -> list[tuple[int, ...] | None] | None:
-    """The output shapes a traced stage produced when traced (``None`` entries for values
-    whose shape was not recorded), or ``None`` for a stage that was not traced."""
-    graph = getattr(stage, "graph", None)
-    if not isinstance(stage, fx.GraphModule) or not isinstance(graph, fx.Graph):
-        return None
-    _, values = _output_values(graph)
-    return [tuple(v.meta["val"].shape) if isinstance(v, fx.Node) and isinstance(v.meta.get("val"), torch.Tensor)
-            else None for v in values]
-
-
-def _check_no_parameter_in_two_traced_stages(stages: list[nn.Module]) -> None:
-    """A parameter used by two stages (tied weights, a root-level parameter, a module
-    called on both sides of a point) would be trained as two copies, one per process.
-
-    The tracer gives each stage that uses it the same object or a copy under the original
-    name, so both are looked for. Buffers may be shared: a constant table used by every
-    layer (rotary embeddings) is copied harmlessly, and export checks the copies agree.
-    """
-    by_id: dict[int, tuple[int, str]] = {}
-    by_name: dict[str, int] = {}
-    for i, stage in enumerate(stages):
-        for name, p in stage.named_parameters():
-            name = original_name(name)
-            first = by_id.setdefault(id(p), (i, name))
-            if first[0] == i and by_name.setdefault(name, i) == i:
-                continue
-            a, a_name = first if first[0] != i else (by_name[name], name)
-            where = (f"'{a_name}' (stage {a}) and '{name}' (stage {i}) are the same parameter"
-                     if a_name != name else f"'{name}' is used by stage {a} and stage {i}")
-            raise ValueError(f"{where}: each stage trains its own copy in its own process, so the weight would "
-                             f"stop being shared (tied embeddings, a parameter of the model itself, or a module "
-                             f"called on both sides of a split point); move the split points so that every use "
-                             f"falls in one stage, or untie the weights")
-
-
-def _run_as_is(model: nn.Module, args: tuple, points: list[str]) -> list[int]:
-    """Run ``model(*args)`` eagerly, as the user would; returns how often each point's
-    module was called. Parameters and buffers (BatchNorm statistics) are left as they were."""
-    calls = [0] * len(points)
-    hooks = [model.get_submodule(p).register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-             for i, p in enumerate(points)]
-    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in hooks:
-            h.remove()
-        with torch.no_grad():
-            for k, v in model.state_dict(keep_vars=True).items():
-                v.copy_(saved[k])
-    return calls
-
-
-def _check_points_run_once(model: nn.Module, points: list[str], args: tuple) -> None:
-    calls = _run_as_is(model, args, points)
-    for p, n in zip(points, calls):
-        if n != 1:
-            raise ValueError(f"split point {p!r} is called {n} times by {type(model).__name__}.forward(); a "
-                             f"stage begins where its module runs, so it must run exactly once: choose a "
-                             f"module called once (a point inside a module that forward() calls twice, or "
-                             f"one that is never called, cannot mark a boundary)")
-
-
-def _why_tracing_failed(model: nn.Module, points: list[str], args: tuple, error: Exception) -> ValueError:
-    """The reason a traced split failed, in the user's terms (torch's own message is a
-    graph dump that ends by pointing at torch's manual pipeline API)."""
-    from .stage import describe  # (stage imports this module)
-
-    name = type(model).__name__
-    try:
-        _check_points_run_once(model, points, args)
-    except ValueError as e:
-        return e
-    except Exception as e:  # the model itself fails on example_input: that is the real error
-        return ValueError(f"{name}(*example_input) fails when run as is, so it cannot be traced for "
-                          f"splitting: {type(e).__name__}: {_first_line(e)} (example_input: "
-                          f"{describe(args)})")
-    root = error
-    while root.__cause__ is not None:
-        root = root.__cause__
-    where = _user_frame(root)
-    return ValueError(f"torch.export could not capture {name}.forward() as one graph, which a split at points "
-                      f"needs: {type(root).__name__}: {_first_line(root)}{where}. Typical causes: Python control "
-                      f"flow on tensor values (`if h.sum() > 0:`; use torch.where), .item() or .tolist(), "
-                      f"shapes that depend on data. Rewrite that code, or build the model as an nn.Sequential "
-                      f"(split by children, without tracing)")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
-
-
-def _user_frame(error: BaseException) -> str:
-    """`` at file:line (code)`` of the innermost frame outside torch and synthpipe, if any."""
-    import traceback
-
-    outside = [f for f in traceback.extract_tb(error.__traceback__)
-               if f"{os.sep}torch{os.sep}" not in f.filename and f"{os.sep}synthpipe{os.sep}" not in f.filename
-               and not f.filename.startswith("<")]
-    if not outside:
-        return ""
-    f = outside[-1]
-    return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
-
-
-Key = Hashable  # ("in", j) for model input j, (stage, index) for a stage output
-
-
-def _output_values(graph: fx.Graph) -> tuple[fx.Node, list[Any]]:
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    value = out.args[0]
-    return out, list(value) if isinstance(value, (tuple, list)) else [value]
-
-
-def _chain(split_gm: fx.GraphModule, stages: list[fx.GraphModule]) -> None:
-    """Rewrite traced stages in place into a chain: stage i+1 takes what stage i returns.
-
-    ``pipeline()`` wires stages as a DAG: a value made by stage 0 and used by stage 2 goes
-    straight from 0 to 2. The engine only ever hands stage i's output to stage i+1, so
-    such values are added to the outputs of the stages in between (pass-through), and
-    every stage's placeholders become exactly the previous boundary, in order. Stage 0
-    takes all of the model's positional inputs; the last stage returns the model's
-    (flattened) outputs.
-    """
-    key: dict[fx.Node, Key] = {}
-    calls: list[fx.Node] = []
-    final: list[Any] = []
-    n_in = 0
-    for node in split_gm.graph.nodes:
-        if node.op == "placeholder":
-            key[node] = ("in", n_in)
-            n_in += 1
-        elif node.op == "call_module":
-            key[node] = (len(calls), None)
-            calls.append(node)
-        elif node.op == "call_function" and node.target is operator.getitem \
-                and node.args[0] in key and key[node.args[0]][1] is None:
-            key[node] = (key[node.args[0]][0], node.args[1])
-        elif node.op == "output":
-            final = list(as_tuple(node.args[0]))
-        else:
-            raise RuntimeError(f"unexpected node {node.format_node()} in the traced pipeline")
-    if len(calls) != len(stages) or any(getattr(split_gm, c.target) is not s
-                                        for c, s in zip(calls, stages)):
-        raise RuntimeError("traced pipeline stages are not called in order")
-    for v in final:
-        if not isinstance(v, fx.Node):
-            raise ValueError(f"model output {v!r} is not a tensor; traced stages return tensors")
-    final_keys = [key[v] for v in final]
-    args = [[key[a] for a in c.args] for c in calls]
-
-    own: list[list[Key]] = []
-    for i, stage in enumerate(stages):
-        out, values = _output_values(stage.graph)
-        bare = not isinstance(out.args[0], (tuple, list))
-        own.append([(i, None)] if bare else [(i, k) for k in range(len(values))])
-
-    boundary: list[Key] = [("in", j) for j in range(n_in)]
-    for i, stage in enumerate(stages):
-        if i == len(stages) - 1:
-            out_keys = final_keys
-        else:
-            later = {k for a in args[i + 1:] for k in a} | set(final_keys)
-            out_keys = own[i] + [k for k in boundary if k in later and k not in own[i]]
-        if args[i] != boundary or out_keys != own[i]:
-            _rewrite(stage, args[i], boundary, own[i], out_keys)
-        boundary = out_keys
-
-
-def _rewrite(stage: fx.GraphModule, arg_keys: list[Key], in_keys: list[Key],
-             own_keys: list[Key], out_keys: list[Key]) -> None:
-    """Give ``stage`` placeholders ``in_keys`` and outputs ``out_keys`` (see :func:`_chain`)."""
-    graph = stage.graph
-    old = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(old) != len(arg_keys) or not set(arg_keys) <= set(in_keys):
-        raise RuntimeError("traced stage inputs do not match the pipeline graph")
-    first = next(iter(graph.nodes))
-    new: dict[Key, fx.Node] = {}
-    with graph.inserting_before(first):
-        for pos, k in enumerate(in_keys):
-            new[k] = graph.placeholder(f"boundary_{pos}")
-    for node, k in zip(old, arg_keys):
-        if not new[k].meta:
-            new[k].meta = dict(node.meta)
-        node.replace_all_uses_with(new[k])
-        graph.erase_node(node)
-
-    out, values = _output_values(graph)
-    local = dict(zip(own_keys, values))
-    result = [local[k] if k in local else new[k] for k in out_keys]
-    out.args = (tuple(result) if len(result) != 1 else result[0],)
-    out.meta = {}
-    # The first stage may carry the model's pytree calling convention; plain args now.
-    graph._codegen = fx.graph.CodeGen()
-    graph.lint()
-    stage.recompile()
-
-
-_CALL_SUFFIX = re.compile(r"@\d+(?=\.|$)")
-
-
-def original_name(name: str) -> str:
-    """The model's name for a traced stage's ``name``: the tracer calls a module's second
-    call ``blk@1`` (its tensors ``blk@1.weight``), which is the model's ``blk``."""
-    return _CALL_SUFFIX.sub("", name)
-
-
-def _restore_leaves(stage: fx.GraphModule, model: nn.Module, index: int) -> None:
-    """Put the model's own childless modules back in place of their traced graphs.
-
-    A traced submodule is an ``InterpreterModule`` whose graph was recorded in the mode
-    the model had when traced (e.g. BatchNorm with ``training=True`` baked in). For a leaf
-    this is only safe to undo where the call is unambiguous: a single tensor in, a single
-    tensor out, and an original ``forward(input)`` that takes nothing else (the graph
-    drops constant arguments and orders several inputs by creation, not by position).
-    """
-    for name, traced in list(stage.named_modules()):
-        if not name or not hasattr(traced, "graph"):
-            continue
-        # A second call of a shared module is traced as "name@1".
-        orig_name = original_name(name)
-        try:
-            orig = model.get_submodule(orig_name)
-        except AttributeError:
-            continue
-        if orig is traced or next(orig.children(), None) is not None:
-            continue
-        parent_name, _, atom = name.rpartition(".")
-        parent = stage.get_submodule(parent_name) if parent_name else stage
-        if _restorable(parent, atom, traced, orig):
-            setattr(parent, atom, orig)
-        elif len(list(orig.buffers())):  # (a dropout left traced is found by _warn_frozen_dropout)
-            warnings.warn(f"stage {index}: {name!r} ({type(orig).__name__}) stays a traced graph "
-                          f"frozen to the train/eval mode the model had when traced",
-                          stacklevel=4)
-
-
-_DROPOUT_OPS = ("aten.dropout.", "aten.native_dropout.", "aten.feature_dropout.", "aten.alpha_dropout.",
-                "aten.feature_alpha_dropout.")
-
-
-def _dropout_rate(node: fx.Node) -> float:
-    """The dropout probability a traced call applies (0.0 for any other call)."""
-    target = str(node.target)
-    if target.startswith(_DROPOUT_OPS):
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.0)
-    elif target.startswith("aten.scaled_dot_product_attention."):
-        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-    else:
-        return 0.0
-    return float(p) if isinstance(p, (int, float)) else 0.0
-
-
-def _warn_frozen_dropout(stage: fx.GraphModule, model: nn.Module, index: int) -> None:
-    """Warn where dropout survived only as traced code: it keeps the mode of the trace.
-
-    nn.Dropout leaves are put back as live modules (:func:`_restore_leaves`); what is left
-    is dropout inside code that was inlined, such as the attention dropout of
-    ``nn.MultiheadAttention`` or ``F.dropout(x, p, self.training)`` in a forward with
-    children. Traced in training mode it also drops units in eval; traced in eval mode,
-    attention dropout is gone from the graph, so the model's own modules are checked too.
-    """
-    traced_training = model.training
-    frozen = []
-    for name, module in stage.named_modules():
-        graph = getattr(module, "graph", None)
-        if isinstance(graph, fx.Graph) and any(n.op == "call_function" and _dropout_rate(n) > 0 for n in graph.nodes):
-            frozen.append(name or "the model's own forward()")
-    if not traced_training:  # attention dropout traced in eval mode left no node behind
-        for name, module in stage.named_modules():
-            try:
-                orig = model.get_submodule(original_name(name)) if name else None
-            except AttributeError:
-                continue
-            if isinstance(orig, nn.MultiheadAttention) and orig.dropout > 0 and module is not orig:
-                frozen.append(name)
-    if frozen:
-        state = "training" if traced_training else "eval"
-        effect = ("it keeps dropping units after .eval(), so evaluation is random" if traced_training
-                  else "it stays off during training")
-        warnings.warn(f"stage {index}: dropout in traced code ({', '.join(dict.fromkeys(frozen))}) is frozen to the "
-                      f"{state} mode the model had when split: {effect}. nn.Dropout modules stay live; attention "
-                      f"dropout and F.dropout inside a module with children do not. Set those dropout rates to 0 "
-                      f"if that matters", stacklevel=4)
-
-
-def _restorable(parent: nn.Module, atom: str, traced: nn.Module, orig: nn.Module) -> bool:
-    graph = getattr(parent, "graph", None)
-    if not isinstance(graph, fx.Graph):
-        return False
-    sites = [n for n in graph.nodes if n.op == "call_module" and n.target == atom]
-    if not sites:
-        return False
-    for site in sites:
-        if site.kwargs or len(site.args) != 1 or not isinstance(site.args[0], fx.Node):
-            return False
-        val = site.args[0].meta.get("val")
-        if val is not None and not isinstance(val, torch.Tensor):
-            return False
-    # One value out (BatchNorm used twice threads its counter out as a second value).
-    if not isinstance(_output_values(traced.graph)[0].args[0], fx.Node):
-        return False
-    try:
-        params = list(inspect.signature(orig.forward).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [b - a for a, b in itertools.pairwise(bounds)]

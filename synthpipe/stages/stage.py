@@ -23,29 +23,15 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import UninitializedBuffer
 
+from .boundary import as_tuple, describe
 from .materialize import InitFn, materialize, on_meta
-from .split import as_tuple, traced_input_shapes, traced_output_shapes
 from .synthesizer import BoundarySynthesizer, Synthesizer, TokenSynth, per_batch
+from .trace import traced_input_shapes, traced_output_shapes
+
+__all__ = ["OptimizerFactory", "training_modes", "restore_training_modes", "NonFiniteError", "StageInputError",
+           "default_synth_optimizer", "Stage", "running_statistics", "all_finite"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def describe(tensors: Sequence[Any]) -> str:
-    """Shapes and dtypes of a boundary, for error messages (never a whole value)."""
-    shown = ", ".join(_describe_one(t) for t in tensors[:8])
-    return shown if len(tensors) <= 8 else f"{shown}, ... ({len(tensors)} values)"
-
-
-def _describe_one(t: Any) -> str:
-    if torch.is_tensor(t):
-        return f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
-    shape = getattr(t, "shape", None)
-    if shape is not None:  # numpy arrays and the like
-        return f"{type(t).__name__} of shape {tuple(shape)}"
-    if isinstance(t, (list, tuple, dict)):
-        return f"{type(t).__name__} of {len(t)}"
-    text = repr(t)
-    return text if len(text) <= 60 else f"{type(t).__name__} {text[:40]}..."
 
 
 def training_modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
@@ -124,7 +110,8 @@ class Stage:
         if on_meta(module):
             module = materialize(module, self.device, init, name=f"stage {index}")
         self.module = module.to(self.device)
-        self.optimizer = optimizer(list(self.module.parameters())) if any(True for _ in self.module.parameters()) else None
+        params = list(self.module.parameters())
+        self.optimizer = optimizer(params) if params else None
         self.loss_fn = loss_fn
         self.recipe = synthesizer
         self.synth_optimizer_factory = synth_optimizer or default_synth_optimizer
@@ -138,7 +125,7 @@ class Stage:
         # A lazy norm layer's first forward: the saved copies of the statistics that
         # existed, and the layers that had none yet (undone by resetting them).
         self._first_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._first_lazy: list[nn.Module] = []
+        self._first_lazy: list[nn.modules.batchnorm._NormBase] = []
         if self.is_last and loss_fn is None:
             raise ValueError("the last stage needs a loss_fn")
 
@@ -175,6 +162,7 @@ class Stage:
         saved = bool(self._running_stats) and self.module.training
         if saved:
             self._save_running_stats()
+        cause: Exception | None = None
         try:
             out = as_tuple(self.module(*inputs))
             problem = self._traced_batch_problem(inputs, out)
@@ -183,8 +171,6 @@ class Stage:
             # (a traced stage's error goes on with the fx interpreter's notes: the first line says it)
             reason = str(e).strip().splitlines()[0] if hint and str(e).strip() else str(e)
             problem, cause = f"{self.name} failed on its input ({describe(inputs)}): {reason}{hint}", e
-        else:
-            cause = None
         if problem is not None:
             if saved:  # a norm layer may have counted this batch already
                 self.undo_forward()
@@ -202,7 +188,7 @@ class Stage:
         batch = next((t.shape[0] for t in inputs if torch.is_tensor(t) and t.dim() > 0), None)
         if traced_batch is None or batch is None or batch == traced_batch:
             return None
-        for t, traced in zip(outputs, self._traced_out):
+        for t, traced in zip(outputs, self._traced_out, strict=False):
             if (torch.is_tensor(t) and t.dim() > 0 and traced and traced[0] == traced_batch
                     and t.shape[0] != batch):
                 return (f"{self.name} turned a batch of {batch} ({describe(inputs)}) into outputs "
@@ -229,7 +215,8 @@ class Stage:
             self.synth, self.synth_optimizer = self._new_synthesizer([t.detach() for t in example])
         return self.synth
 
-    def _new_synthesizer(self, example: Sequence[torch.Tensor]) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None]:
+    def _new_synthesizer(self, example: Sequence[torch.Tensor]
+                         ) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None]:
         """A synthesizer built by the recipe from ``example``, and its optimizer."""
         assert self.recipe is not None
         synth = self.recipe.build(self.index, example)
@@ -241,7 +228,7 @@ class Stage:
         assert self.synth is not None and self.recipe is not None
         if callable(self.recipe.kind):
             return  # a custom model checks its own input
-        for i, (t, shape, part) in enumerate(zip(h, self.synth.shapes, self.synth.parts)):
+        for i, (t, shape, part) in enumerate(zip(h, self.synth.shapes, self.synth.parts, strict=False)):
             # Only the token synthesizer takes any sequence length.
             token = (isinstance(part, TokenSynth) and shape is not None and len(shape) == 2
                      and t.dim() == 3 and t.shape[-1] == shape[-1])
@@ -278,7 +265,7 @@ class Stage:
         # dloss/dpred = 2 d / numel.
         outs, grads, total = [], [], 0.0
         with torch.no_grad():
-            for p, g in zip(pred, target):
+            for p, g in zip(pred, target, strict=False):
                 if p is None or g is None:
                     continue
                 d = torch.sub(p, g.to(p.device, p.dtype), alpha=g.shape[0])
@@ -311,7 +298,7 @@ class Stage:
             raise StageInputError(
                 f"{self.name}: got {len(grads)} gradient tensors for {len(outputs)} outputs")
         pairs = []
-        for i, (o, g) in enumerate(zip(outputs, grads)):
+        for i, (o, g) in enumerate(zip(outputs, grads, strict=True)):
             if g is None or not torch.is_tensor(o) or not o.requires_grad:
                 continue
             if g.shape != o.shape:
@@ -463,10 +450,10 @@ def running_statistics(module: nn.Module) -> list[torch.Tensor]:
     constants and are not copied.)
     """
     return [b for m in _tracking_norms(module) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-            if b is not None]
+            if isinstance(b, torch.Tensor)]
 
 
-def _tracking_norms(module: nn.Module) -> list[nn.Module]:
+def _tracking_norms(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
     """The BatchNorm / InstanceNorm layers of ``module`` that track running statistics."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
 

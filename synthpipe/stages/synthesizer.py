@@ -1,4 +1,4 @@
-"""Synthetic-gradient models ("synthesizers", M_r in DESIGN.md).
+"""Synthetic-gradient models ("synthesizers", M_r in docs/guide.md, section 1).
 
 A synthesizer predicts the gradient of the loss with respect to a stage's output,
 ``g_r ~ dL/dh_r``, from the output itself and, for cDNI, the labels.
@@ -20,6 +20,9 @@ from typing import Any, Callable, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+__all__ = ["Tensors", "KINDS", "per_example", "per_batch", "one_hot_labels", "LinearSynth", "LowRankSynth", "MLPSynth",
+           "ConvSynth", "TokenSynth", "LINEAR_WARN_PARAMS", "LINEAR_MAX_PARAMS", "BoundarySynthesizer", "Synthesizer"]
 
 Tensors = tuple  # tuple[Tensor | None, ...]; kept loose for the optional entries
 
@@ -72,9 +75,11 @@ class _BatchNorm2d(nn.BatchNorm2d):
 
 def _zero_(layer: nn.Module) -> nn.Module:
     """Zero a layer's weight and bias so the first synthetic gradients are exactly zero."""
-    nn.init.zeros_(layer.weight)
-    if getattr(layer, "bias", None) is not None:
-        nn.init.zeros_(layer.bias)
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    assert isinstance(weight, torch.Tensor)
+    nn.init.zeros_(weight)
+    if isinstance(bias, torch.Tensor):
+        nn.init.zeros_(bias)
     return layer
 
 
@@ -177,7 +182,8 @@ class ConvSynth(_Conditioned):
                  hidden: int = 64, depth: int = 2, kernel_size: int = 5):
         super().__init__(num_classes)
         if len(shape) != 3:
-            raise ValueError(f"the conv synthesizer needs 4-D (B, C, H, W) activations, got a per-example shape {tuple(shape)}")
+            raise ValueError(f"the conv synthesizer needs 4-D (B, C, H, W) activations, got a per-example shape "
+                             f"{tuple(shape)}")
         channels = shape[0]
         pad = kernel_size // 2
         layers: list[nn.Module] = []
@@ -210,7 +216,8 @@ class TokenSynth(_Conditioned):
                  hidden: int = 256, depth: int = 1):
         super().__init__(num_classes)
         if len(shape) != 2:
-            raise ValueError(f"the token synthesizer needs 3-D (B, T, D) activations, got a per-example shape {tuple(shape)}")
+            raise ValueError(f"the token synthesizer needs 3-D (B, T, D) activations, got a per-example shape "
+                             f"{tuple(shape)}")
         dim = shape[-1]
         layers: list[nn.Module] = []
         width = dim + self.label_dim
@@ -296,7 +303,7 @@ class BoundarySynthesizer(nn.Module):
         if len(h) != len(self.parts):
             raise ValueError(f"synthesizer was built for {len(self.parts)} boundary tensors, got {len(h)}")
         return tuple(part(t, y) if has else None
-                     for part, has, t in zip(self.parts, self.has_part, h))
+                     for part, has, t in zip(self.parts, self.has_part, h, strict=True))
 
 
 class Synthesizer:
