@@ -453,16 +453,20 @@ class SignallingBatches:
         import signal
         import time
 
+        def send() -> None:
+            if self.pid == os.getpid() and signal.getsignal(self.signum) in (signal.SIG_DFL,
+                                                                              signal.default_int_handler):
+                raise AssertionError(f"fit installed no {signal.Signals(self.signum).name} handler")
+            os.kill(self.pid, self.signum)
+
         for i, b in enumerate(self.batches):
+            if i == self.at:
+                send()
             if i in self.again:
                 deadline = time.monotonic() + 10
                 while not self.handled() and time.monotonic() < deadline:
                     time.sleep(0.01)
-            if i == self.at or i in self.again:
-                if self.pid == os.getpid() and signal.getsignal(self.signum) in (signal.SIG_DFL,
-                                                                                  signal.default_int_handler):
-                    raise AssertionError(f"fit installed no {signal.Signals(self.signum).name} handler")
-                os.kill(self.pid, self.signum)
+                send()
             if i >= self.at:
                 time.sleep(self.delay)
             yield b
@@ -537,8 +541,9 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     batches = make_batches(n=40)
     t = trainer()
     t.fit(batches, max_steps=3, checkpoint=str(tmp_path))  # a complete checkpoint at step 3
-    # The first Ctrl-C asks for a stop; before the step ends (the loader reads ahead) a second one comes.
-    loader = SignallingBatches(batches, at=4, pid=os.getpid(), signum=signal.SIGINT, again=(5,),
+    # The first Ctrl-C asks for a stop; a second one comes while that batch is still being read, so
+    # before the fit is over (the loader runs on the prefetch thread, which the stop waits for).
+    loader = SignallingBatches(batches, at=4, pid=os.getpid(), signum=signal.SIGINT, again=(4,),
                                handled=lambda: t._signals.here is not None)
     with pytest.raises(KeyboardInterrupt):
         t.fit(loader, max_steps=40, checkpoint=str(tmp_path))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable
 
 import torch
 
@@ -102,7 +102,7 @@ class PrefetchQueue:
         except BaseException as e:  # handed to the consumer
             self._put(_Failure(e))
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Generator[Any, None, None]:
         self.close()
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.depth)
