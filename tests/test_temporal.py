@@ -355,3 +355,20 @@ def test_synthetic_gradient_learns_a_copy_task_longer_than_the_truncation():
     # DNI 1.4-1.7, a ratio of 0.44-0.55; the bound leaves a wide margin.
     plain, dni = _copy_error(None, seed=0), _copy_error(sp.Synthesizer("linear"), seed=0)
     assert dni < 0.75 * plain, (plain, dni)
+
+
+class LastOutputCell(ElmanCell):
+    """A cell whose output is the last step only, (B, H): nothing per step for the aux readout."""
+
+    def forward(self, x, state=None):
+        out, h = super().forward(x, state)
+        return out[:, -1], h
+
+
+def test_a_refused_first_step_leaves_the_trainer_unbuilt():
+    trainer = sp.TemporalTrainer(LastOutputCell(), nn.Linear(H, OUT), masked_bce, truncation=2,
+                                 synthesizer=sp.Synthesizer("linear"), aux_future=True)
+    with pytest.raises(ValueError, match=r"aux_future reads the core's output per step.*\(3, 6\)"):
+        trainer.step(*_data())
+    assert trainer.layout is None and trainer.synthesizer is None and trainer.aux_head is None
+    assert len(trainer.optimizer.param_groups) == 1

@@ -324,22 +324,23 @@ class TemporalTrainer:
 
     def _build(self, state: State, batch_size: int, out: torch.Tensor) -> None:
         """First step: learn the state's layout; build M and the auxiliary readout on it."""
-        self.layout = StateLayout(state, self.state_batch_dim, batch_size, f"core {_name(self.core)}")
-        like = next(t for t, f in zip(self.layout.parts(state), self.layout.floating) if f)
+        # Everything is built before anything is kept: a refusal here leaves the trainer as it was.
+        layout = StateLayout(state, self.state_batch_dim, batch_size, f"core {_name(self.core)}")
+        like = next(t for t, f in zip(layout.parts(state), layout.floating) if f)
+        if self.aux_future and out.dim() < 3:
+            raise ValueError(f"aux_future reads the core's output per step, (B, t, H); core {_name(self.core)} "
+                             f"returned shape {tuple(out.shape)}")
         if self._synth_recipe is not None:
-            example = like.new_zeros(batch_size, self.layout.features)
-            built = self._synth_recipe.build(0, [example])
-            self.synthesizer = built.parts[0]
+            example = like.new_zeros(batch_size, layout.features)
+            self.synthesizer = self._synth_recipe.build(0, [example]).parts[0]
             self._make_synth_optimizer()
         if self.aux_future:
-            if out.dim() < 3:
-                raise ValueError(f"aux_future reads the core's output per step, (B, t, H); core {_name(self.core)} "
-                                 f"returned shape {tuple(out.shape)}")
             width = math.prod(out.shape[2:])
-            self.aux_head = nn.Linear(width, self.layout.features).to(device=out.device, dtype=out.dtype)
+            self.aux_head = nn.Linear(width, layout.features).to(device=out.device, dtype=out.dtype)
             nn.init.zeros_(self.aux_head.weight)
             nn.init.zeros_(self.aux_head.bias)
             self.optimizer.add_param_group({"params": list(self.aux_head.parameters())})
+        self.layout = layout
 
     def _predict(self, z: torch.Tensor) -> torch.Tensor:
         pred = self.synthesizer(z)
