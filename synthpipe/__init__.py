@@ -7,8 +7,8 @@
     history = trainer.fit(train_loader, epochs=5, eval_loader=test_loader)
 """
 from ._version import __version__
-from .engine import History, PrefetchQueue, TrainConfig, Trainer
+from .engine import History, PrefetchQueue, TemporalTrainer, TrainConfig, Trainer
 from .stages import NonFiniteError, Stage, StageInputError, Synthesizer, compose, split
 
 __all__ = ["History", "NonFiniteError", "PrefetchQueue", "Stage", "StageInputError", "Synthesizer",
-           "TrainConfig", "Trainer", "__version__", "compose", "split"]
+           "TemporalTrainer", "TrainConfig", "Trainer", "__version__", "compose", "split"]

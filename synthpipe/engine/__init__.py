@@ -2,6 +2,7 @@
 from .config import TrainConfig
 from .history import History
 from .prefetch import PrefetchQueue
+from .temporal import TemporalTrainer
 from .trainer import Trainer
 
-__all__ = ["History", "PrefetchQueue", "TrainConfig", "Trainer"]
+__all__ = ["History", "PrefetchQueue", "TemporalTrainer", "TrainConfig", "Trainer"]
