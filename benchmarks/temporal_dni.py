@@ -38,7 +38,8 @@ STYLES = {"bptt": "-", "dni": "--", "dni+aux": ":"}  # lines that coincide stay 
 
 
 def make_trainer(method: str, core: nn.Module, head: nn.Module, loss_fn, args, **options) -> sp.TemporalTrainer:
-    adam = (lambda lr: (lambda p: torch.optim.Adam(p, lr=lr)))
+    def adam(lr):
+        return ((lambda p: torch.optim.Adam(p, lr=lr)))
     synth = None if method == "bptt" else sp.Synthesizer("linear")
     return sp.TemporalTrainer(core, head, loss_fn, truncation=args.truncation, synthesizer=synth,
                               optimizer=adam(args.lr), synth_optimizer=adam(args.synth_lr),

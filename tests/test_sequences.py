@@ -7,8 +7,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from synthpipe.sequences import (IGNORE, CopyTask, bits_per_char, bits_per_step, char_lm_loss, copy_batch,
-                                 masked_bce, repeat_copy_batch)
+from synthpipe.sequences import (
+    IGNORE,
+    CopyTask,
+    bits_per_char,
+    bits_per_step,
+    char_lm_loss,
+    copy_batch,
+    masked_bce,
+    repeat_copy_batch,
+)
 
 
 def test_copy_batch_layout():
@@ -39,7 +47,7 @@ def test_copy_task_stream_is_seeded_and_batches_through_a_dataloader():
     task = CopyTask(2, batch_size=3, bits=4, n_batches=4, seed=7)
     a, b = list(task), list(DataLoader(task, batch_size=None))
     assert len(a) == len(b) == 4
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=False):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(a[0][0], a[1][0])
     assert task.length == a[0][0].shape[1] == 5

@@ -95,9 +95,9 @@ def test_zero_synthesizer_equals_plain_truncated_bptt(kind, synth):
     assert trainer.synthesizer is not None
     if synth == "linear":  # it was run and regressed, but its frozen output layer is still zero
         assert float(trainer.synthesizer.out.weight.detach().abs().max()) == 0
-    for a, b in zip(_params(core, head), _params(ref_core, ref_head)):
+    for a, b in zip(_params(core, head), _params(ref_core, ref_head), strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert any(not torch.equal(a, b) for a, b in zip(_params(core, head), _params(*_model(kind))))
+    assert any(not torch.equal(a, b) for a, b in zip(_params(core, head), _params(*_model(kind)), strict=False))
 
 
 def test_no_synthesizer_is_plain_truncated_bptt_and_reports_no_synth_loss():
@@ -109,7 +109,7 @@ def test_no_synthesizer_is_plain_truncated_bptt_and_reports_no_synth_loss():
     log = plain.step(x, y)
     ref.step(x, y)
     assert log.synth_loss is None and log.aux_loss is None and plain.synthesizer is None
-    for a, b in zip(_params(core, head), _params(ref.core, ref.head)):
+    for a, b in zip(_params(core, head), _params(ref.core, ref.head), strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -165,9 +165,9 @@ def test_true_future_gradient_synthesizer_equals_full_bptt(kind, length):
     # the bootstrapped target (next chunk's gradient plus the oracle's own next prediction) is the truth
     assert log.synth_loss < 1e-10
     with torch.no_grad():  # one SGD step of full BPTT
-        for p, g in zip(list(ref_core.parameters()) + list(ref_head.parameters()), full_grads):
+        for p, g in zip(list(ref_core.parameters()) + list(ref_head.parameters()), full_grads, strict=False):
             p -= lr * g
-    for a, b in zip(_params(core, head), _params(ref_core, ref_head)):
+    for a, b in zip(_params(core, head), _params(ref_core, ref_head), strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     # and it is not plain truncated BPTT: the future gradient changed the first chunk's update
     plain_core, plain_head = copy.deepcopy(ref_core), copy.deepcopy(ref_head)
@@ -176,7 +176,8 @@ def test_true_future_gradient_synthesizer_equals_full_bptt(kind, length):
     plain = sp.TemporalTrainer(plain_core, plain_head, masked_bce, truncation=T,
                                optimizer=lambda p: torch.optim.SGD(p, lr=lr), update="sequence")
     plain.step(x, y)
-    assert max(float((a - b).abs().max()) for a, b in zip(_params(core, head), _params(plain_core, plain_head))) > 1e-4
+    pairs = zip(_params(core, head), _params(plain_core, plain_head), strict=False)
+    assert max(float((a - b).abs().max()) for a, b in pairs) > 1e-4
 
 
 def test_synthesizer_regresses_on_the_per_example_true_gradient_at_the_last_boundary():
@@ -210,7 +211,7 @@ def test_aux_future_predicts_the_synthetic_gradient_and_shapes_the_core():
     assert runs[False][0].aux_loss is None
     assert trainer.aux_head is not None and trainer.aux_head.weight.abs().sum() > 0
     # the readout starts at zero, so the core feels the task from the second update on
-    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1], strict=False))
     for aux in (False, True):
         c, h = copy.deepcopy(core), copy.deepcopy(head)
         trainer = sp.TemporalTrainer(c, h, masked_bce, truncation=3, synthesizer=HalfState(),
@@ -218,7 +219,7 @@ def test_aux_future_predicts_the_synthetic_gradient_and_shapes_the_core():
                                      aux_weight=100.0)
         trainer.fit([_data(length=6, seed=s) for s in range(2)])
         runs[aux] = _params(c)
-    assert max(float((a - b).abs().max()) for a, b in zip(runs[True], runs[False])) > 1e-6
+    assert max(float((a - b).abs().max()) for a, b in zip(runs[True], runs[False], strict=False)) > 1e-6
 
 
 class HalfState(nn.Module):
@@ -251,7 +252,7 @@ def test_state_layout_puts_the_batch_first_for_lstm_states():
     _, state_p = core(x[perm])
     torch.testing.assert_close(layout.flatten(state_p, 5, x), z[perm])  # row i is example i
     back = layout.unflatten(z, state)
-    assert all(torch.equal(a, b) for a, b in zip(back, state))
+    assert all(torch.equal(a, b) for a, b in zip(back, state, strict=False))
 
 
 class NoState(nn.Module):
@@ -334,7 +335,7 @@ def test_bad_cores_and_batches_are_refused_by_name(core, synth, x_y, match):
     before = _params(core)
     with pytest.raises(ValueError, match=match):
         trainer.step(*(x_y or _data()))
-    assert all(torch.equal(a, b) for a, b in zip(before, _params(core)))  # nothing was trained
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(core), strict=False))  # nothing was trained
 
 
 def _copy_error(synthesizer, seed: int) -> float:

@@ -5,9 +5,8 @@ import dataclasses
 import math
 from typing import Optional
 
-from .sources import SOURCES
+from .sources.registry import SOURCES
 
-GRADIENT_MODES = tuple(SOURCES)  # every registered gradient source (see synthpipe.engine.sources)
 NONFINITE_POLICIES = ("raise", "skip")
 DEFAULT_DELAY = 2  # a target arrives about two steps after its activation left (docs/guide.md, section 2)
 

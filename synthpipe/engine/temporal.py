@@ -95,7 +95,7 @@ class StateLayout:
             raise ValueError(
                 f"{core} carries no floating-point state (it returned {_describe(state)}); temporal DNI needs a "
                 f"recurrent state: call the core as core(x, state) -> (output, new_state)")
-        self.shapes = [tuple(t.shape) if f else None for t, f in zip(parts, self.floating)]
+        self.shapes = [tuple(t.shape) if f else None for t, f in zip(parts, self.floating, strict=False)]
         self.check(state, batch_size)
         # per-example sizes, in flattening order
         self.sizes = [math.prod(s) // batch_size if s is not None else 0 for s in self.shapes]
@@ -113,7 +113,7 @@ class StateLayout:
         parts = tuple(state) if isinstance(state, (tuple, list)) else (state,)
         if isinstance(state, (tuple, list)) != self.is_tuple or len(parts) != len(self.floating):
             raise ValueError(f"{self.core} returned a state of another form ({_describe(state)}) than before")
-        for i, (t, floating) in enumerate(zip(parts, self.floating)):
+        for i, (t, floating) in enumerate(zip(parts, self.floating, strict=False)):
             if not floating:
                 continue
             if not torch.is_tensor(t) or not t.dtype.is_floating_point:
@@ -125,15 +125,16 @@ class StateLayout:
                     f"{self.core}'s state tensor {i} has shape {tuple(t.shape)}, but its batch dimension "
                     f"{self.batch_dim} should have the batch size {batch_size}; pass state_batch_dim= to say "
                     f"which dimension holds the batch{hint}")
-            if self.shapes[i] is not None and tuple(t.shape[:self.batch_dim]) + tuple(t.shape[self.batch_dim + 1:]) \
-                    != self.shapes[i][:self.batch_dim] + self.shapes[i][self.batch_dim + 1:]:
+            shape = self.shapes[i]
+            d = self.batch_dim
+            if shape is not None and tuple(t.shape[:d]) + tuple(t.shape[d + 1:]) != shape[:d] + shape[d + 1:]:
                 raise ValueError(f"{self.core}'s state tensor {i} changed shape from {self.shapes[i]} to "
                                  f"{tuple(t.shape)} (only the batch size may change)")
 
     def flatten(self, tensors: Sequence[torch.Tensor | None], batch_size: int, like: torch.Tensor) -> torch.Tensor:
         """(B, F): the float entries of ``tensors`` (None = zeros) batch-first, flattened and concatenated."""
         cols = []
-        for t, floating, size in zip(tensors, self.floating, self.sizes):
+        for t, floating, size in zip(tensors, self.floating, self.sizes, strict=False):
             if not floating:
                 continue
             if t is None:
@@ -146,7 +147,7 @@ class StateLayout:
         """Split (B, F) back into tensors shaped like ``state``'s float entries (None elsewhere)."""
         out: list[torch.Tensor | None] = []
         offset = 0
-        for t, floating, size in zip(self.parts(state), self.floating, self.sizes):
+        for t, floating, size in zip(self.parts(state), self.floating, self.sizes, strict=False):
             if not floating:
                 out.append(None)
                 continue
@@ -298,6 +299,7 @@ class TemporalTrainer:
                         yield p
 
     def _make_synth_optimizer(self) -> None:
+        assert self.synthesizer is not None
         params = [p for p in self.synthesizer.parameters() if p.requires_grad]
         self.synth_optimizer = self._synth_optimizer_factory(params) if params else None
 
@@ -326,7 +328,7 @@ class TemporalTrainer:
         """First step: learn the state's layout; build M and the auxiliary readout on it."""
         # Everything is built before anything is kept: a refusal here leaves the trainer as it was.
         layout = StateLayout(state, self.state_batch_dim, batch_size, f"core {_name(self.core)}")
-        like = next(t for t, f in zip(layout.parts(state), layout.floating) if f)
+        like = next(t for t, f in zip(layout.parts(state), layout.floating, strict=False) if f)
         if self.aux_future and out.dim() < 3:
             raise ValueError(f"aux_future reads the core's output per step, (B, t, H); core {_name(self.core)} "
                              f"returned shape {tuple(out.shape)}")
@@ -342,7 +344,14 @@ class TemporalTrainer:
             self.optimizer.add_param_group({"params": list(self.aux_head.parameters())})
         self.layout = layout
 
+    @property
+    def _layout(self) -> StateLayout:
+        if self.layout is None:
+            raise RuntimeError("internal error: the state layout is built at the first chunk")
+        return self.layout
+
     def _predict(self, z: torch.Tensor) -> torch.Tensor:
+        assert self.synthesizer is not None
         pred = self.synthesizer(z)
         if not torch.is_tensor(pred) or pred.shape != z.shape:
             raise ValueError(f"the synthesizer maps the flattened state {tuple(z.shape)} to "
@@ -400,7 +409,7 @@ class TemporalTrainer:
             out, new_state = self._run_core(x[:, t0:t1], state_in)
             if self.layout is None:
                 self._build(new_state, batch, out)
-            self.layout.check(new_state, batch)
+            self._layout.check(new_state, batch)
             loss = self.loss_fn(self.head(out), y[:, t0:t1])
             if not torch.is_tensor(loss) or loss.numel() != 1:
                 raise ValueError(f"loss_fn must return a scalar tensor, got {_describe(loss)}")
@@ -408,12 +417,12 @@ class TemporalTrainer:
             roots: list[torch.Tensor] = [loss]
             seeds: list[torch.Tensor | None] = [None]
             if self.synthesizer is not None and not last:
-                parts = self.layout.parts(new_state)
-                z_end = self.layout.flatten(parts, batch, out).detach()
+                parts = self._layout.parts(new_state)
+                z_end = self._layout.flatten(parts, batch, out).detach()
                 with torch.no_grad():
                     synthetic = self._predict(z_end)
-                grads = self.layout.unflatten(per_batch(synthetic, self.synthetic_scale), new_state)
-                for t, g in zip(parts, grads):
+                grads = self._layout.unflatten(per_batch(synthetic, self.synthetic_scale), new_state)
+                for t, g in zip(parts, grads, strict=False):
                     if g is not None and t.requires_grad:
                         roots.append(t)
                         seeds.append(g)
@@ -422,7 +431,7 @@ class TemporalTrainer:
                     aux = F.mse_loss(aux_pred, synthetic[:, None, :].expand_as(aux_pred))
                     aux_losses.append(float(aux.detach()))
                     roots[0] = loss + self.aux_weight * aux
-            pairs = [(r, s) for r, s in zip(roots, seeds) if r.requires_grad]
+            pairs = [(r, s) for r, s in zip(roots, seeds, strict=False) if r.requires_grad]
             if pairs:
                 torch.autograd.backward([r for r, _ in pairs], [s for _, s in pairs])
             if state_in is not None and self.synthesizer is not None:
@@ -433,23 +442,26 @@ class TemporalTrainer:
         if self.update == "sequence":
             self._step_model()
         self.steps += 1
-        mean = (lambda v: sum(v) / len(v) if v else None)
+        def mean(v: list[float]) -> float | None:
+            return sum(v) / len(v) if v else None
         return TemporalStep(loss=total, synth_loss=mean(synth_losses) if self.has_synthesizer else None,
                             aux_loss=mean(aux_losses) if self.aux_future else None, chunks=len(bounds))
 
     def _detached(self, state: State) -> State:
         """The carried state as fresh leaves (float entries require grad, to read the target off them)."""
-        parts = self.layout.parts(state)
-        leaves = tuple(t.detach().requires_grad_(f) if f else t for t, f in zip(parts, self.layout.floating))
-        return leaves if self.layout.is_tuple else leaves[0]
+        parts = self._layout.parts(state)
+        leaves = tuple(t.detach().requires_grad_(f) if f else t
+                       for t, f in zip(parts, self._layout.floating, strict=False))
+        return leaves if self._layout.is_tuple else leaves[0]
 
     def _train_synthesizer(self, state_in: State, batch: int, like: torch.Tensor) -> float:
         """Regress M(s_in) on the bootstrapped target ``B * dL/ds_in`` the chunk's backward left on s_in."""
-        parts = self.layout.parts(state_in)
-        z = self.layout.flatten([t.detach() if f else None for t, f in zip(parts, self.layout.floating)],
-                                batch, like)
-        grads = [t.grad if f else None for t, f in zip(parts, self.layout.floating)]
-        target = per_example(self.layout.flatten(grads, batch, like).detach())
+        parts = self._layout.parts(state_in)
+        floating = self._layout.floating
+        z = self._layout.flatten([t.detach() if f else None for t, f in zip(parts, floating, strict=False)],
+                                 batch, like)
+        grads = [t.grad if f else None for t, f in zip(parts, self._layout.floating, strict=False)]
+        target = per_example(self._layout.flatten(grads, batch, like).detach())
         loss = F.mse_loss(self._predict(z), target)
         if self.synth_optimizer is not None:
             self.synth_optimizer.zero_grad(set_to_none=True)
@@ -494,5 +506,5 @@ class TemporalTrainer:
                 outs.append(self.head(out))
             return torch.cat(outs, dim=1)
         finally:
-            for m, mode in zip(modules, modes):
+            for m, mode in zip(modules, modes, strict=False):
                 m.train(mode)

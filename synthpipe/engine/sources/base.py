@@ -27,25 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from ...stages.stage import Stage
+from .registry import SOURCES, register
 
 if TYPE_CHECKING:  # (config imports the registry: no import at run time)
     from ..config import TrainConfig
 
 __all__ = ["GradientSource", "register", "SOURCES", "make_source"]
-
-SOURCES: dict[str, type["GradientSource"]] = {}
-
-
-def register(name: str) -> Callable[[type["GradientSource"]], type["GradientSource"]]:
-    """Class decorator: make a :class:`GradientSource` available as ``gradients=name``."""
-    def add(cls: type[GradientSource]) -> type[GradientSource]:
-        if name in SOURCES:
-            raise ValueError(f"a gradient source named {name!r} is registered already ({SOURCES[name].__name__})")
-        cls.name = name
-        SOURCES[name] = cls
-        return cls
-    return add
-
 
 class GradientSource:
     """The gradient source of one stage (one instance per stage, never shared).
