@@ -250,7 +250,8 @@ class PipelineWorker:
         """
         if self.ch.act_out is not None:
             self.ch.act_out.send(FIT_END, self.next_step)
-        while self.outstanding:
+        # (a source whose next stage applies gradients later, ``delayed``, gets those in a later fit)
+        while self.outstanding > self.source.held_back(self.next_step):
             with self.timers.section("wait"):
                 self._receive_gradient()
         self.locked_grads.clear()
@@ -270,7 +271,9 @@ class PipelineWorker:
         Raises what reading or checking raised (``OSError``, ``ValueError``, ...).
         """
         state = read(self.rank)
-        return state, self.stage.prepare_load(state["stage"])
+        ready = self.stage.prepare_load(state["stage"])
+        self.source.check_state(state["cache"])
+        return state, ready
 
     def commit_load(self, prepared: Any) -> dict[str, Any]:
         """Install what :meth:`prepare_load` accepted; returns the state (RNG, step)."""
@@ -278,7 +281,12 @@ class PipelineWorker:
         self.stage.commit_load(state["stage"], ready)
         self.source.load_state_dict(state["cache"], self.device)
         self.next_step = int(state["step"])
-        self._received_upto = self.next_step - 1  # a saved run had drained everything before it
+        # A saved run had drained everything before it, but the messages rank + 1 holds back.
+        held = self.source.held_back(self.next_step)
+        self._received_upto = self.next_step - 1 - held
+        if held > self.outstanding:
+            self.ch.grad_in.expect(held - self.outstanding)
+            self.outstanding = held
         return state
 
     def module_states(self) -> list[dict[str, torch.Tensor]]:
