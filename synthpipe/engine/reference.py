@@ -192,7 +192,13 @@ class ReferenceRunner:
         return mean_metrics(total, correct, count)
 
     def end_fit(self) -> None:
-        """Nothing is in flight in one process; pending entries stay for the next fit."""
+        """Every message is delivered in one process; pending entries stay for the next fit.
+
+        Each source's ``finish`` runs from the last stage down, as the ranks drain.
+        """
+        for stage_step in reversed(self.steps):
+            if stage_step.has_next:
+                stage_step.source.finish(stage_step)
 
     def serve_fit(self) -> int:
         raise RuntimeError("the reference runner drives the data itself; it has nothing to serve")

@@ -250,8 +250,8 @@ class PipelineWorker:
         """
         if self.ch.act_out is not None:
             self.ch.act_out.send(FIT_END, self.next_step)
-        # (a source whose next stage applies gradients later, ``delayed``, gets those in a later fit)
-        while self.outstanding > self.source.held_back(self.next_step):
+        self.source.finish(self.step_runner)  # (a source may send back, now, what it would send later)
+        while self.outstanding:
             with self.timers.section("wait"):
                 self._receive_gradient()
         self.locked_grads.clear()
@@ -281,12 +281,7 @@ class PipelineWorker:
         self.stage.commit_load(state["stage"], ready)
         self.source.load_state_dict(state["cache"], self.device)
         self.next_step = int(state["step"])
-        # A saved run had drained everything before it, but the messages rank + 1 holds back.
-        held = self.source.held_back(self.next_step)
-        self._received_upto = self.next_step - 1 - held
-        if held > self.outstanding:
-            self.ch.grad_in.expect(held - self.outstanding)
-            self.outstanding = held
+        self._received_upto = self.next_step - 1  # a saved run had drained everything before it
         return state
 
     def module_states(self) -> list[dict[str, torch.Tensor]]:

@@ -22,7 +22,8 @@ Three hooks let a source change more than where the gradient comes from:
 stashing), :meth:`GradientSource.early` (work between the forward and any wait: a local
 loss whose input gradient goes back at once) and, with ``owns_update``,
 :meth:`GradientSource.update` (the whole update of a step: one that applies an older
-step's gradient). Sources that use none of them run the engine's own update unchanged.
+step's gradient), with :meth:`GradientSource.finish` to send back, when a fit ends,
+what it would otherwise send only in later steps. Sources that use none of them run the engine's own update unchanged.
 
 A new source is one module in this package: a subclass registered with
 :func:`register`, plus its tests.
@@ -114,10 +115,12 @@ class GradientSource:
         """The update of a step, where ``owns_update``: backward, send back, optimizer step."""
         raise NotImplementedError(f"the {self.name!r} source does not run its own update")
 
-    def held_back(self, next_step: int) -> int:
-        """Messages from stage r + 1 that come only in a later fit (stage r + 1 applies them later),
-        when the fit's last step was ``next_step - 1``."""
-        return 0
+    def finish(self, runner: "StageStep") -> None:
+        """The fit ends (the pipeline drains): send back now whatever stage r - 1 would get later.
+
+        Called before the stage collects its last messages from stage r + 1, each of which
+        still reaches :meth:`received`; after the drain nothing may be left in flight.
+        """
 
     def check_state(self, state: Any) -> None:
         """Refuse, naming the stage, a saved :meth:`state_dict` this source cannot load; changes nothing."""

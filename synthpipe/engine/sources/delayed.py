@@ -21,9 +21,11 @@ r + 1 saw (recomputing with newer weights pairs ``dL/dh_r`` with another ``h_r``
 because it costs no second forward; its price is memory: stage r holds ``lag_r + 1``
 weight versions and as many activation graphs during a step (PipeDream's N - r at
 ``delay=1``), which ``max_inflight`` bounds: a pipeline needing more on stage 0,
-``(N - 1) * delay + 1``, is refused by name. A checkpoint saves each in-flight step's
-stashed weights, inputs and RNG state (not its graph); a resumed run recomputes the
-graph from them, with the same weights and the same random draws (dropout).
+``(N - 1) * delay + 1``, is refused by name. When a fit ends (and before a checkpoint)
+the pipeline drains: every stage backpropagates each in-flight step whose gradient is
+there, sends its input gradient back and keeps only the parameter gradient until its
+step is due, so nothing is left in flight, the checkpoint holds no graph, and the
+numbers are those of an uninterrupted run.
 
 **Staleness correction** (``staleness=``): ``"lr"`` scales the learning rate of stage
 r's steps by ``1 / (1 + lag_r)`` (staleness-aware asynchronous SGD; it acts through the
@@ -40,9 +42,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ...stages.split import as_tuple
 from ...stages.stage import NonFiniteError, Stage, all_finite
 from .base import GradientSource, nonfinite_message, register
+from .local import check_loaded
 
 if TYPE_CHECKING:  # (the step module imports the sources)
     from ..step import Begun, StageStep
@@ -59,19 +61,28 @@ def hop_delay(config: Any) -> int:
 
 @dataclasses.dataclass
 class _InFlight:
-    """A step whose gradient this stage has not applied yet."""
+    """A step whose gradient this stage has not applied yet.
+
+    It goes through three states: forward done (``params``, ``inputs``, ``outputs``: the
+    stashed weights and the graph); gradient arrived (``grads``); backward done
+    (``param_grads``, the input gradient sent back, the weights and graph let go).
+    """
 
     step: int
-    params: dict[str, torch.Tensor]  # the stashed weights its forward ran with
-    rng: list[torch.Tensor]  # the RNG states before its forward (CPU, then the stage's CUDA device)
+    params: dict[str, torch.Tensor] | None  # the stashed weights its forward ran with
     inputs: tuple | None = None
-    outputs: tuple | None = None  # (None after a resume: recomputed from params, inputs and rng)
+    outputs: tuple | None = None
     grads: tuple | None = None
     skipped: bool = False
+    param_grads: dict[str, torch.Tensor | None] | None = None
 
     @property
     def ready(self) -> bool:
         return self.grads is not None or self.skipped
+
+    @property
+    def done(self) -> bool:
+        return self.param_grads is not None or (self.skipped and self.params is None)
 
 
 @register("delayed")
@@ -84,12 +95,11 @@ class Delayed(GradientSource):
 
     def __init__(self, stage: Stage, config: Any):
         super().__init__(stage, config)
-        d = hop_delay(config)
-        self.lag = (stage.n_stages - 1 - stage.index) * d
-        self.lag_next = max(self.lag - d, 0)  # stage r + 1's (the last stage's is 0)
+        self.lag = (stage.n_stages - 1 - stage.index) * hop_delay(config)
         self.flights: dict[int, _InFlight] = {}
         self.most_versions = 0  # the most weight versions held at once (versions() at its peak)
         self.velocity: dict[str, torch.Tensor] | None = None  # the last update, for staleness="predict"
+        self._finishing: "StageStep | None" = None  # set while a fit ends: backward on arrival
         if config.staleness == "lr" and stage.optimizer is not None and any(
                 "lr" not in g for g in stage.optimizer.param_groups):
             raise ValueError(f"{stage.name}: staleness='lr' scales the learning rate, but the stage's optimizer "
@@ -112,22 +122,23 @@ class Delayed(GradientSource):
         return self.lag == 0  # no staleness: the gradient of this very step, as backprop
 
     def versions(self) -> int:
-        """Stashed weight versions held now (one per step in flight)."""
-        return len(self.flights)
+        """Stashed weight versions held now (one per step whose backward has not run)."""
+        return sum(1 for f in self.flights.values() if f.params is not None)
 
     def in_flight(self) -> int:
         return len(self.flights)
 
     # -- the forward: on a stashed copy of the weights -------------------------------------
     def forward_parameters(self, step: int) -> dict[str, torch.Tensor]:
+        self._finishing = None
         ahead = self.lag if self.config.staleness == "predict" and self.velocity is not None else 0
         with torch.no_grad():
             params = {}
             for name, p in self.stage.module.named_parameters():
                 w = p.detach().clone() if not ahead else p.detach() + ahead * self.velocity[name]
                 params[name] = w.requires_grad_(p.requires_grad)
-        self.flights[step] = _InFlight(step, params, _rng_states(self.stage.device))
-        self.most_versions = max(self.most_versions, len(self.flights))
+        self.flights[step] = _InFlight(step, params)
+        self.most_versions = max(self.most_versions, self.versions())
         return params
 
     def received(self, step: int, grads: tuple, skipped: bool) -> None:
@@ -136,9 +147,18 @@ class Delayed(GradientSource):
             raise KeyError(f"{self.stage.name}: a gradient arrived for step {step}, which is not in flight "
                            f"(in flight: {sorted(self.flights)})")
         flight.grads, flight.skipped = (None if skipped else tuple(grads)), skipped
+        if self._finishing is not None:
+            self._backward(self._finishing, flight)
 
-    def held_back(self, next_step: int) -> int:
-        return sum(1 for s, f in self.flights.items() if s >= next_step - self.lag_next and not f.ready)
+    def finish(self, runner: "StageStep") -> None:
+        """The fit ends: backpropagate every step whose gradient is here (and each that comes
+        during the drain), send its input gradient back, and keep only its parameter gradient
+        for the step it is due at: nothing stays in flight upstream, and a checkpoint holds
+        no graph. The numbers are those of backpropagating at the due step."""
+        self._finishing = runner
+        for flight in list(self.flights.values()):
+            if flight.ready and not flight.done:
+                self._backward(runner, flight)
 
     # -- the update: the due step's gradient, through its own forward --------------------------
     def update(self, runner: "StageStep", begun: "Begun", downstream: tuple[tuple, bool] | None) -> None:
@@ -149,35 +169,47 @@ class Delayed(GradientSource):
         due = self.flights.get(begun.step - self.lag)
         if due is None:
             return  # the first lag steps of a run: no gradient is due yet
-        if not due.ready:
-            with runner.timers.section("wait", begun.step):
-                runner.links.wait_received(due.step)
-        self._apply(runner, due)
+        if not due.done:  # (done: backpropagated when the last fit ended)
+            if not due.ready:
+                with runner.timers.section("wait", begun.step):
+                    runner.links.wait_received(due.step)
+            self._backward(runner, due)
+        del self.flights[due.step]
+        if due.param_grads is None:
+            return  # skipped: no update (its forward's running statistics stay: that forward is long done)
+        with runner.timers.section("update", begun.step):
+            self._step(due.param_grads)
 
-    def _apply(self, runner: "StageStep", flight: _InFlight) -> None:
+    def _backward(self, runner: "StageStep", flight: _InFlight) -> None:
+        """Backpropagate ``flight``'s gradient through its own forward; send its input gradient back."""
         stage, step = self.stage, flight.step
         ok = not flight.skipped and all_finite(flight.grads)
         if not ok and not flight.skipped and self.config.nonfinite == "raise":
             raise NonFiniteError(nonfinite_message(stage, "the delayed gradient", step))
-        del self.flights[step]
-        if not ok:  # skipped: no update; its forward's running statistics stay (that forward is long done)
+        if ok:
+            assert flight.params is not None and flight.outputs is not None
+            with runner.timers.section("backward", step):
+                stage.backward(flight.outputs, flight.grads)  # into the stashed weights (and the inputs)
+            runner.send_back(step, stage.input_gradient(flight.inputs), skipped=False)
+            flight.param_grads = {n: t.grad for n, t in flight.params.items()}
+        else:
+            flight.skipped = True
             runner.send_back(step, (), skipped=True)
-            return
-        with runner.timers.section("backward", step):
-            outputs = flight.outputs if flight.outputs is not None else self._recompute(flight)
-            stage.backward(outputs, flight.grads)  # into the stashed weights (and the inputs)
-        runner.send_back(step, stage.input_gradient(flight.inputs), skipped=False)
-        with runner.timers.section("update", step):
-            before = None
-            if self.config.staleness == "predict":
-                before = {n: p.detach().clone() for n, p in stage.module.named_parameters()}
-            for name, p in stage.module.named_parameters():
-                p.grad = flight.params[name].grad
-            with self._scaled_lr():
-                stage.step()
-            if before is not None:
-                with torch.no_grad():
-                    self.velocity = {n: p.detach() - before[n] for n, p in stage.module.named_parameters()}
+        flight.params = flight.inputs = flight.outputs = None  # (the weight version and the graph go)
+        flight.grads = None
+
+    def _step(self, param_grads: dict[str, torch.Tensor | None]) -> None:
+        stage = self.stage
+        before = None
+        if self.config.staleness == "predict":
+            before = {n: p.detach().clone() for n, p in stage.module.named_parameters()}
+        for name, p in stage.module.named_parameters():
+            p.grad = param_grads[name]
+        with self._scaled_lr():
+            stage.step()
+        if before is not None:
+            with torch.no_grad():
+                self.velocity = {n: p.detach() - before[n] for n, p in stage.module.named_parameters()}
 
     @contextmanager
     def _scaled_lr(self) -> Iterator[None]:
@@ -191,73 +223,42 @@ class Delayed(GradientSource):
             for g, lr in zip(groups, saved):
                 g["lr"] = lr
 
-    def _recompute(self, flight: _InFlight) -> tuple:
-        """The forward of a resumed in-flight step, rebuilt: its weights, inputs and random draws.
-
-        The module's buffers are replaced by copies, so the running statistics, which that
-        step's forward has already updated, are not updated again.
-        """
-        stage = self.stage
-        assert flight.inputs is not None
-        inputs = tuple(t.detach().requires_grad_(True) if torch.is_tensor(t) and t.dtype.is_floating_point
-                       and not stage.is_first else t for t in flight.inputs)
-        buffers = {n: b.clone() for n, b in stage.module.named_buffers()}
-        devices = [stage.device] if stage.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            _set_rng_states(flight.rng, stage.device)
-            outputs = as_tuple(torch.func.functional_call(stage.module, {**flight.params, **buffers}, inputs))
-        flight.inputs = inputs
-        return outputs
-
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> Any:
-        def plain(ts: tuple | None) -> tuple | None:
-            return None if ts is None else tuple(t.detach() if torch.is_tensor(t) else t for t in ts)
+        """The steps in flight, each with its parameter gradient (a fit's end has run their backward)."""
+        pending = [f.step for f in self.flights.values() if not f.done]
+        if pending:
+            raise RuntimeError(f"{self.stage.name}: steps {pending} are still waiting for their gradient; a "
+                               f"checkpoint is taken only after the pipeline drained (the end of a fit)")
         return {"source": self.name, "lag": self.lag, "most_versions": self.most_versions,
                 "velocity": self.velocity,
-                "flights": [{"step": f.step, "params": {n: t.detach() for n, t in f.params.items()}, "rng": f.rng,
-                             "inputs": plain(f.inputs), "grads": plain(f.grads), "skipped": f.skipped}
+                "flights": [{"step": f.step, "param_grads": f.param_grads, "skipped": f.skipped}
                             for f in self.flights.values()]}
 
     def check_state(self, state: Any) -> None:
-        from .local import check_loaded
         check_loaded(self.stage, self.name, state)
         if state["lag"] != self.lag:
             raise ValueError(f"{self.stage.name}: the checkpoint's delayed gradients are {state['lag']} steps stale, "
                              f"this trainer's {self.lag} (another delay or number of stages)")
         names = {n for n, _ in self.stage.module.named_parameters()}
         for f in state["flights"]:
-            if set(f["params"]) != names:
-                raise ValueError(f"{self.stage.name}: the checkpoint's stashed weights of step {f['step']} are not "
+            if f["param_grads"] is not None and set(f["param_grads"]) != names:
+                raise ValueError(f"{self.stage.name}: the checkpoint's gradient of step {f['step']} is not for "
                                  f"this stage's parameters")
 
     def load_state_dict(self, state: Any, device: torch.device) -> None:
         self.check_state(state)
-        live = dict(self.stage.module.named_parameters())
 
-        def to(ts: tuple | None) -> tuple | None:
-            return None if ts is None else tuple(t.to(device) if torch.is_tensor(t) else t for t in ts)
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
         self.flights = {}
         for f in state["flights"]:
-            params = {n: t.to(device).requires_grad_(live[n].requires_grad) for n, t in f["params"].items()}
-            self.flights[f["step"]] = _InFlight(f["step"], params, list(f["rng"]), to(f["inputs"]), None,
-                                                to(f["grads"]), f["skipped"])
+            grads = None if f["param_grads"] is None else {n: to(t) for n, t in f["param_grads"].items()}
+            self.flights[f["step"]] = _InFlight(f["step"], None, skipped=f["skipped"], param_grads=grads)
         self.most_versions = state["most_versions"]
         self.velocity = None if state["velocity"] is None else {n: t.to(device) for n, t in state["velocity"].items()}
+        self._finishing = None
 
 
 def stage_groups(stage: Stage) -> list[dict[str, Any]]:
     return list(stage.optimizer.param_groups) if stage.optimizer is not None else []
-
-
-def _rng_states(device: torch.device) -> list[torch.Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _set_rng_states(states: list[torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(states[0].cpu())
-    if device.type == "cuda" and len(states) > 1:
-        torch.cuda.set_rng_state(states[1].cpu(), device)

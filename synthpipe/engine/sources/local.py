@@ -137,7 +137,7 @@ def check_aux_head(name: str, config: Any, aux_head: Any) -> None:
 
 def check_loaded(stage: Stage, name: str, state: Any) -> None:
     if not (isinstance(state, dict) and state.get("source") == name):
-        saved = state.get("source") if isinstance(state, dict) else "'synthetic' or 'backprop'"
+        saved = repr(state.get("source")) if isinstance(state, dict) else "'synthetic' or 'backprop'"
         raise ValueError(f"{stage.name}: the checkpoint was saved with gradients={saved}, this trainer uses "
                          f"gradients={name!r}")
 
