@@ -43,7 +43,12 @@ class AuxLoss:
         self.dtype: torch.dtype | None = None
 
     def _build(self, h: tuple) -> None:
-        self.head = self.recipe.build(self.stage.index, h)
+        # Drawn from a generator of its own, seeded by the process's seed and the stage: the
+        # head starts the same in one process and on its rank, whatever else drew before.
+        devices = [self.stage.device] if self.stage.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((torch.initial_seed() + 7919 * (self.stage.index + 1)) % 2 ** 63)
+            self.head = self.recipe.build(self.stage.index, h)
         params = list(self.head.parameters())
         self.optimizer = self.stage.optimizer_factory(params) if params else None
         self.shapes = [tuple(t.shape[1:]) for t in h]
