@@ -188,7 +188,8 @@ def test_a_nonfinite_delayed_gradient_is_named_and_skip_leaves_the_stage_untouch
     source = trainer.runner.sources[0]
     flight = next(iter(source.flights.values()))
     flight.param_grads = None  # as if step 0's gradient had come back NaN (not yet backpropagated)
-    flight.params = {n: p.detach().clone().requires_grad_() for n, p in trainer.runner.stages[0].module.named_parameters()}
+    module = trainer.runner.stages[0].module
+    flight.params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
     flight.grads, flight.outputs = (torch.full((16, 24), float("nan")),), (torch.zeros(16, 24),)
     before = trainer.state_dict()["0.weight"].clone()
     trainer.fit(batches[1:2], max_steps=2)
@@ -228,7 +229,8 @@ class RecordingLinks:
 
 def middle_step(gradients: str, grads: dict | None = None) -> tuple[Stage, StageStep, RecordingLinks]:
     config = TrainConfig(gradients=gradients, progress=False)
-    stage = Stage(1, 3, nn.Linear(4, 4), adam, loss_fn=nn.CrossEntropyLoss(), aux_head=sp.AuxHead("linear", num_classes=3))
+    stage = Stage(1, 3, nn.Linear(4, 4), adam, loss_fn=nn.CrossEntropyLoss(),
+                  aux_head=sp.AuxHead("linear", num_classes=3))
     links = RecordingLinks(grads)
     return stage, StageStep(stage, config, make_source(stage, config), links), links
 

@@ -12,7 +12,8 @@
 and the benchmark's no-transfer ceiling. The single-process reference trainer calls the
 phases itself (every forward and ``early`` first, the locked stages' updates in reverse
 order, every ``after`` last), which is why they are separate. A source with
-``owns_update`` runs the update itself (one that applies an older step's gradient). Where the output gradient comes from is
+``owns_update`` runs the update itself (one that applies an older step's gradient).
+Where the output gradient comes from is
 the stage's :class:`~synthpipe.engine.sources.GradientSource`; how messages travel is
 the runner's :class:`Links`.
 """
