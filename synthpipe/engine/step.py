@@ -8,7 +8,7 @@
     loss = step.update(begun, grads)   # loss or gradient -> backward -> send back -> step
     step.after(t)                      # the source trains on what came back (synthesizers)
 
-``run`` does the four in order, waiting through the links: that is the per-rank worker
+``run`` does them in order, waiting through the links: that is the per-rank worker
 and the benchmark's no-transfer ceiling. The single-process reference trainer calls the
 phases itself (every forward and ``early`` first, the locked stages' updates in reverse
 order, every ``after`` last), which is why they are separate. A source with
