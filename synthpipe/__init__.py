@@ -8,7 +8,7 @@
 """
 from ._version import __version__
 from .engine import History, PrefetchQueue, TemporalTrainer, TrainConfig, Trainer
-from .stages import NonFiniteError, Stage, StageInputError, Synthesizer, compose, split
+from .stages import AuxHead, NonFiniteError, Stage, StageInputError, Synthesizer, compose, split
 
-__all__ = ["History", "NonFiniteError", "PrefetchQueue", "Stage", "StageInputError", "Synthesizer",
+__all__ = ["AuxHead", "History", "NonFiniteError", "PrefetchQueue", "Stage", "StageInputError", "Synthesizer",
            "TemporalTrainer", "TrainConfig", "Trainer", "__version__", "compose", "split"]

@@ -18,16 +18,28 @@ class TrainConfig:
     Attributes:
         gradients: the gradient source of every stage but the last, a name registered in
             :mod:`synthpipe.engine.sources`: ``"synthetic"`` (DNI/cDNI: update at once with
-            M_r's prediction) or ``"backprop"`` (wait for the true gradient: exact, locked
-            model parallelism), and the others listed there.
-        delay: train the synthesizers at step t on exactly the targets of step t - delay.
-            ``None``: in a multi-process run, use targets as they arrive (fastest, not
-            deterministic); in a single process, model the pipeline with ``DEFAULT_DELAY``.
+            M_r's prediction), ``"backprop"`` (wait for the true gradient: exact, locked
+            model parallelism), ``"delayed"`` (the true gradient, applied when it arrives,
+            with stashed weights), ``"local"`` (a local loss through an auxiliary head;
+            nothing travels back), ``"interlocking"`` (local losses, one hop back), and
+            any other registered there (docs/guide.md, "Which gradient source?").
+        delay: ``synthetic``: train the synthesizers at step t on exactly the targets of
+            step t - delay; ``None``: in a multi-process run, use targets as they arrive
+            (fastest, not deterministic); in a single process, model ``DEFAULT_DELAY``.
+            ``delayed``: the per-hop delay, stage r applying at step t the gradient of
+            step t - (N-1-r) * delay (``None``: 1, PipeDream's schedule; 0: backprop).
+            ``local``, ``interlocking``: refused (nothing waits for a delayed gradient).
         synthetic_scale: factor on the synthetic gradient before it is applied.
         warmup_steps: the first steps use true gradients (locked) while targets already
             train the synthesizers.
         max_inflight: cached activations waiting for their target, per stage; when full,
-            the stage waits for the oldest target (bounds memory and staleness).
+            the stage waits for the oldest target (bounds memory and staleness). With
+            ``delayed``, the most weight versions a stage may stash: at least
+            ``(N-1) * delay + 1``, or the trainer is refused.
+        staleness: a correction of ``delayed``'s stale gradients: ``"lr"`` scales stage
+            r's learning rate by 1 / (1 + its staleness in steps); ``"predict"`` runs its
+            forwards on weights extrapolated that many updates ahead along the last one.
+            ``None``: no correction (and the only value other sources take).
         nonfinite: ``"raise"`` stops on a NaN/inf loss or synthetic gradient; ``"skip"``
             drops that step's update (and its target) and goes on.
         failure_timeout: seconds after which a silent rank is declared dead.
@@ -45,6 +57,7 @@ class TrainConfig:
     synthetic_scale: float = 1.0
     warmup_steps: int = 0
     max_inflight: int = 4
+    staleness: Optional[str] = None
     nonfinite: str = "raise"
     failure_timeout: float = 30.0
     stall_warning: Optional[float] = 300.0
@@ -55,6 +68,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.gradients not in SOURCES:
             raise ValueError(f"gradients must be one of {tuple(SOURCES)}, got {self.gradients!r}")
+        corrections = getattr(SOURCES[self.gradients], "staleness_modes", ())
+        if self.staleness is not None and self.staleness not in corrections:
+            raise ValueError(f"staleness={self.staleness!r} is not a correction of gradients={self.gradients!r} "
+                             f"(its corrections: {', '.join(map(repr, corrections)) or 'none'})")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         # Step counts index steps: 1.5 would silently never match a step id.

@@ -18,7 +18,7 @@ from ..stages.stage import NonFiniteError, Stage, as_tuple, restore_training_mod
 from .config import DEFAULT_DELAY, TrainConfig
 from .history import StepLog
 from .metrics import Timers
-from .sources import make_source
+from .sources import SOURCES, make_source
 from .step import Begun, LiveStats, StageStep
 
 
@@ -99,10 +99,12 @@ class _HandOff:
 class ReferenceRunner:
     """Runs all ``stages`` in this process with the update rule of :class:`StageStep`.
 
-    Per step: every stage's forward in order (an update-unlocked stage updates right
-    after its own), then the locked stages' updates from the last to the first, then each
-    gradient source's work (training the synthesizers on the targets now due). With
-    ``delay=None`` the synthesizer targets are modelled with the delay ``DEFAULT_DELAY``.
+    Per step: every stage's forward (and its source's ``early`` work) in order (an
+    update-unlocked stage updates right after its own), then the locked stages' updates
+    from the last to the first, then each gradient source's work (training the synthesizers on
+    the targets now due). With
+    ``delay=None`` the source's ``default_delay`` is modelled (``DEFAULT_DELAY`` for the
+    synthesizer targets), or none where the source has no use for one.
     """
 
     drives_data = True
@@ -111,7 +113,10 @@ class ReferenceRunner:
     def __init__(self, stages: Sequence[Stage], config: TrainConfig):
         self.stages = list(stages)
         self.config = config
-        self.delay = DEFAULT_DELAY if config.delay is None else config.delay
+        source = SOURCES[config.gradients]
+        default = DEFAULT_DELAY if source.default_delay is None else source.default_delay
+        # (a source for which no delay means anything models none)
+        self.delay = config.delay if config.delay is not None or not source.uses_delay else default
         modelled = dataclasses.replace(config, delay=self.delay)
         self.log = StepLog()
         self.stats = LiveStats.empty(len(self.stages))
@@ -150,6 +155,7 @@ class ReferenceRunner:
         try:
             for r, stage_step in enumerate(self.steps):
                 begun = stage_step.begin(step, h, y)
+                stage_step.early(begun)
                 if stage_step.waits(step):
                     waiting.append((r, begun))
                 else:
@@ -187,7 +193,13 @@ class ReferenceRunner:
         return mean_metrics(total, correct, count)
 
     def end_fit(self) -> None:
-        """Nothing is in flight in one process; pending entries stay for the next fit."""
+        """Every message is delivered in one process; pending entries stay for the next fit.
+
+        Each source's ``finish`` runs from the last stage down, as the ranks drain.
+        """
+        for stage_step in reversed(self.steps):
+            if stage_step.has_next:
+                stage_step.source.finish(stage_step)
 
     def serve_fit(self) -> int:
         raise RuntimeError("the reference runner drives the data itself; it has nothing to serve")
@@ -204,7 +216,10 @@ class ReferenceRunner:
     def prepare_load(self, read: Callable[[int], dict[str, Any]]) -> Any:
         """Read and check every stage's part; changes nothing (a bad part leaves all as they were)."""
         states = [read(r) for r in range(len(self.stages))]
-        return states, [stage.prepare_load(state["stage"]) for stage, state in zip(self.stages, states, strict=True)]
+        ready = [stage.prepare_load(state["stage"]) for stage, state in zip(self.stages, states, strict=True)]
+        for source, state in zip(self.sources, states, strict=True):
+            source.check_state(state["cache"])
+        return states, ready
 
     def commit_load(self, prepared: Any) -> dict[str, Any]:
         """Install what :meth:`prepare_load` accepted; returns stage 0's state (RNG, step)."""

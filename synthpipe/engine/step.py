@@ -3,14 +3,17 @@
 :class:`StageStep` drives a :class:`~synthpipe.stages.stage.Stage` through one step::
 
     begun = step.begin(t, x, y)        # forward; the source sees h_r; h_r goes to r + 1
+    step.early(begun)                  # the source's work before any wait (a local loss)
     grads = ... if step.waits(t)       # locked: the runner brings r + 1's gradient of t
     loss = step.update(begun, grads)   # loss or gradient -> backward -> send back -> step
     step.after(t)                      # the source trains on what came back (synthesizers)
 
-``run`` does the four in order, waiting through the links: that is the per-rank worker
+``run`` does them in order, waiting through the links: that is the per-rank worker
 and the benchmark's no-transfer ceiling. The single-process reference trainer calls the
-phases itself (all forwards first, the locked stages' updates in reverse order, every
-``after`` last), which is why they are separate. Where the output gradient comes from is
+phases itself (every forward and ``early`` first, the locked stages' updates in reverse
+order, every ``after`` last), which is why they are separate. A source with
+``owns_update`` runs the update itself (one that applies an older step's gradient).
+Where the output gradient comes from is
 the stage's :class:`~synthpipe.engine.sources.GradientSource`; how messages travel is
 the runner's :class:`Links`.
 """
@@ -18,24 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Protocol
-
-import torch
+from typing import Any
 
 from ..stages.stage import NonFiniteError, Stage, all_finite
 from .config import TrainConfig
 from .history import StepLog
 from .metrics import NULL_TIMERS, Timers
 from .sources import GradientSource
+from .sources.base import Begun, Links, nonfinite_message
 
 __all__ = ["Links", "StageStep", "Begun", "LiveStats", "nonfinite_message"]
-
-
-def nonfinite_message(stage: Stage, what: str, step: int, value: Any = None) -> str:
-    """The error for a NaN/inf ``what`` (a loss, a gradient) of ``stage`` at ``step``."""
-    shown = f" ({float(value.detach())})" if value is not None else ""
-    return (f"{stage.name}: {what} is not finite{shown} at step {step}; lower the learning rate "
-            f"or the synthetic-gradient scale, or pass nonfinite='skip' to skip such steps")
 
 
 @dataclasses.dataclass
@@ -67,36 +62,6 @@ class LiveStats:
         for b, v in enumerate(values[2:2 + len(self.synth_losses)]):
             if b != own_boundary:
                 self.synth_losses[b] = v
-
-
-class Links(Protocol):
-    """How a stage's step reaches its neighbours (channels, a hand-off in one process, nothing)."""
-
-    def send_activation(self, step: int, outputs: tuple, y: Any) -> None:
-        """Hand ``outputs`` (and the labels) of ``step`` to stage r + 1."""
-
-    def send_gradient(self, step: int, grads: tuple, skipped: bool) -> None:
-        """Hand the input gradient of ``step`` to stage r - 1 (``skipped``: none, the step was skipped)."""
-
-    def wait_gradient(self, step: int) -> tuple[tuple, bool]:
-        """Block until stage r + 1's gradient of ``step`` is here: ``(grads, skipped)``."""
-
-    def wait_received(self, step: int) -> None:
-        """Block until stage r + 1's message of ``step`` has been given to the source."""
-
-    def poll(self) -> None:
-        """Give the source every message from stage r + 1 that has arrived (never blocks)."""
-
-
-@dataclasses.dataclass
-class Begun:
-    """A step after its forward: what its update needs."""
-
-    step: int
-    inputs: tuple
-    outputs: tuple
-    y: Any
-    loss: torch.Tensor | None = None  # the last stage's
 
 
 class StageStep:
@@ -131,8 +96,10 @@ class StageStep:
     def begin(self, step: int, x: tuple, y: Any) -> Begun:
         """The forward of ``step`` (and the loss, on the last stage); ``h_r`` goes downstream."""
         tm = self.timers
+        params = self.source.forward_parameters(step) if self.has_next else None
         with tm.section("forward", step):
-            inputs, outputs = self.stage.forward(x)
+            inputs, outputs = (self.stage.forward(x) if params is None
+                               else self.stage.forward(x, parameters=params))
         begun = Begun(step, inputs, outputs, y)
         if self.has_next:
             self.source.seen(step, outputs, y)
@@ -143,6 +110,11 @@ class StageStep:
                 begun.loss = self.stage.loss(outputs, y)
         return begun
 
+    def early(self, begun: Begun) -> None:
+        """The source's work between the forward of ``begun`` and any wait (none by default)."""
+        if self.has_next:
+            self.source.early(self, begun)
+
     def update(self, begun: Begun, downstream: tuple[tuple, bool] | None = None) -> float | None:
         """Backward and optimizer step of a begun step; returns the loss (last stage) or ``None``.
 
@@ -151,6 +123,9 @@ class StageStep:
         ``nonfinite="skip"`` leaves the stage as it was and tells stage r - 1 the step was skipped.
         """
         cfg, stage, tm, step = self.config, self.stage, self.timers, begun.step
+        if begun.loss is None and self.source.owns_update:
+            self.source.update(self, begun, downstream)
+            return None
         result: float | None = None
         grads: tuple | None = None
         if begun.loss is not None:
@@ -201,6 +176,7 @@ class StageStep:
     def run(self, step: int, x: tuple, y: Any) -> float | None:
         """One whole step, waiting through the links where the source says so."""
         begun = self.begin(step, x, y)
+        self.early(begun)
         downstream = None
         if self.waits(step):
             with self.timers.section("wait", step):
@@ -214,6 +190,10 @@ class StageStep:
         if stats:
             self.stats.merge(stats, self.stage.index)
         self.source.received(step, grads, skipped)
+
+    def send_back(self, step: int, grads: tuple, skipped: bool) -> None:
+        """Send the input gradient of ``step`` to stage r - 1 (where there is one and the source sends back)."""
+        self._send_back(step, grads, skipped)
 
     def _send_back(self, step: int, grads: tuple, skipped: bool) -> None:
         if self.has_previous and self.source_sends_back:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..stages.aux import AuxHead
 from ..stages.materialize import InitFn
 from ..stages.stage import OptimizerFactory, Stage, adam
 from ..stages.synthesizer import Synthesizer
@@ -41,6 +42,7 @@ from .progress import epoch_line, live_postfix, open_bar
 from .reference import ReferenceRunner
 from .runner import Runner
 from .signals import StopSignals
+from .sources import SOURCES
 from .watchdog import Watchdog, open_store
 from .worker import Channels, PipelineWorker
 
@@ -76,7 +78,7 @@ def _split_fingerprint(stages: Sequence[nn.Module]) -> list[list[tuple[str, tupl
 
 
 # The options that decide each stage's update rule; the others (progress, prefetch, ...) may differ.
-_RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "nonfinite")
+_RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "staleness", "nonfinite")
 
 
 def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int) -> None:
@@ -121,7 +123,8 @@ class Trainer:
         loss_fn: ``loss_fn(output, target)``, a batch mean (e.g. ``nn.CrossEntropyLoss()``).
         optimizer: ``params -> Optimizer`` for each stage (default Adam, lr 1e-3).
         synthesizer: recipe for the synthesizers of boundaries 0..N-2 (default ``"linear"``).
-        gradients: ``"synthetic"`` or ``"backprop"``; see :class:`TrainConfig`.
+        gradients: ``"synthetic"``, ``"backprop"``, ``"delayed"``, ``"local"`` or
+            ``"interlocking"``; see :class:`TrainConfig`.
         synth_optimizer: ``params -> Optimizer`` for each synthesizer (default Adam).
         synth_lr: learning rate of the default synthesizer optimizer (default 1e-3).
         device: this process's device (default: ``cuda:LOCAL_RANK`` if CUDA, else CPU).
@@ -130,6 +133,8 @@ class Trainer:
             stage), ``init(module)`` runs after the stage is allocated on ``device`` and
             its submodules' ``reset_parameters`` ran; needed only for tensors of modules
             without one (see :mod:`synthpipe.stages.materialize`).
+        aux_head: the auxiliary head recipe (``sp.AuxHead``) of every stage but the last,
+            for ``gradients="local"`` and ``"interlocking"``, which need one.
         **options: the remaining :class:`TrainConfig` fields (``delay``, ``synthetic_scale``,
             ``warmup_steps``, ``max_inflight``, ``nonfinite``, ``failure_timeout``, ...).
     """
@@ -141,11 +146,12 @@ class Trainer:
                  gradients: str = "synthetic", synth_optimizer: OptimizerFactory | None = None,
                  synth_lr: float = 1e-3, device: torch.device | str | None = None,
                  backend: str | None = None, init: InitFn | None = None,
-                 **options: Any):
+                 aux_head: AuxHead | None = None, **options: Any):
         if len(stages) < 1:
             raise ValueError("a Trainer needs at least one stage")
         self.config = TrainConfig(gradients=gradients, **options)
         self.n_stages = len(stages)
+        SOURCES[gradients].check(self.config, self.n_stages, aux_head)  # (alike on every rank, before any starts)
         self.device = torch.device(device) if device is not None else default_device()
         optimizer = optimizer or adam()
         synthesizer = synthesizer if synthesizer is not None else Synthesizer("linear")
@@ -155,7 +161,7 @@ class Trainer:
             return Stage(r, self.n_stages, stages[r], optimizer, loss_fn=loss_fn,
                          synthesizer=synthesizer if r < self.n_stages - 1 else None,
                          synth_optimizer=synth_optimizer, synthetic_scale=self.config.synthetic_scale,
-                         device=self.device, init=init)
+                         device=self.device, init=init, aux_head=aux_head)
 
         self.watchdog: Watchdog | None = None
         self._owns_group = False

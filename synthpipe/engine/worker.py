@@ -256,6 +256,7 @@ class PipelineWorker:
         """
         if self.ch.act_out is not None:
             self.ch.act_out.send(FIT_END, self.next_step)
+        self.source.finish(self.step_runner)  # (a source may send back, now, what it would send later)
         while self.outstanding:
             with self.timers.section("wait"):
                 self._receive_gradient()
@@ -276,7 +277,9 @@ class PipelineWorker:
         Raises what reading or checking raised (``OSError``, ``ValueError``, ...).
         """
         state = read(self.rank)
-        return state, self.stage.prepare_load(state["stage"])
+        ready = self.stage.prepare_load(state["stage"])
+        self.source.check_state(state["cache"])
+        return state, ready
 
     def commit_load(self, prepared: Any) -> dict[str, Any]:
         """Install what :meth:`prepare_load` accepted; returns the state (RNG, step)."""

@@ -93,6 +93,8 @@ class Stage:
         init: for a module built on the meta device, called as ``init(module)`` after it
             is allocated on ``device`` and every submodule's ``reset_parameters`` ran
             (see :mod:`synthpipe.stages.materialize`).
+        aux_head: an :class:`~synthpipe.stages.aux.AuxHead` recipe, for gradient sources
+            that train the stage on a local loss (the source builds and owns the head).
     """
 
     def __init__(self, index: int, n_stages: int, module: nn.Module, optimizer: OptimizerFactory,
@@ -101,7 +103,8 @@ class Stage:
                  synth_optimizer: OptimizerFactory | None = None,
                  synthetic_scale: float = 1.0,
                  device: torch.device | str | None = None,
-                 init: InitFn | None = None):
+                 init: InitFn | None = None,
+                 aux_head: Any = None):
         self.index = index
         self.n_stages = n_stages
         self.device = torch.device(device) if device is not None else _module_device(module)
@@ -110,10 +113,12 @@ class Stage:
         if on_meta(module):
             module = materialize(module, self.device, init, name=f"stage {index}")
         self.module = module.to(self.device)
+        self.optimizer_factory = optimizer  # (also builds the optimizers of a source's auxiliary heads)
         params = list(self.module.parameters())
         self.optimizer = optimizer(params) if params else None
         self.loss_fn = loss_fn
         self.recipe = synthesizer
+        self.aux_head = aux_head  # (an AuxHead recipe: the local losses of some gradient sources)
         self.synth_optimizer_factory = synth_optimizer or default_synth_optimizer
         self.synthetic_scale = synthetic_scale
         self.synth: BoundarySynthesizer | None = None
@@ -143,8 +148,12 @@ class Stage:
         return f"stage {self.index}"
 
     # -- forward ------------------------------------------------------------------
-    def forward(self, inputs: Sequence[Any], requires_grad: bool = True) -> tuple[tuple, tuple]:
+    def forward(self, inputs: Sequence[Any], requires_grad: bool = True,
+                parameters: dict[str, torch.Tensor] | None = None) -> tuple[tuple, tuple]:
         """Run the layers. Returns ``(inputs, outputs)``, both tuples.
+
+        ``parameters``: run with these tensors in place of the module's parameters of the
+        same names (``torch.func.functional_call``; a gradient source's stashed weights).
 
         For stages after the first, floating inputs are detached leaves with
         ``requires_grad`` (when ``requires_grad``) so their gradient can be sent back.
@@ -164,7 +173,8 @@ class Stage:
             self._save_running_stats()
         cause: Exception | None = None
         try:
-            out = as_tuple(self.module(*inputs))
+            out = as_tuple(self.module(*inputs) if parameters is None
+                           else torch.func.functional_call(self.module, parameters, inputs))
             problem = self._traced_batch_problem(inputs, out)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             hint = _traced_shapes_hint(self._traced_shapes, inputs)

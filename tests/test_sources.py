@@ -1,0 +1,427 @@
+"""The gradient sources delayed, local and interlocking (engine/sources), in one process and across ranks."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+import synthpipe as sp
+from synthpipe.engine.config import TrainConfig
+from synthpipe.engine.sources import make_source
+from synthpipe.engine.step import StageStep
+from synthpipe.stages.stage import NonFiniteError, Stage
+
+from multiprocess import run_ranks
+from reference import assert_states_close, plain_backprop
+
+pytestmark = pytest.mark.timeout(240)
+
+HEAD = sp.AuxHead("linear", num_classes=5)
+
+
+def make_model(seed: int = 0, dropout: float = 0.0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Dropout(dropout), nn.Linear(24, 24), nn.Tanh(),
+                         nn.BatchNorm1d(24), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 5))
+
+
+def make_batches(n: int = 8, batch: int = 16, seed: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 12, generator=g), torch.randint(0, 5, (batch,), generator=g)) for _ in range(n)]
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def trainer_for(n_stages: int, gradients: str, model: nn.Module | None = None, optimizer=adam, **options) -> sp.Trainer:
+    options.setdefault("progress", False)
+    if gradients in ("local", "interlocking"):
+        options.setdefault("aux_head", HEAD)
+    return sp.Trainer(sp.split(model if model is not None else make_model(), n_stages=n_stages),
+                      nn.CrossEntropyLoss(), optimizer, gradients=gradients, **options)
+
+
+def everything(t: sp.Trainer) -> dict:
+    """Modules, optimizer states and the sources' own tensors (heads, stashed gradients) of this process."""
+    out = {}
+    for s, (stage, state) in zip(t.local_stages, t.runner.states(), strict=False):
+        out.update({f"{stage}/module/{k}": v.clone() for k, v in s.module.state_dict().items()})
+        for i, st in enumerate(s.optimizer.state_dict()["state"].values()):
+            out.update({f"{stage}/opt/{i}/{k}": torch.as_tensor(v).clone() for k, v in st.items()})
+        out.update({f"{stage}/source{k}": v for k, v in _tensors(state["cache"]).items()})
+    return out
+
+
+def _tensors(x: Any, prefix: str = "") -> dict:
+    if torch.is_tensor(x):
+        return {prefix: x.detach().clone()}
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else []
+    out = {}
+    for k, v in items:
+        out.update(_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
+# -- delayed ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_delayed_with_no_staleness_equals_backprop_exactly(n_stages):
+    batches = make_batches()
+    delayed = trainer_for(n_stages, "delayed", delay=0)
+    delayed.fit(batches)
+    backprop = trainer_for(n_stages, "backprop")
+    backprop.fit(batches)
+    a, b = delayed.state_dict(), backprop.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "delay=0 must be backprop, bit for bit"
+    assert_states_close(a, plain_backprop(make_model(), batches, adam), atol=1e-6)
+    assert [s.versions() for s in delayed.runner.sources[:-1]] == [0] * (n_stages - 1)
+
+
+def test_delayed_applies_the_gradient_of_its_own_earlier_step_through_the_weights_that_step_used():
+    """Two stages, SGD, delay 1, written out by hand: stage 0 steps at t on step t-1's gradient,
+    backpropagated through the weights of step t-1's forward (not the current ones)."""
+    torch.manual_seed(0)
+    f0, f1 = nn.Linear(12, 8), nn.Sequential(nn.Tanh(), nn.Linear(8, 5))
+    batches = make_batches(n=6)
+    trainer = sp.Trainer([copy.deepcopy(f0), copy.deepcopy(f1)], nn.CrossEntropyLoss(), sgd, gradients="delayed",
+                         progress=False)
+    trainer.fit(batches)
+    w0, w1 = copy.deepcopy(f0), copy.deepcopy(f1)
+    pending = None  # (x, weights of its forward, dL/dh) of the step stage 0 applies next
+    for x, y in batches:
+        h = w0(x)  # stage 0's forward, its current weights
+        stashed = copy.deepcopy(w0)
+        hd = h.detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(w1(hd), y)
+        w1.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in w1.parameters():
+                p -= 0.1 * p.grad
+        if pending is not None:  # stage 0: the gradient of the step before, through that step's weights
+            px, pw, pg = pending
+            pw.zero_grad()
+            pw(px).backward(pg)
+            with torch.no_grad():
+                for p, q in zip(w0.parameters(), pw.parameters(), strict=False):
+                    p -= 0.1 * q.grad
+        pending = (x, stashed, hd.grad)
+    for stage, expected in zip(trainer.runner.stages, (w0, w1), strict=False):
+        assert_states_close(stage.module.state_dict(), expected.state_dict(), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_stages,delay", [(3, 1), (3, 2), (4, 1)])
+def test_delayed_weight_versions_are_bounded_and_counted(n_stages, delay):
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(12, 12), nn.Tanh()) for _ in range(n_stages - 1)],
+                          nn.Linear(12, 5))
+    trainer = trainer_for(n_stages, "delayed", model=model, delay=delay, max_inflight=(n_stages - 1) * delay + 1)
+    sources = trainer.runner.sources
+    peaks: list[list[int]] = [[] for _ in sources]
+    for r, src in enumerate(sources):
+        original = src.update
+
+        def update(runner, begun, downstream, src=src, original=original, r=r):
+            peaks[r].append(src.versions())  # after the forward of this step, before its update
+            original(runner, begun, downstream)
+        src.update = update
+    trainer.fit(make_batches(n=10))
+    for r in range(n_stages - 1):
+        lag = (n_stages - 1 - r) * delay
+        assert max(peaks[r]) == lag + 1 == sources[r].most_versions  # one version per step in flight, never more
+        assert peaks[r][:lag + 1] == list(range(1, lag + 2))
+        assert sources[r].in_flight() == lag and sources[r].versions() == 0  # drained: gradients, no weights
+
+
+def test_delayed_refuses_too_small_a_max_inflight_and_other_options_by_name():
+    with pytest.raises(ValueError, match=r"3 stages and delay=2 keeps up to 5 weight versions.*max_inflight=4"):
+        trainer_for(3, "delayed", delay=2)
+    with pytest.raises(ValueError, match="warmup_steps=3 has no meaning for gradients='delayed'"):
+        trainer_for(2, "delayed", warmup_steps=3)
+    with pytest.raises(ValueError, match=r"staleness='lr' is not a correction of gradients='synthetic'"):
+        trainer_for(2, "synthetic", staleness="lr")
+    with pytest.raises(ValueError, match=r"staleness='nesterov' is not a correction of gradients='delayed' "
+                                         r"\(its corrections: 'lr', 'predict'\)"):
+        TrainConfig(gradients="delayed", staleness="nesterov")
+
+
+def test_delayed_staleness_lr_scales_each_stages_step_by_its_staleness():
+    """With SGD a step scaled by 1/(1+lag) is the unscaled run with lr/(1+lag) on that stage."""
+    batches = make_batches(n=6)
+    scaled = trainer_for(3, "delayed", optimizer=sgd, staleness="lr")
+    scaled.fit(batches)
+    assert [g["lr"] for s in scaled.runner.stages for g in s.optimizer.param_groups] == [0.1] * 3  # restored
+    by_hand = trainer_for(3, "delayed", optimizer=sgd)
+    for r, s in enumerate(by_hand.runner.stages):
+        for g in s.optimizer.param_groups:
+            g["lr"] = 0.1 / (1 + (2 - r))
+    by_hand.fit(batches)
+    assert_states_close(scaled.state_dict(), by_hand.state_dict(), atol=1e-6)
+    plain = trainer_for(3, "delayed", optimizer=sgd)
+    plain.fit(batches)
+    assert not torch.allclose(plain.state_dict()["0.weight"], scaled.state_dict()["0.weight"])
+
+
+def test_delayed_predict_runs_the_forward_on_weights_extrapolated_along_the_last_update():
+    trainer = trainer_for(2, "delayed", model=nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5)),
+                          optimizer=sgd, staleness="predict")
+    batches = make_batches(n=4)
+    trainer.fit(batches[:3])
+    source, stage = trainer.runner.sources[0], trainer.runner.stages[0]
+    name, weight = next(iter(stage.module.named_parameters()))
+    velocity = source.velocity[name].clone()
+    assert velocity.abs().sum() > 0
+    params = source.forward_parameters(99)
+    assert torch.allclose(params[name], weight.detach() + 1 * velocity)  # lag 1: one update ahead
+
+
+def test_a_nonfinite_delayed_gradient_is_named_and_skip_leaves_the_stage_untouched():
+    trainer = trainer_for(2, "delayed", nonfinite="skip")
+    batches = make_batches(n=3)
+    trainer.fit(batches[:1])
+    source = trainer.runner.sources[0]
+    flight = next(iter(source.flights.values()))
+    flight.param_grads = None  # as if step 0's gradient had come back NaN (not yet backpropagated)
+    module = trainer.runner.stages[0].module
+    flight.params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+    flight.grads, flight.outputs = (torch.full((16, 24), float("nan")),), (torch.zeros(16, 24),)
+    before = trainer.state_dict()["0.weight"].clone()
+    trainer.fit(batches[1:2], max_steps=2)
+    assert torch.equal(trainer.state_dict()["0.weight"], before)  # step 0's update was skipped
+    raising = trainer_for(2, "delayed")
+    raising.fit(batches[:1])
+    flight = next(iter(raising.runner.sources[0].flights.values()))
+    flight.param_grads, flight.params = None, {}
+    flight.grads, flight.outputs = (torch.full((16, 24), float("nan")),), (torch.zeros(16, 24),)
+    with pytest.raises(NonFiniteError, match="stage 0: the delayed gradient is not finite at step 0"):
+        raising.fit(batches[1:2], max_steps=2)
+
+
+# -- local ------------------------------------------------------------------------------------
+
+class RecordingLinks:
+    def __init__(self, grads: dict | None = None):
+        self.sent: list[tuple[str, int]] = []
+        self.grads = grads or {}
+
+    def send_activation(self, step, outputs, y):
+        self.sent.append(("activation", step))
+
+    def send_gradient(self, step, grads, skipped):
+        self.sent.append(("skipped" if skipped else "gradient", step))
+
+    def wait_gradient(self, step):
+        self.sent.append(("waited", step))
+        return self.grads[step], False
+
+    def wait_received(self, step):
+        raise AssertionError("nothing to wait for")
+
+    def poll(self):
+        pass
+
+
+def middle_step(gradients: str, grads: dict | None = None) -> tuple[Stage, StageStep, RecordingLinks]:
+    config = TrainConfig(gradients=gradients, progress=False)
+    stage = Stage(1, 3, nn.Linear(4, 4), adam, loss_fn=nn.CrossEntropyLoss(),
+                  aux_head=sp.AuxHead("linear", num_classes=3))
+    links = RecordingLinks(grads)
+    return stage, StageStep(stage, config, make_source(stage, config), links), links
+
+
+def test_local_steps_at_once_on_its_auxiliary_loss_and_sends_nothing_back():
+    stage, step, links = middle_step("local")
+    before = stage.module.weight.detach().clone()
+    for t in range(3):
+        step.run(t, (torch.randn(6, 4),), torch.randint(0, 3, (6,)))
+    assert links.sent == [("activation", 0), ("activation", 1), ("activation", 2)]  # no gradient message
+    assert not torch.equal(stage.module.weight, before) and step.source.aux.head is not None
+
+
+def test_local_without_labels_or_an_auxiliary_head_or_with_a_delay_is_refused_by_name():
+    _, step, _ = middle_step("local")
+    with pytest.raises(ValueError, match="stage 1: gradients='local' trains the stage on a local loss with the "
+                                         "labels, but step 0 has none"):
+        step.run(0, (torch.randn(6, 4),), None)
+    for gradients in ("local", "interlocking"):
+        with pytest.raises(ValueError, match=f"gradients='{gradients}' .* needs an auxiliary head recipe"):
+            sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), gradients=gradients)
+        with pytest.raises(ValueError, match=f"delay=2 has no meaning for gradients='{gradients}'"):
+            trainer_for(2, gradients, delay=2)
+    with pytest.raises(ValueError, match="an auxiliary head needs num_classes"):
+        sp.AuxHead("linear")
+
+
+def count_messages(rank: int, gradients: str, batches: list, options: dict) -> dict:
+    trainer = trainer_for(2, gradients, **options)
+    worker = trainer.runner
+    sent = {"activations": 0, "gradients": 0}
+    for name, ch in (("activations", worker.ch.act_out), ("gradients", worker.ch.grad_out)):
+        if ch is not None:
+            original = ch.send
+
+            def send(kind, *args, original=original, name=name, **kwargs):
+                sent[name] += kind == 1  # TRAIN messages
+                return original(kind, *args, **kwargs)
+            ch.send = send
+    trainer.fit(batches)
+    out = {"sent": sent, "state": trainer.state_dict(), "grad_thread": worker.ch.grad_in is not None
+           and worker.ch.grad_in._thread is not None}
+    trainer.close()
+    return out
+
+
+def test_local_across_ranks_sends_no_gradient_message_and_equals_the_single_process_trainer():
+    batches = make_batches(n=6)
+    results = run_ranks(count_messages, 2, "local", batches, {}, timeout=120)
+    assert results[0]["sent"] == {"activations": 6, "gradients": 0}
+    assert results[1]["sent"] == {"activations": 0, "gradients": 0}  # (the last rank would send them)
+    assert not results[0]["grad_thread"]  # no gradient was ever expected
+    reference = trainer_for(2, "local")
+    reference.fit(batches)
+    for r in results:
+        assert_states_close(r["state"], reference.state_dict(), atol=1e-6)
+
+
+# -- interlocking -------------------------------------------------------------------------------
+
+class RecordedHead(sp.AuxHead):
+    """An AuxHead that keeps a copy of each head it builds, as built (for a computation by hand)."""
+
+    built: dict[int, nn.Module] = {}
+
+    def build(self, stage, example):
+        head = super().build(stage, example)
+        RecordedHead.built[stage] = copy.deepcopy(head)
+        return head
+
+
+def test_interlocking_gradients_reach_exactly_one_stage_back():
+    """One SGD step of three stages: stage r steps on d(L_r + L_{r+1})/dθ_r, never on a later loss."""
+    torch.manual_seed(0)
+    f = [nn.Sequential(nn.Linear(12, 10), nn.Tanh()), nn.Sequential(nn.Linear(10, 10), nn.Tanh()), nn.Linear(10, 5)]
+    x, y = make_batches(n=1)[0]
+    trainer = sp.Trainer([copy.deepcopy(m) for m in f], nn.CrossEntropyLoss(), sgd, gradients="interlocking",
+                         aux_head=RecordedHead("linear", num_classes=5), progress=False)
+    trainer.fit([(x, y)])
+    heads = RecordedHead.built
+    ce = nn.functional.cross_entropy
+    h0 = f[0](x)
+    h1 = f[1](h0)
+    local = [ce(heads[0]((h0,)), y), ce(heads[1]((h1,)), y), ce(f[2](h1), y)]
+    params = [list(m.parameters()) for m in f]
+    expected = [torch.autograd.grad(local[0] + local[1], params[0], retain_graph=True),
+                torch.autograd.grad(local[1] + local[2], params[1], retain_graph=True),
+                torch.autograd.grad(local[2], params[2], retain_graph=True)]
+    for r, stage in enumerate(trainer.runner.stages):
+        for p, p0, g in zip(stage.module.parameters(), params[r], expected[r], strict=False):
+            assert torch.allclose(p, p0 - 0.1 * g, atol=1e-6), f"stage {r}"
+    # and not two hops: stage 0 would step differently with the last stage's loss in it
+    two_hops = torch.autograd.grad(local[0] + local[1] + local[2], params[0])
+    assert not torch.allclose(two_hops[0], expected[0][0], atol=1e-4)
+
+
+def test_interlocking_sends_its_local_gradient_back_before_it_waits():
+    grads = {0: (torch.zeros(6, 4),)}
+    stage, step, links = middle_step("interlocking", grads)
+    step.run(0, (torch.randn(6, 4),), torch.randint(0, 3, (6,)))
+    assert links.sent == [("activation", 0), ("gradient", 0), ("waited", 0)]  # the hop goes back first
+
+
+# -- across ranks: fixed-delay runs equal the reference trainer -----------------------------------
+
+def fit_and_state(rank: int, n_stages: int, gradients: str, batches: list, dropout: float, options: dict) -> dict:
+    trainer = trainer_for(n_stages, gradients, model=make_model(dropout=dropout), **options)
+    history = trainer.fit(batches, epochs=2)
+    out = {"state": everything(trainer), "losses": [s["loss"] for s in history.steps]}
+    trainer.close()
+    return out
+
+
+@pytest.mark.parametrize("gradients,options", [("delayed", {}), ("delayed", {"delay": 2, "max_inflight": 5,
+                                                                            "staleness": "predict"}),
+                                               ("interlocking", {})])
+def test_across_ranks_equals_the_single_process_trainer(gradients, options):
+    batches = make_batches(n=5)
+    dropout = 0.2  # (the same masks in one process as on its rank: only one stage draws random numbers)
+    results = run_ranks(fit_and_state, 3, 3, gradients, batches, dropout, options, timeout=150)
+    reference = trainer_for(3, gradients, model=make_model(dropout=dropout), **options)
+    history = reference.fit(batches, epochs=2)
+    expected = everything(reference)
+    for r, result in enumerate(results):
+        own = {k: v for k, v in expected.items() if k.startswith(f"{r}/")}
+        assert_states_close(result["state"], own, atol=1e-6)
+    assert results[0]["losses"] == pytest.approx([s["loss"] for s in history.steps], abs=1e-5)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gradients,options", [("delayed", {}), ("delayed", {"staleness": "predict"}),
+                                               ("local", {}), ("interlocking", {})])
+def test_every_source_resumes_exactly_and_exports_the_original_names(tmp_path, gradients, options):
+    batches = make_batches(n=10)
+    straight = trainer_for(3, gradients, **options)
+    straight.fit(batches, max_steps=10)
+    first = trainer_for(3, gradients, **options)
+    first.fit(batches, max_steps=4)
+    first.save(str(tmp_path))
+    again = trainer_for(3, gradients, **options).load(str(tmp_path))
+    again.fit(batches, max_steps=10)
+    assert_states_close(everything(again), everything(straight), atol=1e-6)
+    if gradients != "delayed":
+        assert any("/source/aux/head/" in k for k in everything(again)), "the auxiliary heads are saved"
+    again.export(str(tmp_path / "model.pt"))
+    model = make_model()
+    model.load_state_dict(torch.load(tmp_path / "model.pt"))  # strict: the original names, no heads
+
+
+def test_periodic_checkpoints_of_delayed_train_exactly_as_one_fit(tmp_path):
+    batches = make_batches(n=10)
+    straight = trainer_for(3, "delayed")
+    straight.fit(batches, epochs=2)
+    periodic = trainer_for(3, "delayed")
+    periodic.fit(batches, epochs=2, checkpoint=str(tmp_path), checkpoint_every=3)
+    assert_states_close(everything(periodic), everything(straight), atol=1e-6)
+
+
+def resume_delayed_across_ranks(rank: int, directory: str, batches: list) -> dict:
+    first = trainer_for(3, "delayed")
+    first.fit(batches, max_steps=5)
+    first.save(directory)
+    first.close()
+    resumed = trainer_for(3, "delayed")
+    resumed.fit(batches, max_steps=10, resume=directory)
+    straight = trainer_for(3, "delayed")
+    straight.fit(batches, max_steps=10)
+    out = {"resumed": everything(resumed), "straight": everything(straight),
+           "outstanding": resumed.runner.outstanding}
+    resumed.close()
+    straight.close()
+    return out
+
+
+def test_delayed_resumes_exactly_across_ranks(tmp_path):
+    for r, result in enumerate(run_ranks(resume_delayed_across_ranks, 3, str(tmp_path / "ckpt"), make_batches(n=10),
+                                         timeout=150)):
+        assert_states_close(result["resumed"], result["straight"], atol=1e-6)
+        assert result["outstanding"] == 0, f"rank {r}: the drain left gradient messages in flight"
+
+
+@pytest.mark.parametrize("saved,loaded", [("delayed", "local"), ("local", "synthetic"), ("synthetic", "delayed")])
+def test_a_checkpoint_of_another_source_is_refused_by_name(tmp_path, saved, loaded):
+    first = trainer_for(2, saved)
+    first.fit(make_batches(n=2))
+    first.save(str(tmp_path))
+    other = trainer_for(2, loaded)
+    before = everything(other)
+    with pytest.raises(ValueError, match=f"stage 0: the checkpoint was saved with gradients=.*{saved}.*this "
+                                         f"trainer uses gradients='{loaded}'"):
+        other.load(str(tmp_path))
+    assert_states_close(everything(other), before, atol=0)
