@@ -154,3 +154,43 @@ def test_precision_names_are_checked() -> None:
         TrainConfig(synth_precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         Stage(0, 1, nn.Linear(2, 2), adam(), loss_fn=nn.MSELoss(), precision="int8")
+
+
+def fit_fp16(rank: int, steps: int) -> dict:
+    trainer = two_stage_fp16_trainer()
+    trainer.fit(make_batches(steps), epochs=1)
+    state = trainer.state_dict()
+    scales = [s.scaler.get_scale() for s in trainer.local_stages]
+    trainer.close()
+    return {"model": state, "scales": scales}
+
+
+def two_stage_fp16_trainer() -> sp.Trainer:
+    from torch.optim.lr_scheduler import LambdaLR
+
+    trainer = sp.Trainer(sp.split(make_model(), balance=[2, 3]), nn.CrossEntropyLoss(), optimizer=adam(1e-2),
+                         synthesizer=sp.Synthesizer("linear", conditional=True, num_classes=5), precision="fp16",
+                         clip_grad_norm=0.5, lr_scheduler=lambda opt: LambdaLR(opt, lambda t: 1.0 / (1 + t)),
+                         delay=1, progress=False, device="cpu", gradients="backprop", warmup_steps=0)
+    # a start scale so large that the first steps overflow: the skipped steps must cross ranks as in one process
+    for stage in trainer.local_stages:
+        stage.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+    return trainer
+
+
+@pytest.mark.timeout(120)
+def test_fp16_on_two_ranks_computes_what_one_process_does() -> None:
+    from multiprocess import run_ranks
+
+    steps = 8
+    results = run_ranks(fit_fp16, 2, steps, timeout=90)
+    single = two_stage_fp16_trainer()
+    single.fit(make_batches(steps), epochs=1)
+    expected = single.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(results[0]["model"][key], value, rtol=0, atol=0)
+    scales = [s.scaler.get_scale() for s in single.local_stages]
+    assert [r["scales"][0] for r in results] == scales
+    assert scales[1] < 2.0 ** 24  # the last stage overflowed (and its stage 0 skipped those steps)
+    assert any(not torch.equal(value, before) for value, before in zip(expected.values(),
+                                                                      two_stage_fp16_trainer().state_dict().values()))
