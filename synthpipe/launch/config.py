@@ -26,7 +26,8 @@ import os
 import typing
 from typing import Any, Optional
 
-from ..engine.config import GRADIENT_MODES, NONFINITE_POLICIES
+from ..engine.config import GRADIENT_MODES, NONFINITE_POLICIES, PRECISIONS
+from ..engine.schedules import SCHEDULES
 from ..stages.synthesizer import KINDS
 
 __all__ = ["JobConfig", "load_config", "read_toml", "add_train_arguments", "overrides_from_args",
@@ -71,6 +72,15 @@ class JobConfig:
         max_steps: stop after this many steps in total (``None``: no limit).
             Flag ``--max-steps``.
         lr: Adam learning rate of every stage. Flag ``--lr``.
+        lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` (to 0 at the run's last
+            step: ``max_steps``, else ``epochs`` epochs), the same for every stage by step id.
+            Flag ``--lr-schedule``.
+        lr_warmup_steps: first steps whose learning rate rises linearly to ``lr`` (not
+            ``warmup_steps``, which are steps on true gradients). Flag ``--lr-warmup-steps``.
+        clip_grad_norm: clip each stage's gradient to this 2-norm before its step (per stage;
+            ``None``: no clipping). Flag ``--clip-grad-norm``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast per stage forward; fp16 with
+            a gradient scaler per stage). Flag ``--precision``.
         seed: seeds the model initialisation (identically on every rank), the shuffling
             and the ``"synthetic"`` data. Flag ``--seed``.
 
@@ -127,6 +137,8 @@ class JobConfig:
             Flags ``--progress`` / ``--no-progress``.
         output: directory for ``history.json`` (per-step and per-epoch records) and
             ``summary.json`` (config and results). Flag ``--output``.
+        tensorboard: directory for TensorBoard scalars (needs the tensorboard package).
+            Flag ``--tensorboard``.
     """
 
     # model
@@ -143,6 +155,10 @@ class JobConfig:
     max_steps: Optional[int] = None
     lr: float = 1e-3
     seed: int = 0
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    clip_grad_norm: Optional[float] = None
+    precision: str = "fp32"
     # pipeline
     n_stages: int = 3
     balance: Optional[list[int]] = None
@@ -171,6 +187,7 @@ class JobConfig:
     compare_backprop: bool = True
     progress: bool = True
     output: Optional[str] = None
+    tensorboard: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,7 +200,8 @@ class JobConfig:
             check_type(f.name, getattr(self, f.name))
         for name, choices in (("model", MODELS), ("data", DATASETS), ("split_by", SPLIT_BY),
                               ("gradients", GRADIENTS), ("synthesizer", SYNTHESIZERS),
-                              ("nonfinite", NONFINITE), ("device", DEVICES)):
+                              ("nonfinite", NONFINITE), ("device", DEVICES), ("precision", PRECISIONS),
+                              ("lr_schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -195,7 +213,7 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "depth" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'depth' else 1}; got {value}")
-        for name in ("epochs", "warmup_steps"):
+        for name in ("epochs", "warmup_steps", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.delay is not None and self.delay < 0:
@@ -209,6 +227,8 @@ class JobConfig:
             raise ValueError(f"failure_timeout must be a finite number of seconds above 1; got {self.failure_timeout}")
         if not 0 <= self.stall_warning < math.inf:
             raise ValueError(f"stall_warning must be a finite number of seconds, 0 for none; got {self.stall_warning}")
+        if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
+            raise ValueError(f"clip_grad_norm must be a positive, finite norm; got {self.clip_grad_norm}")
         if not math.isfinite(self.synthetic_scale):
             raise ValueError(f"synthetic_scale (--scale) must be finite; got {self.synthetic_scale}")
         if self.balance is not None:
@@ -383,6 +403,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_steps", "--max-steps", "stop after this many steps", int, metavar="N", none="no limit"),
     Flag("lr", "--lr", "Adam learning rate of the stages", float, metavar="LR"),
     Flag("seed", "--seed", "seed of initialisation, shuffling and synthetic data", int, metavar="S"),
+    Flag("lr_schedule", "--lr-schedule", "learning-rate schedule of every stage (to 0 at the last step)", str,
+         SCHEDULES),
+    Flag("lr_warmup_steps", "--lr-warmup-steps", "first steps of linear learning-rate warmup", int, metavar="N"),
+    Flag("clip_grad_norm", "--clip-grad-norm", "clip each stage's gradient to this 2-norm", float, metavar="X",
+         none="no clipping"),
+    Flag("precision", "--precision", "autocast type of the stages' forward (fp16: with a gradient scaler)", str,
+         PRECISIONS),
     Flag("n_stages", "--stages", "pipeline stages (one process per stage when multi-process)", int,
          metavar="N", group="pipeline"),
     Flag("balance", "--balance", "model children per stage, e.g. 4,3,3", _int_list, metavar="A,B,...",
@@ -421,6 +448,8 @@ FLAGS: tuple[Flag, ...] = (
          group="outputs"),
     Flag("progress", "--progress", "progress bar on stderr", boolean=True, group="outputs"),
     Flag("output", "--output", "directory for history.json and summary.json", str, metavar="DIR",
+         group="outputs"),
+    Flag("tensorboard", "--tensorboard", "write TensorBoard scalars into this directory", str, metavar="DIR",
          group="outputs"),
 )
 

@@ -222,6 +222,22 @@ def choose_balance(cfg: JobConfig, model: Any, in_features: int, device: Any, wo
     return box[0]
 
 
+def lr_scheduler_for(cfg: JobConfig) -> Any:
+    """The ``Trainer(lr_scheduler=...)`` of ``--lr-schedule`` / ``--lr-warmup-steps`` (``None``: constant).
+
+    Linear and cosine reach 0 at the run's last step: ``max_steps``, else ``epochs`` times
+    the batches per epoch (every rank builds the (seeded, identical) training set to count them).
+    """
+    from ..engine.schedules import named_schedule
+
+    if cfg.lr_schedule == "constant" and cfg.lr_warmup_steps == 0:
+        return None
+    total = cfg.max_steps
+    if total is None:
+        total = len(train_loader(cfg, build_data(cfg)[0])) * cfg.epochs
+    return named_schedule(cfg.lr_schedule, max(total, 1), cfg.lr_warmup_steps)
+
+
 def method_name(cfg: JobConfig) -> str:
     if cfg.gradients == "backprop":
         return "pipeline backprop"
@@ -327,12 +343,20 @@ def _run(cfg: JobConfig) -> int:
         def adam(params: Any) -> torch.optim.Optimizer:
             return torch.optim.Adam(params, lr=cfg.lr)
 
+        if cfg.tensorboard is not None:
+            from ..engine.tensorboard import require_tensorboard
+            try:
+                require_tensorboard("--tensorboard")
+            except ImportError as e:
+                raise LaunchError(str(e)) from None
+
         trainer = sp.Trainer(stages, loss_fn=nn.CrossEntropyLoss(), optimizer=adam, synthesizer=synthesizer,
                              gradients=cfg.gradients, synth_lr=cfg.synth_lr, device=device, backend=cfg.backend,
                              delay=cfg.delay, synthetic_scale=cfg.synthetic_scale, warmup_steps=cfg.warmup_steps,
                              max_inflight=cfg.max_inflight, nonfinite=cfg.nonfinite,
                              failure_timeout=cfg.failure_timeout, stall_warning=cfg.stall_warning or None,
-                             progress=cfg.progress)
+                             progress=cfg.progress, precision=cfg.precision, clip_grad_norm=cfg.clip_grad_norm,
+                             lr_scheduler=lr_scheduler_for(cfg), log_dir=cfg.tensorboard)
         train_set = test_set = loader = loader_eval = None
         if trainer.is_main:
             train_set, test_set = build_data(cfg)
