@@ -194,3 +194,19 @@ def test_fp16_on_two_ranks_computes_what_one_process_does() -> None:
     assert scales[1] < 2.0 ** 24  # the last stage overflowed (and its stage 0 skipped those steps)
     assert any(not torch.equal(value, before) for value, before in zip(expected.values(),
                                                                       two_stage_fp16_trainer().state_dict().values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_low_precision_trains_within_two_percent_of_fp32(precision: str) -> None:
+    def losses(p: str) -> tuple[list[float], sp.Trainer]:
+        stages = sp.split(make_model(), balance=[2, 3])
+        trainer = sp.Trainer(stages, nn.CrossEntropyLoss(), optimizer=adam(1e-2), precision=p, delay=1,
+                             synthesizer=sp.Synthesizer("linear", conditional=True, num_classes=5),
+                             progress=False, device="cuda")
+        return trainer.fit(make_batches(5), epochs=1).losses, trainer
+    fp32, _ = losses("fp32")
+    low, trainer = losses(precision)
+    assert abs(low[-1] - fp32[-1]) <= 0.02 * fp32[-1], (low, fp32)
+    if precision == "fp16":
+        assert all(s.scaler is not None and s.scaler.get_scale() > 0 for s in trainer.local_stages)
