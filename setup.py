@@ -48,7 +48,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff", "mypy", "pdoc"],
+        # TensorBoard scalars (Trainer(log_dir=...), synthpipe train --tensorboard)
+        "tensorboard": ["tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "mypy", "pdoc", "tensorboard"],  # (the TensorBoard tests run in CI)
     },
     entry_points={
         "console_scripts": ["synthpipe=synthpipe.launch.cli:main"],

@@ -62,14 +62,18 @@ ALL_FLAGS = ["--model", "deep_mlp", "--depth", "4", "--hidden", "32", "--data", 
              "--stall-warning", "60", "--device", "cpu", "--backend", "gloo", "--threads", "2", "--checkpoint", "ck",
              "--resume", "old",
              "--checkpoint-every", "4", "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out",
-             "--log-every", "5", "--prefetch", "3"]
+             "--log-every", "5", "--prefetch", "3", "--lr-schedule", "cosine", "--lr-warmup-steps", "2",
+             "--precision", "bf16", "--synth-precision", "bf16", "--clip-grad-norm", "1.5", "--tensorboard", "tb",
+             "--staleness", "none"]
 EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samples=300, features=16, batch_size=32,
                 epochs=2, max_steps=7, lr=0.01, seed=5, n_stages=3, balance=[3, 3, 3], split_by="time",
                 gradients="backprop", synthesizer="mlp", conditional=False, synth_lr=0.002, synthetic_scale=0.5,
                 delay=1, warmup_steps=3, max_inflight=2, nonfinite="skip", failure_timeout=12.0, stall_warning=60.0,
                 device="cpu",
                 backend="gloo", threads=2, checkpoint="ck", checkpoint_every=4, resume="old", export="m.pt",
-                compare_backprop=False, progress=False, output="out", log_every=5, prefetch=3)
+                compare_backprop=False, progress=False, output="out", log_every=5, prefetch=3,
+                lr_schedule="cosine", lr_warmup_steps=2, precision="bf16", synth_precision="bf16", clip_grad_norm=1.5,
+                log_dir="tb", staleness=None)
 
 
 def parse_train(argv: list[str]):

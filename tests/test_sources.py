@@ -193,7 +193,7 @@ def test_a_nonfinite_delayed_gradient_is_named_and_skip_leaves_the_stage_untouch
     flight.params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
     flight.grads, flight.outputs = (torch.full((16, 24), float("nan")),), (torch.zeros(16, 24),)
     before = trainer.state_dict()["0.weight"].clone()
-    trainer.fit(batches[1:2], max_steps=2)
+    trainer.fit(batches[1:2], epochs=2)
     assert torch.equal(trainer.state_dict()["0.weight"], before)  # step 0's update was skipped
     raising = trainer_for(2, "delayed")
     raising.fit(batches[:1])
@@ -201,7 +201,7 @@ def test_a_nonfinite_delayed_gradient_is_named_and_skip_leaves_the_stage_untouch
     flight.param_grads, flight.params = None, {}
     flight.grads, flight.outputs = (torch.full((16, 24), float("nan")),), (torch.zeros(16, 24),)
     with pytest.raises(NonFiniteError, match="stage 0: the delayed gradient is not finite at step 0"):
-        raising.fit(batches[1:2], max_steps=2)
+        raising.fit(batches[1:2], epochs=2)
 
 
 # -- local ------------------------------------------------------------------------------------

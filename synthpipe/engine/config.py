@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from typing import Optional
+import os
+from typing import Optional, Sequence
 
 from .sources.registry import SOURCES
 
 NONFINITE_POLICIES = ("raise", "skip")
+PRECISIONS = ("fp32", "bf16", "fp16")  # see synthpipe.engine.precision
 DEFAULT_DELAY = 2  # a target arrives about two steps after its activation left (docs/guide.md, section 2)
 
 
@@ -50,6 +53,15 @@ class TrainConfig:
         log_every: steps between progress-bar updates.
         progress: show a progress bar (rank 0 only).
         prefetch: batches loaded ahead on rank 0.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: each stage's forward and loss run
+            under ``torch.autocast`` in that type, per step (weights and optimizer state stay
+            fp32); ``"fp16"`` adds a gradient scaler per stage (docs/guide.md, "Mixed precision").
+        synth_precision: ``"fp32"`` (default: synthesizers and their regression in fp32
+            whatever ``precision`` is) or ``"bf16"`` (their forward under bf16 autocast).
+        clip_grad_norm: clip each stage's gradient to this 2-norm before its step (per
+            stage, over that stage's parameters; ``None``: no clipping).
+        log_dir: write TensorBoard scalars into this directory (needs the ``tensorboard``
+            package: ``pip install synthpipe[tensorboard]``); ``None``: none.
     """
 
     gradients: str = "synthetic"
@@ -64,6 +76,10 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     prefetch: int = 2
+    precision: str = "fp32"
+    synth_precision: str = "fp32"
+    clip_grad_norm: Optional[float] = None
+    log_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.gradients not in SOURCES:
@@ -88,6 +104,37 @@ class TrainConfig:
                              f"got {self.stall_warning!r}")
         if not math.isfinite(self.synthetic_scale):
             raise ValueError(f"synthetic_scale must be finite, got {self.synthetic_scale}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.synth_precision not in ("fp32", "bf16"):
+            raise ValueError(f"synth_precision must be 'fp32' or 'bf16', got {self.synth_precision!r} (fp16 "
+                             f"synthesizers would need a gradient scaler of their own)")
+        if self.clip_grad_norm is not None and (isinstance(self.clip_grad_norm, bool) or not isinstance(
+                self.clip_grad_norm, (int, float)) or not 0 < self.clip_grad_norm < math.inf):
+            raise ValueError(f"clip_grad_norm must be a positive, finite number (or None), got {self.clip_grad_norm!r}")
+        if self.log_dir is not None and not isinstance(self.log_dir, (str, os.PathLike)):
+            raise ValueError(f"log_dir must be a directory path (or None), got {self.log_dir!r}")
+        if self.log_dir is not None:
+            self.log_dir = os.fspath(self.log_dir)  # (the config is saved as JSON in checkpoints)
+
+
+def check_options(options: dict[str, object], others: Sequence[str] = ()) -> None:
+    """Refuse keyword options that are not :class:`TrainConfig` fields.
+
+    Args:
+        options: the keyword arguments given.
+        others: the caller's own keyword parameters, listed as known too.
+
+    Raises:
+        TypeError: naming each unknown option, the closest known names and every known one.
+    """
+    known = sorted({f.name for f in dataclasses.fields(TrainConfig)} | set(others))
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        hints = [f"{k!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(k)
+                 for k in unknown for close in [difflib.get_close_matches(k, known, n=2)]]
+        raise TypeError(f"unknown Trainer option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                        f"the known options are: {', '.join(known)}")
 
 
 def _check_count(name: str, value: object, minimum: int, optional: bool = False) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 __all__ = ["History", "StepLog", "merge_logs"]
 
@@ -116,13 +116,19 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 
 class StepLog:
-    """One rank's per-step values: ``log.put(step, key, value)``; merged across ranks later."""
+    """One rank's per-step values: ``log.put(step, key, value)``; merged across ranks later.
+
+    ``sink``, when set, is called with every value as it is put (a TensorBoard writer).
+    """
 
     def __init__(self) -> None:
         self.values: dict[int, dict[str, Any]] = {}
+        self.sink: Callable[[int, str, Any], None] | None = None
 
     def put(self, step: int, key: str, value: Any) -> None:
         self.values.setdefault(step, {})[key] = value
+        if self.sink is not None:
+            self.sink(step, key, value)
 
     def clear(self) -> None:
         self.values.clear()

@@ -147,6 +147,7 @@ class StageStep:
                 raise NonFiniteError(nonfinite_message(stage, f"the {self.source.name} gradient", step))
         if not ok:
             stage.undo_forward()  # a skipped step leaves the stage as it was
+            stage.advance_schedule()  # (but the LR schedule follows the step id)
             self._send_back(step, (), skipped=True)
             return None
         if begun.loss is not None:
@@ -157,9 +158,18 @@ class StageStep:
         # it crosses (and stage r - 1 can use it) while this stage updates.
         with tm.section("backward", step):
             stage.backward(begun.outputs, grads, loss=begun.loss)
-        self._send_back(step, stage.input_gradient(begun.inputs), skipped=False)
+        back = stage.input_gradient(begun.inputs) if self.has_previous else ()
+        # fp16: an overflow in the scaled backward; stage r - 1 skips the step, this one lowers its scale
+        overflow = stage.scaler is not None and not all_finite(back)
+        self._send_back(step, () if overflow else back, skipped=overflow)
+        lr = stage.lr
         with tm.section("update", step):
-            stage.step()
+            norm = stage.step(skip=overflow)
+        if stage.log_metrics:
+            if norm is not None:
+                self.log.put(step, f"grad_norm/{stage.index}", norm)
+            if lr is not None:
+                self.log.put(step, f"lr/{stage.index}", lr)
         return result
 
     def after(self, step: int) -> None:

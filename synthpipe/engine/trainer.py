@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import os
 import sys
@@ -23,10 +24,11 @@ import torch.nn as nn
 
 from ..stages.aux import AuxHead
 from ..stages.materialize import InitFn
-from ..stages.stage import OptimizerFactory, Stage, adam
+from ..stages.precision import user_autocast
+from ..stages.stage import OptimizerFactory, SchedulerFactory, Stage, adam
 from ..stages.synthesizer import Synthesizer
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, check_options
 from .distributed import (
     backend_for,
     default_device,
@@ -43,6 +45,7 @@ from .reference import ReferenceRunner
 from .runner import Runner
 from .signals import StopSignals
 from .sources import SOURCES
+from .tensorboard import TensorBoardLog
 from .watchdog import Watchdog, open_store
 from .worker import Channels, PipelineWorker
 
@@ -78,7 +81,8 @@ def _split_fingerprint(stages: Sequence[nn.Module]) -> list[list[tuple[str, tupl
 
 
 # The options that decide each stage's update rule; the others (progress, prefetch, ...) may differ.
-_RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "staleness", "nonfinite")
+_RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "staleness", "nonfinite",
+                 "precision", "synth_precision", "clip_grad_norm")
 
 
 def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int) -> None:
@@ -135,8 +139,20 @@ class Trainer:
             without one (see :mod:`synthpipe.stages.materialize`).
         aux_head: the auxiliary head recipe (``sp.AuxHead``) of every stage but the last,
             for ``gradients="local"`` and ``"interlocking"``, which need one.
+        lr_scheduler: ``optimizer -> scheduler`` (e.g. ``lambda opt: LambdaLR(opt, f)``), one per
+            stage, stepped once per training step (skipped steps too), so that every stage's
+            learning rate follows the same schedule by step id; saved in checkpoints. See
+            :func:`synthpipe.engine.schedules.named_schedule` for cosine/linear with warmup.
+        synth_lr_scheduler: the same for each synthesizer's optimizer, stepped after each
+            of its regression steps.
         **options: the remaining :class:`TrainConfig` fields (``delay``, ``synthetic_scale``,
-            ``warmup_steps``, ``max_inflight``, ``nonfinite``, ``failure_timeout``, ...).
+            ``warmup_steps``, ``max_inflight``, ``nonfinite``, ``failure_timeout``,
+            ``precision``, ``clip_grad_norm``, ``log_dir``, ...).
+
+    Raises:
+        TypeError: an option that is neither a parameter here nor a :class:`TrainConfig`
+            field (the message lists the known ones).
+        ImportError: ``log_dir`` without the tensorboard package.
     """
 
     _instances = 0
@@ -146,9 +162,13 @@ class Trainer:
                  gradients: str = "synthetic", synth_optimizer: OptimizerFactory | None = None,
                  synth_lr: float = 1e-3, device: torch.device | str | None = None,
                  backend: str | None = None, init: InitFn | None = None,
-                 aux_head: AuxHead | None = None, **options: Any):
+                 aux_head: AuxHead | None = None,
+                 lr_scheduler: SchedulerFactory | None = None, synth_lr_scheduler: SchedulerFactory | None = None,
+                 **options: Any):
         if len(stages) < 1:
             raise ValueError("a Trainer needs at least one stage")
+        check_options(options, others=[name for name, p in inspect.signature(Trainer.__init__).parameters.items()
+                                       if name != "self" and p.kind is not p.VAR_KEYWORD])
         self.config = TrainConfig(gradients=gradients, **options)
         self.n_stages = len(stages)
         SOURCES[gradients].check(self.config, self.n_stages, aux_head)  # (alike on every rank, before any starts)
@@ -161,7 +181,9 @@ class Trainer:
             return Stage(r, self.n_stages, stages[r], optimizer, loss_fn=loss_fn,
                          synthesizer=synthesizer if r < self.n_stages - 1 else None,
                          synth_optimizer=synth_optimizer, synthetic_scale=self.config.synthetic_scale,
-                         device=self.device, init=init, aux_head=aux_head)
+                         device=self.device, init=init, aux_head=aux_head, precision=self.config.precision,
+                         synth_precision=self.config.synth_precision, clip_grad_norm=self.config.clip_grad_norm,
+                         lr_scheduler=lr_scheduler, synth_lr_scheduler=synth_lr_scheduler)
 
         self.watchdog: Watchdog | None = None
         self._owns_group = False
@@ -176,6 +198,20 @@ class Trainer:
         self._bar: Any = None
         self.stopped: str | None = None  # why the last fit ended early (e.g. "SIGTERM on rank 1")
         self._signals = StopSignals(self.rank, self.watchdog)
+        self._tensorboard = self._open_tensorboard()
+
+    def _open_tensorboard(self) -> TensorBoardLog | None:
+        """This process's TensorBoard writer (``log_dir``), fed by the step log and the timers."""
+        if self.config.log_dir is None:
+            return None
+        world = 1 if self.watchdog is None else self.n_stages
+        tb = TensorBoardLog(self.config.log_dir, self.rank, world, self.config.log_every, lambda: self.runner.timers)
+        if not getattr(self.runner.timers, "enabled", False):
+            self.runner.timers = Timers(self.device)  # (the busy and wait fractions come from them)
+        for stage in self.local_stages:
+            stage.log_metrics = True
+        self.runner.log.sink = tb.put
+        return tb
 
     def _make_runner(self, stages: Sequence[nn.Module], make: Callable[[int], Stage],
                      backend: str | None) -> Runner:
@@ -284,8 +320,17 @@ class Trainer:
                 raise ValueError("checkpoint_every needs a checkpoint directory to save into")
             if checkpoint_every < 1:
                 raise ValueError(f"checkpoint_every must be >= 1 step, got {checkpoint_every}")
+        inside = user_autocast([self.device.type, "cpu"])
+        if inside is not None:
+            raise RuntimeError(
+                f"fit was called inside torch.autocast({inside!r}): PyTorch caches the first low-precision copy of "
+                f"every weight for the whole autocast region, so every step would run on the weights of the first "
+                f"one and training would silently do nothing. Call fit outside autocast and pass "
+                f"Trainer(precision='bf16') (or 'fp16'): each stage's forward then runs under autocast, per step")
         if resume is not None:
             self.load(resume)
+        if self.is_main:
+            self._warn_if_done(epochs, max_steps)
         self.runner.log.clear()  # (the steps of an earlier fit that raised are not this fit's)
         self._fit_start = time.perf_counter()
         self._partial_epoch = None
@@ -315,8 +360,21 @@ class Trainer:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+            if self._tensorboard is not None:
+                self._tensorboard.flush()
         self._signals.act_late(self.stopped)
         return history
+
+    def _warn_if_done(self, epochs: int, max_steps: int | None) -> None:
+        """A fit whose limits the trainer has reached already trains nothing: say why (as Lightning does)."""
+        if max_steps is not None and self.step >= max_steps:
+            _warn_user(f"fit(max_steps={max_steps}) trains nothing: this trainer is at step {self.step} already, "
+                       f"and max_steps counts the steps in total, not more of them; pass "
+                       f"max_steps={self.step + max_steps} to train {max_steps} more")
+        elif self.epoch >= epochs:
+            _warn_user(f"fit(epochs={epochs}) trains nothing: this trainer has run {self.epoch} epoch"
+                       f"{'s' if self.epoch != 1 else ''} already, and epochs counts the epochs in total, not more of "
+                       f"them; pass epochs={self.epoch + epochs} to train {epochs} more")
 
     def _fit(self, loader: Iterable[Any], epochs: int, eval_loader: Iterable[Any] | None,
              max_steps: int | None, goal: int | None) -> History:
@@ -372,6 +430,8 @@ class Trainer:
                     if self.step % cfg.log_every == 0:
                         rate = samples / max(time.perf_counter() - t_epoch, 1e-9)
                         bar.set_postfix(live_postfix(runner.live_stats(), rate), refresh=False)
+                        if self._tensorboard is not None:
+                            self._tensorboard.scalar("train/samples_per_s", rate, self.step)
                     self.stopped = self._signals.reason
                     if self.stopped is not None or (goal is not None and self.step >= goal):
                         done = True
@@ -392,6 +452,9 @@ class Trainer:
             if eval_loader is not None:
                 metrics = self._evaluate(eval_loader)
                 row.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"])
+                if self._tensorboard is not None:
+                    self._tensorboard.scalar("eval/loss", metrics["loss"], self.step)
+                    self._tensorboard.scalar("eval/accuracy", metrics["accuracy"], self.step)
             rows.append(row)
             if cfg.progress:
                 bar.write(epoch_line(row))
@@ -513,6 +576,10 @@ class Trainer:
         The process group stays up for later trainers of this process and is destroyed
         when the process exits (see :func:`synthpipe.engine.distributed.keep_until_exit`).
         """
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+            self.runner.log.sink = None
         if self.watchdog is not None:
             self._agree("close()")
             self.runner.close()

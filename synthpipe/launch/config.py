@@ -37,6 +37,7 @@ import typing
 from typing import Any, Callable, Optional
 
 from ..engine.config import TrainConfig
+from ..engine.schedules import SCHEDULES
 from ..stages.synthesizer import KINDS
 
 __all__ = ["JobConfig", "load_config", "read_toml", "add_train_arguments", "overrides_from_args",
@@ -87,6 +88,11 @@ class JobConfig(TrainConfig):
         max_steps: stop after this many steps in total (``None``: no limit).
             Flag ``--max-steps``.
         lr: Adam learning rate of every stage. Flag ``--lr``.
+        lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` (to 0 at the run's last
+            step: ``max_steps``, else ``epochs`` epochs), the same for every stage by step id.
+            Flag ``--lr-schedule``.
+        lr_warmup_steps: first steps whose learning rate rises linearly to ``lr`` (not
+            ``warmup_steps``, which are steps on true gradients). Flag ``--lr-warmup-steps``.
         seed: seeds the model initialisation (identically on every rank), the shuffling
             and the ``"synthetic"`` data. Flag ``--seed``.
 
@@ -142,6 +148,8 @@ class JobConfig(TrainConfig):
     max_steps: Optional[int] = None
     lr: float = 1e-3
     seed: int = 0
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
     # pipeline
     n_stages: int = 3
     balance: Optional[list[int]] = None
@@ -177,7 +185,7 @@ class JobConfig(TrainConfig):
             check_type(f.name, getattr(self, f.name))
         TrainConfig.__post_init__(self)
         for name, choices in (("model", MODELS), ("data", DATASETS), ("split_by", SPLIT_BY),
-                              ("synthesizer", SYNTHESIZERS), ("device", DEVICES)):
+                              ("synthesizer", SYNTHESIZERS), ("device", DEVICES), ("lr_schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -189,8 +197,9 @@ class JobConfig(TrainConfig):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "depth" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'depth' else 1}; got {value}")
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0; got {self.epochs}")
+        for name in ("epochs", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         for name in ("lr", "synth_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
@@ -402,6 +411,9 @@ LAUNCHER_FLAGS: tuple[Flag, ...] = (
     Flag("max_steps", "--max-steps", "stop after this many steps", int, metavar="N", none="no limit"),
     Flag("lr", "--lr", "Adam learning rate of the stages", float, metavar="LR"),
     Flag("seed", "--seed", "seed of initialisation, shuffling and synthetic data", int, metavar="S"),
+    Flag("lr_schedule", "--lr-schedule", "learning-rate schedule of every stage (to 0 at the last step)", str,
+         SCHEDULES),
+    Flag("lr_warmup_steps", "--lr-warmup-steps", "first steps of linear learning-rate warmup", int, metavar="N"),
     Flag("n_stages", "--stages", "pipeline stages (one process per stage when multi-process)", int,
          metavar="N", group="pipeline"),
     Flag("balance", "--balance", "model children per stage, e.g. 4,3,3", _int_list, metavar="A,B,...",
@@ -429,7 +441,7 @@ LAUNCHER_FLAGS: tuple[Flag, ...] = (
 
 # Command-line spellings of engine options beyond --name-with-dashes and "none" (kept so that
 # existing command lines go on working); names, defaults, help and checks are TrainConfig's.
-_ENGINE_ALIASES: dict[str, tuple[str, ...]] = {"synthetic_scale": ("--scale",)}
+_ENGINE_ALIASES: dict[str, tuple[str, ...]] = {"synthetic_scale": ("--scale",), "log_dir": ("--tensorboard",)}
 _ENGINE_NONE_WORDS: dict[str, tuple[str, ...]] = {"delay": ("none", "auto"), "stall_warning": ("none", "off")}
 _METAVARS = {int: "N", float: "X", str: "NAME"}
 

@@ -231,6 +231,22 @@ def choose_balance(cfg: JobConfig, model: Any, in_features: int, device: Any, wo
     return box[0]
 
 
+def lr_scheduler_for(cfg: JobConfig) -> Any:
+    """The ``Trainer(lr_scheduler=...)`` of ``--lr-schedule`` / ``--lr-warmup-steps`` (``None``: constant).
+
+    Linear and cosine reach 0 at the run's last step: ``max_steps``, else ``epochs`` times
+    the batches per epoch (every rank builds the (seeded, identical) training set to count them).
+    """
+    from ..engine.schedules import named_schedule
+
+    if cfg.lr_schedule == "constant" and cfg.lr_warmup_steps == 0:
+        return None
+    total = cfg.max_steps
+    if total is None:
+        total = len(train_loader(cfg, build_data(cfg)[0])) * cfg.epochs
+    return named_schedule(cfg.lr_schedule, max(total, 1), cfg.lr_warmup_steps)
+
+
 def method_name(cfg: JobConfig) -> str:
     if cfg.gradients == "backprop":
         return "pipeline backprop"
@@ -375,8 +391,15 @@ def _build(cfg: JobConfig, world: int, rank: int) -> _Job:
         sp.split(model, n_stages=cfg.n_stages, by="params")
     synthesizer = sp.Synthesizer(cfg.synthesizer, conditional=cfg.conditional,
                                  num_classes=num_classes if cfg.conditional else None)
+    if cfg.log_dir is not None:
+        from ..engine.tensorboard import require_tensorboard
+        try:
+            require_tensorboard("--tensorboard")
+        except ImportError as e:
+            raise LaunchError(str(e)) from None
     trainer = sp.Trainer(stages, loss_fn=nn.CrossEntropyLoss(), optimizer=_adam(cfg.lr), synthesizer=synthesizer,
-                         synth_lr=cfg.synth_lr, device=device, backend=cfg.backend, **train_options(cfg))
+                         synth_lr=cfg.synth_lr, device=device, backend=cfg.backend,
+                         lr_scheduler=lr_scheduler_for(cfg), **train_options(cfg))
     job = _Job(trainer, world, rank)
     if trainer.is_main:
         job.train_set, job.test_set = build_data(cfg)

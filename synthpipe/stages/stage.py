@@ -17,6 +17,7 @@ tuples of the same length with ``None`` where no gradient flows.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from torch.nn.parameter import UninitializedBuffer
 
 from .boundary import as_tuple, describe
 from .materialize import InitFn, materialize, on_meta
+from .precision import autocast, autocast_dtype, make_scaler, to_float32
 from .synthesizer import BoundarySynthesizer, Synthesizer, TokenSynth, per_batch
 from .trace import traced_input_shapes, traced_output_shapes
 
@@ -32,6 +34,7 @@ __all__ = ["OptimizerFactory", "training_modes", "restore_training_modes", "NonF
            "default_synth_optimizer", "Stage", "running_statistics", "all_finite"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]  # optimizer -> torch.optim.lr_scheduler.LRScheduler
 
 
 def training_modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
@@ -95,6 +98,15 @@ class Stage:
             (see :mod:`synthpipe.stages.materialize`).
         aux_head: an :class:`~synthpipe.stages.aux.AuxHead` recipe, for gradient sources
             that train the stage on a local loss (the source builds and owns the head).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the forward and loss run under
+            autocast in that type; fp16 adds a gradient scaler (:mod:`synthpipe.stages.precision`).
+        synth_precision: ``"fp32"`` (the synthesizer takes its input cast to fp32) or
+            ``"bf16"`` (its forward under bf16 autocast).
+        clip_grad_norm: clip the stage's gradient to this 2-norm before each step.
+        lr_scheduler: ``optimizer -> scheduler`` for the stage's optimizer, stepped once per
+            training step (skipped steps included, so the learning rate follows the step id).
+        synth_lr_scheduler: ``optimizer -> scheduler`` for the synthesizer's optimizer,
+            stepped after each of its regression steps.
     """
 
     def __init__(self, index: int, n_stages: int, module: nn.Module, optimizer: OptimizerFactory,
@@ -104,7 +116,11 @@ class Stage:
                  synthetic_scale: float = 1.0,
                  device: torch.device | str | None = None,
                  init: InitFn | None = None,
-                 aux_head: Any = None):
+                 aux_head: Any = None,
+                 precision: str = "fp32", synth_precision: str = "fp32",
+                 clip_grad_norm: float | None = None,
+                 lr_scheduler: SchedulerFactory | None = None,
+                 synth_lr_scheduler: SchedulerFactory | None = None):
         self.index = index
         self.n_stages = n_stages
         self.device = torch.device(device) if device is not None else _module_device(module)
@@ -116,6 +132,15 @@ class Stage:
         self.optimizer_factory = optimizer  # (also builds the optimizers of a source's auxiliary heads)
         params = list(self.module.parameters())
         self.optimizer = optimizer(params) if params else None
+        autocast_dtype(precision), autocast_dtype(synth_precision)  # (raise on an unknown name)
+        self.precision = precision
+        self.synth_precision = synth_precision
+        self.scaler = make_scaler(self.device, precision)
+        self.clip_grad_norm = clip_grad_norm
+        self.log_metrics = False  # set by a trainer that logs each step's gradient norm and learning rate
+        self.lr_scheduler = _scheduler(lr_scheduler, self.optimizer, f"stage {index}")
+        self.synth_lr_scheduler_factory = synth_lr_scheduler
+        self.synth_lr_scheduler: Any = None
         self.loss_fn = loss_fn
         self.recipe = synthesizer
         self.aux_head = aux_head  # (an AuxHead recipe: the local losses of some gradient sources)
@@ -173,8 +198,9 @@ class Stage:
             self._save_running_stats()
         cause: Exception | None = None
         try:
-            out = as_tuple(self.module(*inputs) if parameters is None
-                           else torch.func.functional_call(self.module, parameters, inputs))
+            with self.autocast():
+                out = as_tuple(self.module(*inputs) if parameters is None
+                               else torch.func.functional_call(self.module, parameters, inputs))
             problem = self._traced_batch_problem(inputs, out)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             hint = _traced_shapes_hint(self._traced_shapes, inputs)
@@ -210,7 +236,8 @@ class Stage:
         """The training loss on the last stage (``loss_fn(outputs[0], y)``)."""
         assert self.loss_fn is not None
         try:
-            return self.loss_fn(outputs[0], y.to(self.device, non_blocking=True))
+            with self.autocast():
+                return self.loss_fn(outputs[0], y.to(self.device, non_blocking=True))
         except (RuntimeError, ValueError, IndexError) as e:
             raise StageInputError(
                 f"{self.name}: loss_fn could not take output {describe(outputs)} "
@@ -222,16 +249,29 @@ class Stage:
         if self.synth is None:
             if self.recipe is None:
                 raise ValueError(f"{self.name} has no synthesizer; pass synthesizer=sp.Synthesizer(...)")
-            self.synth, self.synth_optimizer = self._new_synthesizer([t.detach() for t in example])
+            self.synth, self.synth_optimizer, self.synth_lr_scheduler = self._new_synthesizer(
+                self._synth_input([t.detach() for t in example]))
         return self.synth
 
     def _new_synthesizer(self, example: Sequence[torch.Tensor]
-                         ) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None]:
-        """A synthesizer built by the recipe from ``example``, and its optimizer."""
+                         ) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None, Any]:
+        """A synthesizer built by the recipe from ``example``, its optimizer and that one's scheduler."""
         assert self.recipe is not None
         synth = self.recipe.build(self.index, example)
         params = list(synth.parameters())
-        return synth, (self.synth_optimizer_factory(params) if params else None)
+        optimizer = self.synth_optimizer_factory(params) if params else None
+        return synth, optimizer, _scheduler(self.synth_lr_scheduler_factory, optimizer, f"{self.name}'s synthesizer")
+
+    def _synth_input(self, h: Sequence[Any]) -> tuple:
+        """The boundary as the synthesizer takes it: cast to fp32 in mixed precision (its weights are fp32)."""
+        return to_float32(h) if self.precision != "fp32" else tuple(h)
+
+    def _synth_autocast(self) -> Any:
+        return autocast(self.device, self.synth_precision)
+
+    def autocast(self) -> Any:
+        """The autocast region of one forward of this stage (a no-op in fp32)."""
+        return autocast(self.device, self.precision)
 
     def _check_boundary(self, h: Sequence[torch.Tensor]) -> None:
         """Name the stage and shapes when an activation no longer fits the synthesizer."""
@@ -249,16 +289,17 @@ class Stage:
 
     def synthetic_gradient(self, outputs: Sequence[torch.Tensor], y: torch.Tensor | None) -> tuple:
         """``scale * M_r(h_r, y) / B`` for every floating output; no gradient into M_r."""
-        h = tuple(t.detach() for t in outputs)
+        h = self._synth_input([t.detach() for t in outputs])
         synth = self.ensure_synthesizer(h)
         self._check_boundary(h)
-        with torch.no_grad():
+        with torch.no_grad(), self._synth_autocast():
             try:
                 pred = synth(h, _labels_on(y, self.device))
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 raise StageInputError(f"{self.name}: its synthesizer could not take output {describe(h)} "
                                       f"with labels {describe([y])}: {e}") from e
-        return tuple(None if p is None else per_batch(p, self.synthetic_scale) for p in pred)
+        return tuple(None if p is None else per_batch(p.float() if self.precision != "fp32" else p,
+                                                      self.synthetic_scale) for p in pred)
 
     def train_synthesizer(self, h: Sequence[torch.Tensor], y: torch.Tensor | None,
                           target: Sequence[torch.Tensor | None]) -> float:
@@ -267,8 +308,10 @@ class Stage:
         ``target`` is the (true or bootstrapped) gradient of the batch-mean loss with
         respect to ``h``. Returns the MSE (sum over the boundary's tensors).
         """
+        h = self._synth_input(h)
         synth = self.ensure_synthesizer(h)
-        pred = synth(h, _labels_on(y, self.device))
+        with self._synth_autocast():
+            pred = synth(h, _labels_on(y, self.device))
         # The MSE and its gradient in closed form: three passes over the boundary instead
         # of the half-dozen that mse_loss, per_example and autograd through them take.
         # d = pred - per_example(g) = pred - B * g (one fused pass);  loss = mean(d^2);
@@ -292,16 +335,22 @@ class Stage:
             self.synth_optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(outs, grads)
             self.synth_optimizer.step()
+            if self.synth_lr_scheduler is not None:
+                _step_scheduler(self.synth_lr_scheduler)
         return total
 
     # -- backward and update ------------------------------------------------------
     def backward(self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None] | None = None,
                  loss: torch.Tensor | None = None) -> None:
-        """Accumulate parameter (and input) gradients from ``loss`` or from output ``grads``."""
+        """Accumulate parameter (and input) gradients from ``loss`` or from output ``grads``.
+
+        With fp16 the backward starts from the loss or ``grads`` times the scaler's scale;
+        :meth:`input_gradient` and :meth:`step` take the scale off again.
+        """
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         if loss is not None:
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             return
         assert grads is not None
         if len(grads) != len(outputs):
@@ -314,13 +363,57 @@ class Stage:
             if g.shape != o.shape:
                 raise StageInputError(
                     f"{self.name}: gradient {i} has shape {tuple(g.shape)} but output {i} has shape {tuple(o.shape)}")
-            pairs.append((o, g.to(o.device, o.dtype)))
+            g = g.to(o.device, o.dtype)
+            pairs.append((o, self.scaler.scale(g) if self.scaler is not None else g))
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
-    def step(self) -> None:
-        if self.optimizer is not None:
-            self.optimizer.step()
+    def step(self, skip: bool = False) -> float | None:
+        """The optimizer step after :meth:`backward`, then one step of the LR schedule.
+
+        The gradient is unscaled (fp16) and clipped to ``clip_grad_norm`` first. ``skip``:
+        no update (an fp16 overflow in the input gradient: the scale is lowered); the
+        schedule still advances. Returns the gradient's 2-norm before clipping when it was
+        computed (clipping, or ``log_metrics``), else ``None``; with fp16 an overflow
+        makes it inf and the scaler skips the update.
+        """
+        norm: float | None = None
+        if skip:
+            if self.scaler is not None:
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        elif self.optimizer is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+                norm = self._clip()
+                self.scaler.step(self.optimizer)  # (skips the update if a gradient overflowed)
+                self.scaler.update()
+            else:
+                norm = self._clip()
+                self.optimizer.step()
+        self.advance_schedule()
+        return norm
+
+    def _clip(self) -> float | None:
+        if self.clip_grad_norm is None and not self.log_metrics:
+            return None
+        assert self.optimizer is not None
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        if self.clip_grad_norm is None:
+            return float(torch.nn.utils.get_total_norm(grads))
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
+
+    def advance_schedule(self) -> None:
+        """One step of the stage's LR schedule (called once per training step, skipped or not)."""
+        if self.lr_scheduler is not None:
+            _step_scheduler(self.lr_scheduler)
+
+    @property
+    def lr(self) -> float | None:
+        """The learning rate of the stage's first parameter group (``None`` without parameters)."""
+        return None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
 
     def undo_forward(self) -> None:
         """Restore the norm layers' running statistics saved by the last training forward.
@@ -352,8 +445,15 @@ class Stage:
                                 if isinstance(m.running_mean, UninitializedBuffer)]
 
     def input_gradient(self, inputs: Sequence[Any]) -> tuple:
-        """``dL/dh_{r-1}`` for each input (``None`` where none flows): the target sent back."""
-        return tuple(t.grad if torch.is_tensor(t) and t.requires_grad else None for t in inputs)
+        """``dL/dh_{r-1}`` for each input (``None`` where none flows): the target sent back.
+
+        Unscaled with fp16 (an overflow shows as inf or NaN: see :meth:`step`'s ``skip``).
+        """
+        grads = tuple(t.grad if torch.is_tensor(t) and t.requires_grad else None for t in inputs)
+        if self.scaler is None:
+            return grads
+        inverse = 1.0 / self.scaler.get_scale()
+        return tuple(None if g is None else g * inverse for g in grads)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -366,31 +466,38 @@ class Stage:
             "synth": self.synth.state_dict() if self.synth is not None else None,
             "synth_optimizer": self.synth_optimizer.state_dict() if self.synth_optimizer else None,
             "synth_optimizer_class": _class_name(self.synth_optimizer),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "synth_lr_scheduler": self.synth_lr_scheduler.state_dict() if self.synth_lr_scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; on a mismatch, raise and change nothing."""
         self.commit_load(state, self.prepare_load(state))
 
-    def prepare_load(self, state: dict[str, Any]) -> tuple[BoundarySynthesizer | None, torch.optim.Optimizer | None]:
+    def prepare_load(self, state: dict[str, Any]) -> tuple[BoundarySynthesizer | None,
+                                                           torch.optim.Optimizer | None, Any]:
         """Check ``state`` against this stage and build its synthesizer from it; changes nothing.
 
         Returns what :meth:`commit_load` installs. Raises ``ValueError`` naming the stage
         when the state holds other tensors or shapes (a model split differently), another
-        optimizer, or a synthesizer that does not fit.
+        optimizer, or a synthesizer that does not fit, or an LR schedule in one of the
+        checkpoint and this stage but not in the other.
         """
         _check_module_state(self.name, self.module.state_dict(), state["module"])
+        _check_scheduler_state(f"{self.name}'s optimizer", "lr_scheduler", self.lr_scheduler is not None,
+                               state.get("lr_scheduler"), self.optimizer is not None)
         _check_optimizer_state(f"{self.name}'s optimizer", self.optimizer, state["optimizer"],
                                state.get("optimizer_class"))
         if state.get("synth") is None:
-            return None, None
+            return None, None, None
         if self.recipe is None:
             raise ValueError(f"{self.name}: the checkpoint holds a synthesizer, but this trainer "
                              f"has none for the stage (pass synthesizer=...)")
         example = [torch.zeros((2, *s), device=self.device, dtype=state["synth_dtype"]) if s is not None
                    else torch.zeros(2, dtype=torch.long, device=self.device)
                    for s in state["synth_shapes"]]
-        synth, synth_optimizer = self._new_synthesizer(example)
+        synth, synth_optimizer, synth_scheduler = self._new_synthesizer(example)
         try:
             synth.load_state_dict(state["synth"])
         except RuntimeError as e:
@@ -398,19 +505,28 @@ class Stage:
                              f"{self.recipe!r}: {e}") from e
         _check_optimizer_state(f"{self.name}'s synthesizer optimizer", synth_optimizer,
                                state["synth_optimizer"], state.get("synth_optimizer_class"))
+        _check_scheduler_state(f"{self.name}'s synthesizer optimizer", "synth_lr_scheduler",
+                               synth_scheduler is not None, state.get("synth_lr_scheduler"),
+                               synth_optimizer is not None)
         if synth_optimizer is not None and state["synth_optimizer"] is not None:
             synth_optimizer.load_state_dict(state["synth_optimizer"])
-        return synth, synth_optimizer
+        if synth_scheduler is not None:
+            synth_scheduler.load_state_dict(state["synth_lr_scheduler"])
+        return synth, synth_optimizer, synth_scheduler
 
     def commit_load(self, state: dict[str, Any],
-                    prepared: tuple[BoundarySynthesizer | None, torch.optim.Optimizer | None]) -> None:
+                    prepared: tuple[BoundarySynthesizer | None, torch.optim.Optimizer | None, Any]) -> None:
         """Install a state that :meth:`prepare_load` accepted (no check fails from here on)."""
         self.module.load_state_dict(state["module"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         # A checkpoint from before the first synthetic gradient has no synthesizer: the
         # stage builds a fresh one from its next activation, as that run did.
-        self.synth, self.synth_optimizer = prepared
+        self.synth, self.synth_optimizer, self.synth_lr_scheduler = prepared
 
 
 def _class_name(obj: Any) -> str | None:
@@ -441,7 +557,8 @@ def _check_optimizer_state(what: str, optimizer: torch.optim.Optimizer | None, s
     if saved_class is not None and saved_class != own_class:
         raise ValueError(f"{what}: the checkpoint was saved with {saved_class}, this trainer uses {own_class}")
     groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
-    lacking = sorted({k for g in groups for k in g} - {k for g in saved_groups for k in g})
+    # (initial_lr is an LR scheduler's, not the optimizer's: _check_scheduler_state names that)
+    lacking = sorted({k for g in groups for k in g} - {k for g in saved_groups for k in g} - {"initial_lr"})
     if lacking:  # a checkpoint older than the class names: another optimizer's settings
         raise ValueError(f"{what}: the checkpoint's optimizer state has no {', '.join(lacking)}: it was saved "
                          f"with another optimizer than this trainer's {own_class}")
@@ -450,6 +567,38 @@ def _check_optimizer_state(what: str, optimizer: torch.optim.Optimizer | None, s
     if sizes != saved_sizes:
         raise ValueError(f"{what}: the checkpoint has parameter groups of sizes {saved_sizes}, "
                          f"this trainer {sizes}")
+
+
+def _check_scheduler_state(what: str, option: str, own: bool, saved: Any, has_optimizer: bool) -> None:
+    """A schedule saved but not given (or given but not saved) would silently change the learning rate."""
+    if not has_optimizer or own == (saved is not None):
+        return
+    if own:
+        raise ValueError(f"{what}: this trainer has an {option}, but the checkpoint was saved without one, so "
+                         f"the schedule's step would restart at 0 at the checkpoint's step; resume without "
+                         f"{option} (or start the scheduled run from step 0)")
+    raise ValueError(f"{what}: the checkpoint was saved with an {option}, but this trainer has none, so the "
+                     f"learning rate would stay at the checkpoint's value; pass the same {option}")
+
+
+def _scheduler(factory: SchedulerFactory | None, optimizer: torch.optim.Optimizer | None, what: str) -> Any:
+    """``factory(optimizer)`` (``None`` without either), checked to be a scheduler."""
+    if factory is None or optimizer is None:
+        return None
+    scheduler = factory(optimizer)
+    if not (callable(getattr(scheduler, "step", None)) and callable(getattr(scheduler, "state_dict", None))):
+        raise TypeError(f"{what}: the LR scheduler factory must return a scheduler (with step() and "
+                        f"state_dict(), e.g. torch.optim.lr_scheduler.LambdaLR(optimizer, ...)), "
+                        f"got {type(scheduler).__name__}")
+    return scheduler
+
+
+def _step_scheduler(scheduler: Any) -> None:
+    # A skipped first update (an fp16 overflow, a skipped non-finite step) makes PyTorch warn
+    # that the scheduler stepped before the optimizer: intended, the schedule follows the step id.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
 
 
 def running_statistics(module: nn.Module) -> list[torch.Tensor]:
