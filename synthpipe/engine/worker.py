@@ -23,7 +23,7 @@ from .history import StepLog
 from .metrics import NULL_TIMERS
 from .reference import batch_metrics, mean_metrics, nonfinite_message
 from .targets import TargetCache, train_due_synthesizer
-from .transport import EVAL, EVAL_END, FIT_END, FLAG_SKIPPED, KIND_NAMES, TRAIN, Channel, Message
+from .transport import EVAL, EVAL_END, FIT_END, FLAG_SKIPPED, KIND_NAMES, TRAIN, Channel, Message, limit_sends
 
 
 class Channels:
@@ -61,6 +61,7 @@ class PipelineWorker:
         self.rank = stage.index
         self.world_size = stage.n_stages
         self.ch = channels
+        limit_sends((channels.act_out, channels.grad_out), config.max_inflight, config.delay)
         self.cache = TargetCache()
         self.log = StepLog()
         self.outstanding = 0  # gradient messages still to come from rank + 1
