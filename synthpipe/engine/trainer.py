@@ -34,8 +34,6 @@ from .reference import ReferenceRunner
 from .watchdog import Watchdog, open_store
 from .worker import Channels, PipelineWorker
 
-_VERSION = 3  # 2: stage files named by step (crash-safe saves); 3: plus a suffix when re-saved at that step
-
 
 def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
@@ -481,11 +479,16 @@ class Trainer:
         return list(enumerate(self.runner.state_dicts()))
 
     def save(self, directory: str) -> None:
-        """Write a checkpoint: every rank its stage file, then rank 0 ``meta.json``.
+        """Write a checkpoint: every rank its stage file, then rank 0 ``meta.json``, which
+        records each file's size and sha256 (checked by :meth:`load` before it reads a file).
 
         Saving into a directory that holds an earlier checkpoint is crash-safe: the
         earlier one stays loadable until the new one is complete (see
         :mod:`synthpipe.engine.checkpoint`).
+
+        Raises:
+            TypeError: a stage's state holds something other than plain data (a custom
+                optimizer's object, say), which a checkpoint cannot hold; nothing is written.
         """
         self._agree("save()")
         def run() -> None:
@@ -494,15 +497,19 @@ class Trainer:
                 dist.broadcast_object_list(suffix, src=0)  # rank 0 decides the file names
             rng = ckpt.rng_state()
             states = self._states()
+            files: dict[str, Any] = {}
             for r, state in states:
                 state.update(rng=rng, step=self.step)
-                ckpt.save_stage(directory, r, self.step, state, suffix[0])
-            if self.distributed:
-                dist.barrier()
+                files[str(r)] = ckpt.save_stage(directory, r, self.step, state, suffix[0])
+            if self.distributed:  # (also the barrier: every stage file is complete before meta.json)
+                gathered: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, files)
+                files = {k: v for part in gathered for k, v in part.items()}
             if self.is_main:
                 ckpt.write_meta(directory, {
-                    "version": _VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
-                    "step_in_epoch": self.step_in_epoch, "suffix": suffix[0], "config": vars(self.config)})
+                    "version": ckpt.VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
+                    "step_in_epoch": self.step_in_epoch, "suffix": suffix[0], "files": files,
+                    "config": vars(self.config)})
             if self.distributed:
                 dist.barrier()
             for r, _ in states:  # meta.json names these files now: the others are unreachable
@@ -510,25 +517,48 @@ class Trainer:
         self._guard(run)
 
     def load(self, directory: str) -> "Trainer":
-        """Restore a checkpoint written by :meth:`save` (same number of stages)."""
+        """Restore a checkpoint written by :meth:`save` (same number of stages).
+
+        Every rank checks its stage file (size and sha256 against ``meta.json``, then a
+        ``weights_only`` load) and whether it fits its stage, and learns whether every
+        other rank's did, before any rank changes anything.
+
+        Raises:
+            FileNotFoundError: no ``meta.json``, or this rank's stage file is missing.
+            CheckpointError: (a ``ValueError``) this rank's stage file is truncated, corrupt,
+                another checkpoint's, or holds another model, split or optimizer; the
+                message names the file and the rank that read it.
+            ValueError: another rank could not load its part (the message names each such
+                rank, its file and what is wrong), or the checkpoint has another number of
+                stages or a newer version. Raised on every rank at once; no rank has loaded.
+        """
         self._agree("load()")
         if not isinstance(self.runner, PipelineWorker):
             meta = ckpt.read_meta(directory)
             states = [ckpt.load_stage(directory, meta, r, self.n_stages, self.device)
                       for r in range(self.n_stages)]
-            self.runner.load_state_dicts(states)  # checks every stage before changing any
+            try:
+                self.runner.load_state_dicts(states)  # checks every stage before changing any
+            except (ValueError, KeyError) as e:
+                raise ckpt.CheckpointError(f"cannot load checkpoint {directory} (step {meta['step']}) into this "
+                                           f"trainer: {e}") from e
             self._restore_position(meta, states[0])
             return self
 
         worker = self.runner
         # Every rank reads and checks its part first and learns whether all others could:
         # a checkpoint that does not fit is an error on every rank, and no rank has loaded.
+        # Any exception counts: a rank that raised alone would leave the others in the gather.
         problem = None
         try:
             meta = ckpt.read_meta(directory)
-            state = ckpt.load_stage(directory, meta, self.rank, self.n_stages, self.device)
-            prepared = worker.stage.prepare_load(state["stage"])
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            state = ckpt.load_stage(directory, meta, self.rank, self.n_stages, self.device, reader=self.rank)
+            try:
+                prepared = worker.stage.prepare_load(state["stage"])
+            except (ValueError, KeyError) as e:
+                raise ckpt.CheckpointError(f"rank {self.rank} cannot load stage {self.rank}'s file "
+                                           f"{ckpt.saved_stage_file(directory, meta, self.rank)}: {e}") from e
+        except Exception as e:
             own_error, problem = e, f"{type(e).__name__}: {e}"
         problems: list[Any] = [None] * self.n_stages
         self._guard(lambda: dist.all_gather_object(problems, problem))
