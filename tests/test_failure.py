@@ -91,19 +91,36 @@ def finish(procs: list[subprocess.Popen], seconds: float) -> list[tuple[int | No
     return results
 
 
-@pytest.mark.parametrize("world,victim", [(3, 1), (2, 0)])
-def test_killing_one_rank_makes_the_others_exit_naming_it(tmp_path, world, victim):
+# The documented bound (failure_timeout + 5 heartbeats) plus room for a busy shared machine
+# to schedule the processes: a correctness bound, not a timing benchmark.
+SCHEDULING_SLACK = 4.0
+
+
+def first_words(err: str, victim: int) -> str:
+    """What a surviving rank printed before its message naming ``victim`` (warnings aside)."""
+    lines = err.splitlines()
+    named = next((i for i, line in enumerate(lines) if line.startswith("synthpipe (rank ") and f"rank {victim}" in
+                  line.split(":", 1)[1]), None)
+    assert named is not None, f"no synthpipe message naming rank {victim}: {err[-1500:]}"
+    return "\n".join(line for line in lines[:named] if "Warning" not in line and line.strip())
+
+
+@pytest.mark.parametrize("world,victim", [(3, 1), (2, 0), (2, 1)])
+def test_killing_one_rank_makes_the_others_exit_naming_it_first_within_the_bound(tmp_path, world, victim):
+    from synthpipe.engine.watchdog import exit_bound
+
     procs, marker = start_job(tmp_path, world, "train")
     wait_for(marker, procs)
     procs[victim].send_signal(signal.SIGKILL)
-    bound = FAILURE_TIMEOUT + 10  # detection plus process teardown, on a busy 2-core machine
-    results = finish(procs, bound)
+    bound = exit_bound(FAILURE_TIMEOUT) + SCHEDULING_SLACK
+    results = finish(procs, bound + 10)
     for rank, (code, err, took) in enumerate(results):
         if rank == victim:
             continue
-        assert code is not None, f"rank {rank} still running {bound} s after rank {victim} was killed"
-        assert code != 0, f"rank {rank} exited 0 after rank {victim} died"
-        assert f"rank {victim}" in err, f"rank {rank}'s message does not name rank {victim}: {err[-1500:]}"
+        assert code is not None, f"rank {rank} still running {bound + 10} s after rank {victim} was killed"
+        assert code == 1, f"rank {rank} exited {code} after rank {victim} died: {err[-1500:]}"
+        assert first_words(err, victim) == "", f"rank {rank} printed before naming rank {victim}: {err[-3000:]}"
+        assert took <= bound, f"rank {rank} exited {took:.1f} s after rank {victim} was killed (bound {bound:.1f} s)"
 
 
 def test_a_rank_that_raises_stops_the_others_with_its_error(tmp_path):
@@ -114,6 +131,7 @@ def test_a_rank_that_raises_stops_the_others_with_its_error(tmp_path):
     assert "boom in the probe" in results[1][1]
     for rank in (0, 2):
         assert "rank 1: " in results[rank][1] and "boom in the probe" in results[rank][1], results[rank][1][-1500:]
+        assert first_words(results[rank][1], 1) == "", results[rank][1][-3000:]
 
 
 def test_a_shape_a_stage_cannot_take_names_the_stage_and_shapes(tmp_path):

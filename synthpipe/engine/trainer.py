@@ -190,7 +190,12 @@ class Trainer:
         return self.watchdog.watching(call, lambda: runner.progress, self.config.stall_warning)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn``; on error tell the other ranks which rank failed and why."""
+        """Run ``fn``; on error tell the other ranks which rank failed and why.
+
+        A communication error (a peer's connection closed) is this rank's symptom, not its
+        failure: it waits for the watchdog's verdict, which the watchdog prints (naming the
+        failed rank) before it ends this process.
+        """
         try:
             return fn()
         except BaseException as e:
@@ -198,6 +203,7 @@ class Trainer:
                 if is_communication_error(e):
                     verdict = self.watchdog.wait_for_verdict()
                     if verdict:
+                        self.watchdog.wait_for_exit()
                         raise RuntimeError(verdict) from e
                 self.watchdog.report(f"{type(e).__name__}: {e}")
             raise
