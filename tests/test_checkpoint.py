@@ -345,7 +345,8 @@ def test_a_checkpoint_of_a_newer_version_is_refused_by_number(tmp_path):
     meta = read_meta(str(tmp_path))
     meta["version"] = 99
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="is of version 99, written by a newer synthpipe; this one reads versions 1 to 4"):
+    with pytest.raises(ValueError, match="is of version 99, written by a newer synthpipe; this one reads "
+                                         "versions 1 to 4"):
         trainer(2).load(str(tmp_path))
 
 

@@ -182,3 +182,58 @@ def test_a_stuck_loader_is_reported_by_every_rank_with_where_it_waits():
     assert "in a_loader_that_blocks" in rank0 and "time.sleep(seconds)" in rank0, rank0
     assert "synthpipe (rank 1): warning: no progress for 1.0 s in fit()" in rank1, rank1
     assert "recv" in rank1, rank1  # rank 1 waits for rank 0's next activation
+
+
+# -- under torchrun's agent ---------------------------------------------------------------------
+
+def start_torchrun(tmp_path, world: int, mode: str) -> tuple[subprocess.Popen, str]:
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    marker = str(tmp_path / "marker")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+           "--master-port", str(free_port()), str(script), mode, marker, str(FAILURE_TIMEOUT)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), marker
+
+
+def worker_pid(agent: subprocess.Popen, rank: int) -> int:
+    import psutil
+
+    for child in psutil.Process(agent.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with RANK={rank} under torchrun")
+
+
+def root_cause(report: str) -> str:
+    """The rank torchrun's report names as the root cause of the failure."""
+    assert "Root Cause (first observed failure):" in report, report[-3000:]
+    section = report.split("Root Cause (first observed failure):", 1)[1]
+    return section.split("rank      :", 1)[1].split("(", 1)[0].strip()
+
+
+@pytest.mark.parametrize("mode", ["train", "raise"])
+def test_under_torchrun_the_agent_ends_the_job_and_its_report_names_the_failed_rank(tmp_path, mode):
+    from synthpipe.engine.watchdog import exit_bound
+
+    agent, marker = start_torchrun(tmp_path, 3, mode)
+    wait_for(marker, [agent])
+    if mode == "train":
+        os.kill(worker_pid(agent, 1), signal.SIGKILL)
+    bound = exit_bound(FAILURE_TIMEOUT) + SCHEDULING_SLACK  # (in mode "raise", stage 1 raises 2 steps after the marker)
+    try:
+        report, _ = agent.communicate(timeout=bound + 10)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        report, _ = agent.communicate()
+        pytest.fail(f"torchrun still running {bound + 10} s after the failure: {report[-3000:]}")
+    assert agent.returncode != 0
+    assert root_cause(report) == "1", report[-3000:]  # not a survivor that exited on its own first
+    for line in report.splitlines():  # what synthpipe printed (the agent may end a rank before it does)
+        if line.startswith("synthpipe (rank "):
+            assert "rank 1" in line.split(":", 1)[1], line

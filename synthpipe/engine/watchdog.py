@@ -31,9 +31,11 @@ is checked every interval, so it is declared dead within ``timeout + 2 * interva
 store's host then keeps the store up for ``3 * interval`` so that the others read the
 verdict. An error a rank raises reaches the others within an interval or two.
 
-This is how the job ends without torchrun's agent (plain processes, a launcher that
-starts each rank itself). Under torchrun, the agent usually gets there first: as soon as
-one rank exits it stops the others (SIGTERM), and its report names the failed rank.
+That is how the job ends without torchrun's agent (plain processes, a launcher that
+starts each rank itself). Under torchrun, the agent stops every rank (SIGTERM) as soon as
+it sees one exit, and its report names the failed rank as the root cause; the watchdog
+then only prints its message (when it sees the failure first) and leaves the ending to
+the agent, exiting itself only if the agent has not acted within the bound.
 """
 from __future__ import annotations
 
@@ -222,7 +224,7 @@ class Watchdog:
         interpreter, and the store with it, first. Returns only where ``on_failure`` does
         not exit (tests), or if the watchdog has not ended the process well after it should.
         """
-        self._failed.wait(timeout=4 * self.interval + 5.0)
+        self._failed.wait(timeout=self.timeout + 3 * self.interval + 5.0)  # (the longest wait in _fail, and some)
 
     def agree(self, call: str) -> None:
         """Check that every rank's next collective call is ``call``; wait for them to make it.
@@ -291,9 +293,10 @@ class Watchdog:
         self.store = None
 
     # -- thread ---------------------------------------------------------------------
-    def _fail(self, message: str, verdict: str | None = None) -> None:
+    def _fail(self, message: str, verdict: str | None = None, reported: bool = False) -> None:
         """Publish ``verdict`` (so ranks that see it first agree on who failed), print the
-        message, then exit (the store's host after the others have had time to read it)."""
+        message, then exit (the store's host after the others have had time to read it).
+        ``reported``: the failed rank raised and published its error (it is still exiting)."""
         self._stop.set()
         text = f"synthpipe (rank {self.rank}): {message}"
         try:
@@ -308,6 +311,12 @@ class Watchdog:
         self.failure = message
         if self.hosts_store:  # keep the store up until the others have read the error
             time.sleep(3 * self.interval)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Leave the ending to torchrun's agent, which stops every rank once it sees the
+            # failed one exit: that exit, not this one, must be the first it sees (the "root
+            # cause" of its report). A rank that raised can take seconds to exit; a dead rank
+            # has exited already. (Within exit_bound either way.)
+            time.sleep(self.timeout if reported else 3 * self.interval)
         self.on_failure(text)
         self._failed.set()
 
@@ -368,7 +377,7 @@ class Watchdog:
                 if self.store.check([self._key("error")]):
                     error = self.store.get(self._key("error")).decode()
                     if error:
-                        return self._fail(f"stopping because {error}", None)
+                        return self._fail(f"stopping because {error}", None, reported=True)
                 for r in others:
                     if r in done or self.store.check([self._key("done", r)]):
                         done.add(r)
