@@ -211,8 +211,9 @@ def test_a_checkpoint_that_does_not_fit_some_rank_is_an_error_on_every_rank_and_
     results = run_ranks(load_checkpoints_that_do_not_fit, 2, directory, make_batches(), timeout=120)
     for rank, r in enumerate(results):
         split, missing_file = r["errors"]
-        assert split.startswith(f"ValueError: stage {rank}: the checkpoint's stage {rank} ") and \
-            "split differently" in split, split
+        own_file = os.path.join(directory, f"stage-{rank}-3.pt")
+        assert split.startswith(f"CheckpointError: rank {rank} cannot load stage {rank}'s file {own_file}: "
+                                f"stage {rank}: the checkpoint's stage {rank} ") and "split differently" in split, split
         assert_equal(r["other_untouched"], r["other_before"])
         assert_equal(r["untouched"], r["trained"])  # rank 0 could have loaded its part, and did not
         assert_equal(r["reloaded_and_trained"], r["trained"]) and r["step"] == 5
@@ -275,17 +276,196 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tmp_pat
     assert_equal(everything(trainer().load(directory)), everything(t))
 
 
-def test_a_checkpoint_with_version_1_file_names_still_loads(tmp_path):
+def downgrade(directory: str, version: int) -> None:
+    """Rewrite a checkpoint as synthpipe wrote it at ``version`` (1-3): no sizes or checksums
+    in meta.json, the NumPy and Python RNG states as the tuples those versions pickled, and
+    (version 1) files named ``stage-<r>.pt``."""
+    import json
+
+    import numpy as np
+
+    from synthpipe.engine.checkpoint import saved_stage_file
+
+    meta = read_meta(directory)
+    for r in range(meta["n_stages"]):
+        path = saved_stage_file(directory, meta, r)
+        state = torch.load(path, weights_only=True)
+        rng = state["rng"]
+        n, p = rng["numpy"], rng["python"]
+        rng["numpy"] = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        rng["python"] = (p["version"], tuple(p["state"].tolist()), p["gauss_next"])
+        torch.save(state, path)
+        if version == 1:
+            os.replace(path, os.path.join(directory, f"stage-{r}.pt"))
+    meta["version"] = version
+    del meta["files"]
+    if version < 3:
+        del meta["suffix"]
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_checkpoint_of_an_earlier_version_still_loads_with_its_rng_state(tmp_path, version):
+    import random
+
+    import numpy as np
 
     t = trainer(2)
     t.fit(make_batches(), max_steps=3)
     t.save(str(tmp_path))
-    for r in range(2):  # version 1 named the files stage-<r>.pt
-        os.replace(tmp_path / f"stage-{r}-3.pt", tmp_path / f"stage-{r}.pt")
-    assert_equal(everything(trainer(2).load(str(tmp_path))), everything(t))
-    os.remove(tmp_path / "stage-1.pt")
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    downgrade(str(tmp_path), version)
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    loaded = trainer(2).load(str(tmp_path))
+    assert_equal(everything(loaded), everything(t))
+    assert torch.equal(torch.get_rng_state(), rng[0]) and (np.random.get_state()[1] == rng[1]).all()
+    assert random.getstate() == rng[2]
+    name = "stage-1.pt" if version == 1 else "stage-1-3.pt"
+    os.remove(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="step 3.*stage-1-3.pt"):
         trainer(2).load(str(tmp_path))
+
+
+def test_a_damaged_file_of_an_earlier_version_is_named_with_the_version(tmp_path):
+    t = trainer(2)
+    t.fit(make_batches(), max_steps=3)
+    t.save(str(tmp_path))
+    downgrade(str(tmp_path), 3)
+    path = tmp_path / "stage-1-3.pt"
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"cannot load stage 1's file {path} \\(checkpoint version 3\\): the file is "
+                                         f"truncated \\(a zip archive, as torch.save writes, without its end\\)"):
+        trainer(2).load(str(tmp_path))
+
+
+def test_a_checkpoint_of_a_newer_version_is_refused_by_number(tmp_path):
+    import json
+
+    t = trainer(2)
+    t.save(str(tmp_path))
+    meta = read_meta(str(tmp_path))
+    meta["version"] = 99
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is of version 99, written by a newer synthpipe; this one reads "
+                                         "versions 1 to 4"):
+        trainer(2).load(str(tmp_path))
+
+
+def test_meta_json_records_every_stage_file_by_size_and_sha256(tmp_path):
+    import hashlib
+
+    t = trainer()
+    t.fit(make_batches(), max_steps=2)
+    t.save(str(tmp_path))
+    meta = read_meta(str(tmp_path))
+    assert meta["version"] == 4 and sorted(meta["files"]) == ["0", "1", "2"]
+    for r, record in meta["files"].items():
+        data = (tmp_path / record["name"]).read_bytes()
+        assert record == {"name": f"stage-{r}-2.pt", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        torch.load(tmp_path / record["name"], weights_only=True)  # plain data only
+
+
+def flip_a_byte_in_the_middle(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda p: p.write_bytes(os.urandom(p.stat().st_size)), "the file is corrupt: its sha256 is"),
+    (lambda p: p.write_bytes(p.read_bytes()[:p.stat().st_size // 2]), "the file is truncated: it has"),
+    (flip_a_byte_in_the_middle, "the file is corrupt: its sha256 is"),
+    (lambda p: p.write_bytes(p.read_bytes() + b"\0"), "the file is not the one that was saved"),
+])
+def test_a_damaged_stage_file_is_found_before_unpickling_and_named(tmp_path, monkeypatch, damage, what):
+    t = trainer()
+    t.fit(make_batches(), max_steps=2)
+    t.save(str(tmp_path))
+    damage(tmp_path / "stage-1-2.pt")
+    fresh = trainer()
+    before = everything(fresh)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: loads.append(os.path.basename(path)) or
+                        real_load(path, *a, **k))
+    with pytest.raises(ValueError, match=f"cannot load stage 1's file {tmp_path / 'stage-1-2.pt'} "
+                                         f"\\(checkpoint version 4\\): {what}"):
+        fresh.load(str(tmp_path))
+    assert "stage-1-2.pt" not in loads  # (a flipped byte in a tensor would have loaded without complaint)
+    assert_equal(everything(fresh), before) and fresh.step == 0
+
+
+class RunsCode:
+    """Unpickling this writes a marker file: what a checkpoint from a stranger could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_stage_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+    import hashlib
+    import json
+
+    t = trainer(2)
+    t.save(str(tmp_path))
+    marker = str(tmp_path / "ran")
+    path = tmp_path / "stage-1-0.pt"
+    state = torch.load(path, weights_only=True)
+    state["stage"]["payload"] = RunsCode(marker)
+    torch.save(state, path)
+    meta = read_meta(str(tmp_path))  # whoever made the file made its meta.json too
+    data = path.read_bytes()
+    meta["files"]["1"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="holds a io.open, which is not plain data, so it is not loaded"):
+        trainer(2).load(str(tmp_path))
+    assert not os.path.exists(marker)
+
+
+def test_a_state_that_is_not_plain_data_is_refused_before_anything_is_written(tmp_path):
+    t = trainer(2)
+    t.fit(make_batches(), max_steps=2)
+    t.runner.stages[1].optimizer.param_groups[0]["schedule"] = RunsCode("unused")
+    with pytest.raises(TypeError, match=r"stage 1's state cannot be checkpointed: stage 1's state\['stage'\]"
+                                        r"\['optimizer'\]\['param_groups'\]\[0\]\['schedule'\] is a "
+                                        r"test_checkpoint.RunsCode"):
+        t.save(str(tmp_path / "ck"))
+    assert not os.path.exists(tmp_path / "ck" / "meta.json")
+
+
+def load_a_damaged_file(rank: int, directory: str, damage: str) -> str:
+    t = trainer(2)
+    t.fit(make_batches(), max_steps=3)
+    t.save(directory)
+    if rank == 1:
+        path = os.path.join(directory, "stage-1-3.pt")
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(os.urandom(len(data)) if damage == "random" else data[:len(data) // 2])
+    t._agree("damaged")  # (rank 0 loads only once rank 1 has damaged its file)
+    try:
+        t.load(directory)
+        message = "no error"
+    except ValueError as e:
+        message = f"{type(e).__name__}: {e}"
+    t.close()
+    return message
+
+
+@pytest.mark.parametrize("damage, what", [("random", "the file is corrupt: its sha256 is"),
+                                          ("truncated", "the file is truncated: it has")])
+def test_a_damaged_file_on_one_rank_is_an_error_naming_it_on_every_rank(tmp_path, damage, what):
+    directory = str(tmp_path / "ckpt")
+    messages = run_ranks(load_a_damaged_file, 2, directory, damage, timeout=120)
+    named = f"rank 1 cannot load stage 1's file {directory}/stage-1-3.pt (checkpoint version 4): {what}"
+    assert messages[1].startswith(f"CheckpointError: {named}"), messages[1]
+    assert messages[0].startswith(f"ValueError: the checkpoint was not loaded on any rank: rank 1: CheckpointError: "
+                                  f"{named}"), messages[0]
 
 
 def test_periodic_checkpoints_train_exactly_as_one_fit(tmp_path):
@@ -626,7 +806,7 @@ def test_a_rerun_that_saves_at_the_same_step_never_leaves_a_mixed_checkpoint(tmp
     def crash_after_stage_0(directory, rank, step, state, suffix=""):
         if rank == 1:
             raise OSError("disk full")
-        save_stage(directory, rank, step, state, suffix)
+        return save_stage(directory, rank, step, state, suffix)
     monkeypatch.setattr(ckpt, "save_stage", crash_after_stage_0)
     with pytest.raises(OSError, match="disk full"):
         b.fit(make_batches(8)[::-1], max_steps=4, checkpoint=directory)

@@ -59,7 +59,8 @@ class FakeRunner:
         return [(0, {"stage": {"w": self.weight.clone()}, "cache": []}),
                 (1, {"stage": {}, "cache": []})]
 
-    def prepare_load(self, read: Callable[[int], dict[str, Any]]) -> Any:
+    def prepare_load(self, read: Callable[[int], dict[str, Any]],
+                     explain: Callable[[int, Exception], Exception]) -> Any:
         self.calls.append("prepare_load")
         return [read(0), read(1)]
 

@@ -125,3 +125,54 @@ def test_a_corrupt_message_fails_recv_naming_the_channel():
 
     _, message = run_ranks(_corrupt, 2, timeout=60)
     assert "activations 0->1" in message and "corrupt header (kind 99" in message
+
+
+def _bounded(rank: int, n: int, max_sends: int, late: float) -> dict:
+    import time
+
+    import torch.distributed as dist
+
+    from synthpipe.engine.transport import Channel
+
+    dist.init_process_group("gloo")
+    try:
+        ch = Channel(dist.new_group([0, 1]), 1 - rank, torch.device("cpu"), "test 0->1", max_sends=max_sends)
+        out: dict = {}
+        if rank == 0:
+            held = []
+            for i in range(n):
+                ch.send(TRAIN, i, (torch.full((1000,), float(i)),))
+                held.append(ch.sends_in_flight)
+            ch.flush()
+            out = {"held": held, "after": ch.sends_in_flight}
+        else:
+            time.sleep(late)  # a receiver that falls behind: the sender must not pile up buffers
+            got = []
+            for _ in range(n):
+                msg = ch.recv()
+                got.append((msg.step, bool(torch.equal(msg.tensors[0], torch.full((1000,), float(msg.step))))))
+            out = {"got": got}
+        ch.close()
+        dist.barrier()
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("late", [0.0, 1.0])
+def test_a_channel_holds_at_most_max_sends_messages_and_delivers_all_intact(late):
+    from multiprocess import run_ranks
+
+    n, max_sends = 60, 3
+    sender, receiver = run_ranks(_bounded, 2, n, max_sends, late, timeout=90)
+    assert len(sender["held"]) == n and max(sender["held"]) <= max_sends, sender["held"]
+    assert sender["after"] == 0
+    assert receiver["got"] == [(i, True) for i in range(n)]
+
+
+def test_max_sends_must_be_a_positive_count():
+    from synthpipe.engine.transport import Channel
+
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_sends must be a whole number >= 1"):
+            Channel(None, 1, torch.device("cpu"), "activations 0->1", max_sends=bad)

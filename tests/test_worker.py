@@ -132,18 +132,16 @@ def test_a_boundary_carrying_a_tuple_of_tensors():
 
 
 def long_run(rank: int, steps: int) -> dict:
-    import psutil
-
     trainer = trainer_for(3, synthesizer=sp.Synthesizer("linear"), max_inflight=3)
     worker = trainer.runner
-    cache_sizes, rss = [], []
+    sending = [c for c in (worker.ch.act_out, worker.ch.grad_out) if c is not None]
+    cache_sizes, sends = [], []
     original = worker._train
 
     def watched(step, x, y):
         out = original(step, x, y)
         cache_sizes.append(worker.source.in_flight())
-        if step in (steps // 4, steps - 1):
-            rss.append(psutil.Process().memory_info().rss)
+        sends.append(max(c.sends_in_flight for c in sending))  # during the fit, at every step
         return out
     worker._train = watched
 
@@ -152,19 +150,24 @@ def long_run(rank: int, steps: int) -> dict:
         for _ in range(steps):
             yield torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
     trainer.fit(batches())
-    sends = sum(len(c._pending_sends) for c in (worker.ch.act_out, worker.ch.grad_out) if c is not None)
+    after = sum(c.sends_in_flight for c in sending)
     trainer.close()
-    return {"max_cache": max(cache_sizes), "rss": rss, "pending_sends": sends}
+    return {"max_cache": max(cache_sizes), "sends": sends, "after": after}
 
 
 def test_memory_stays_flat_over_a_long_run():
-    steps = 1500
+    # Memory is held by counts: cached activations and send buffers per channel. Both stay
+    # bounded by max_inflight at every step, whatever the run's length (RSS would hide a
+    # leak of small tensors in allocator noise; benchmarks/soak.py measures RSS).
+    steps = 600
     results = run_ranks(long_run, 3, steps, timeout=240)
     for rank, r in enumerate(results):
         assert r["max_cache"] <= 3, f"rank {rank} cached {r['max_cache']} activations (max_inflight 3)"
-        assert r["pending_sends"] == 0
-        growth = r["rss"][1] - r["rss"][0]
-        assert growth < 20 * 2**20, f"rank {rank} grew by {growth / 2**20:.1f} MiB over {3 * steps // 4} steps"
+        assert len(r["sends"]) == steps
+        worst = max(r["sends"])
+        assert worst <= 3 + 2, (f"rank {rank} held the buffers of {worst} messages on one channel "
+                                f"(at step {r['sends'].index(worst)}; max_inflight 3)")
+        assert r["after"] == 0
 
 
 def wrong_world(rank: int) -> str:

@@ -35,6 +35,8 @@ from .monitor import reset_peak_memory
 from .pipelining import run_pipelining
 from .workload import build_model, make_optimizer, optimizer_factory, test_batches, train_batches
 
+__all__ = ["job_function", "run_single", "run_synthpipe", "run_alone", "run_pingpong", "chunk_times"]
+
 
 def job_function(spec: JobSpec) -> Callable[[RankContext, JobSpec], dict[str, Any]]:
     if spec.method == "single":

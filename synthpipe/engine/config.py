@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 from .sources.registry import SOURCES
 
+__all__ = ["TrainConfig", "check_options", "NONFINITE_POLICIES", "PRECISIONS", "DEFAULT_DELAY"]
+
 NONFINITE_POLICIES = ("raise", "skip")
 PRECISIONS = ("fp32", "bf16", "fp16")  # see synthpipe.engine.precision
 DEFAULT_DELAY = 2  # a target arrives about two steps after its activation left (docs/guide.md, section 2)

@@ -8,6 +8,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+__all__ = ["env_world_size", "default_device", "backend_for", "init_process_group", "is_communication_error",
+           "keep_until_exit"]
+
 
 def env_world_size() -> int:
     """WORLD_SIZE from the environment (torchrun sets it), or the initialised group's size."""

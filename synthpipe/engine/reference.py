@@ -21,6 +21,8 @@ from .metrics import Timers
 from .sources import SOURCES, make_source
 from .step import Begun, LiveStats, StageStep
 
+__all__ = ["ReferenceRunner", "batch_metrics", "mean_metrics", "evaluate_model"]
+
 
 def batch_metrics(output: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> tuple[float, float, int]:
     """(summed loss, correct predictions, examples) of one batch; accuracy by argmax over the last dim."""
@@ -213,12 +215,21 @@ class ReferenceRunner:
         return [(r, {"stage": s.state_dict(), "cache": src.state_dict()})
                 for r, (s, src) in enumerate(zip(self.stages, self.sources, strict=True))]
 
-    def prepare_load(self, read: Callable[[int], dict[str, Any]]) -> Any:
-        """Read and check every stage's part; changes nothing (a bad part leaves all as they were)."""
+    def prepare_load(self, read: Callable[[int], dict[str, Any]],
+                     explain: Callable[[int, Exception], Exception]) -> Any:
+        """Read and check every stage's part; changes nothing (a bad part leaves all as they were).
+
+        Raises what reading raised, and ``explain(stage index, error)`` for a part that does
+        not fit its stage.
+        """
         states = [read(r) for r in range(len(self.stages))]
-        ready = [stage.prepare_load(state["stage"]) for stage, state in zip(self.stages, states, strict=True)]
-        for source, state in zip(self.sources, states, strict=True):
-            source.check_state(state["cache"])
+        ready = []
+        for r, (stage, source, state) in enumerate(zip(self.stages, self.sources, states, strict=True)):
+            try:
+                ready.append(stage.prepare_load(state["stage"]))
+                source.check_state(state["cache"])
+            except (ValueError, KeyError) as e:
+                raise explain(r, e) from e
         return states, ready
 
     def commit_load(self, prepared: Any) -> dict[str, Any]:

@@ -59,8 +59,10 @@ class Runner(Protocol):
     def states(self) -> list[tuple[int, dict[str, Any]]]:
         """``[(stage index, state)]`` of the stages this process saves."""
 
-    def prepare_load(self, read: Callable[[int], dict[str, Any]]) -> Any:
-        """Read (``read(stage index)``) and check this process's stages; changes nothing."""
+    def prepare_load(self, read: Callable[[int], dict[str, Any]],
+                     explain: Callable[[int, Exception], Exception]) -> Any:
+        """Read (``read(stage index)``) and check this process's stages; changes nothing.
+        A state that does not fit its stage raises ``explain(stage index, error)``."""
 
     def commit_load(self, prepared: Any) -> dict[str, Any]:
         """Install what ``prepare_load`` returned; one stage's state (its RNG state)."""

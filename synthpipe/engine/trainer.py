@@ -49,7 +49,7 @@ from .tensorboard import TensorBoardLog
 from .watchdog import Watchdog, open_store
 from .worker import Channels, PipelineWorker
 
-_VERSION = 3  # 2: stage files named by step (crash-safe saves); 3: plus a suffix when re-saved at that step
+__all__ = ["Trainer"]
 
 _T = TypeVar("_T")
 
@@ -269,7 +269,12 @@ class Trainer:
         return self.watchdog.watching(call, lambda: runner.progress, self.config.stall_warning)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn``; on error tell the other ranks which rank failed and why."""
+        """Run ``fn``; on error tell the other ranks which rank failed and why.
+
+        A communication error (a peer's connection closed) is this rank's symptom, not its
+        failure: it waits for the watchdog's verdict, which the watchdog prints (naming the
+        failed rank) before it ends this process.
+        """
         try:
             return fn()
         except BaseException as e:
@@ -277,6 +282,7 @@ class Trainer:
                 if is_communication_error(e):
                     verdict = self.watchdog.wait_for_verdict()
                     if verdict:
+                        self.watchdog.wait_for_exit()
                         raise RuntimeError(verdict) from e
                 self.watchdog.report(f"{type(e).__name__}: {e}")
             raise
@@ -499,24 +505,32 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
     @_collective("save()")
     def save(self, directory: str) -> None:
-        """Write a checkpoint: every rank its stage file, then rank 0 ``meta.json``.
+        """Write a checkpoint: every rank its stage file, then rank 0 ``meta.json``, which
+        records each file's size and sha256 (checked by :meth:`load` before it reads a file).
 
         Saving into a directory that holds an earlier checkpoint is crash-safe: the
         earlier one stays loadable until the new one is complete (see
         :mod:`synthpipe.engine.checkpoint`).
+
+        Raises:
+            TypeError: a stage's state holds something other than plain data (a custom
+                optimizer's object, say), which a checkpoint cannot hold; nothing is written.
         """
         # rank 0 decides the file names
         suffix = self.runner.share(ckpt.save_suffix(directory, self.step) if self.is_main else "")
         rng = ckpt.rng_state()
         states = self.runner.states()
+        files: dict[str, Any] = {}
         for r, state in states:
             state.update(rng=rng, step=self.step)
-            ckpt.save_stage(directory, r, self.step, state, suffix)
-        self.runner.barrier()
+            files[str(r)] = ckpt.save_stage(directory, r, self.step, state, suffix)
+        # (the gather is also the barrier: every stage file is complete before meta.json names it)
+        files = {k: v for part in self.runner.gather(files) for k, v in part.items()}
         if self.is_main:
             ckpt.write_meta(directory, {
-                "version": _VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "suffix": suffix, "config": vars(self.config)})
+                "version": ckpt.VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "suffix": suffix, "files": files,
+                "config": vars(self.config)})
         self.runner.barrier()
         for r, _ in states:  # meta.json names these files now: the others are unreachable
             ckpt.remove_stale_stages(directory, r, self.step, suffix)
@@ -524,21 +538,33 @@ class Trainer:
     def load(self, directory: str) -> "Trainer":
         """Restore a checkpoint written by :meth:`save` (same number of stages).
 
-        Every rank reads and checks its part first and learns whether all others could:
-        a checkpoint that does not fit is an error on every rank, and no rank has loaded.
+        Every rank checks its stage files (size and sha256 against ``meta.json``, then a
+        ``weights_only`` load) and whether they fit its stages, and learns whether every
+        other rank's did, before any rank changes anything.
 
         Raises:
-            ValueError, OSError, KeyError, RuntimeError: this process's part could not be
-                read or does not fit (the state is unchanged); ``ValueError`` naming the
-                ranks whose part failed, on the ranks whose own part was fine.
+            FileNotFoundError: no ``meta.json``, or a stage file of this process is missing.
+            CheckpointError: (a ``ValueError``) a stage file of this process is truncated,
+                corrupt, another checkpoint's, or holds another model, split or optimizer;
+                the message names the file and the rank that read it.
+            ValueError: another rank could not load its part (the message names each such
+                rank, its file and what is wrong), or the checkpoint has another number of
+                stages or a newer version. Raised on every rank at once; no rank has loaded.
         """
         self._agree("load()")
         problem, own_error, prepared = None, None, None
+
+        def read(r: int) -> dict[str, Any]:
+            return ckpt.load_stage(directory, meta, r, self.n_stages, self.device, reader=self.rank)
+
+        def explain(r: int, e: Exception) -> Exception:
+            return ckpt.CheckpointError(f"rank {self.rank} cannot load stage {r}'s file "
+                                        f"{ckpt.saved_stage_file(directory, meta, r)}: {e}")
+        # Any exception counts: a rank that raised alone would leave the others in the gather.
         try:
             meta = ckpt.read_meta(directory)
-            prepared = self.runner.prepare_load(
-                lambda r: ckpt.load_stage(directory, meta, r, self.n_stages, self.device))
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            prepared = self.runner.prepare_load(read, explain)
+        except Exception as e:
             own_error, problem = e, f"{type(e).__name__}: {e}"
         problems = self._guard(lambda: self.runner.gather(problem))
         if own_error is not None:

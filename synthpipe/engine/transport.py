@@ -12,9 +12,10 @@ Because the shapes travel in the header, batch size and sequence length may chan
 one step to the next. A receiving channel takes its messages on a background thread
 (the header, then at once the tensors), so the sender never waits for the receiver to
 reach its ``recv`` call and the tensors cross while the receiver computes. Sent tensors
-are kept alive until their sends complete (``Channel.flush`` / ``Channel.reap``); as with
-``torch.distributed.isend``, they must not be modified before then (the worker only sends
-fresh module outputs, gradients and the labels of the batch).
+are kept alive until their sends complete; as with ``torch.distributed.isend``, they must
+not be modified before then (the worker only sends fresh module outputs, gradients and the
+labels of the batch). A channel holds the buffers of at most ``max_sends`` messages (see
+:class:`Channel`), so its memory is bounded by that count, never by the length of a run.
 
 Activations r -> r+1 and gradients r+1 -> r each get a process group of their own, so
 the two directions never queue behind each other (on NCCL: on one stream).
@@ -26,20 +27,24 @@ import queue
 import struct
 import threading
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+
+__all__ = ["Channel", "Message", "TransportError", "encode_header", "decode_header", "as_bytes", "limit_sends",
+           "HEADER_LEN", "N_STATS", "MAX_DIMS", "TRAIN", "EVAL", "EVAL_END", "FIT_END", "KIND_NAMES", "FLAG_SKIPPED"]
 
 HEADER_LEN = 128
 N_STATS = 32  # float64 slots for piggybacked metrics (loss, synthesizer losses, ...)
 _STATS_AT = 8
 _TENSORS_AT = _STATS_AT + N_STATS
 MAX_DIMS = 8
+DEFAULT_MAX_SENDS = 5  # TrainConfig's default max_inflight (4), plus one
 
 # Message kinds.
-TRAIN, EVAL, EVAL_END, FIT_END, ABORT = 1, 2, 3, 4, 5
-KIND_NAMES = {TRAIN: "train", EVAL: "eval", EVAL_END: "eval-end", FIT_END: "fit-end", ABORT: "abort"}
+TRAIN, EVAL, EVAL_END, FIT_END = 1, 2, 3, 4
+KIND_NAMES = {TRAIN: "train", EVAL: "eval", EVAL_END: "eval-end", FIT_END: "fit-end"}
 # Flags.
 FLAG_SKIPPED = 1  # the step was skipped (non-finite loss); no gradient follows
 
@@ -62,6 +67,16 @@ class Message:
     @property
     def skipped(self) -> bool:
         return bool(self.flags & FLAG_SKIPPED)
+
+
+def limit_sends(channels: Iterable["Channel | None"], max_inflight: int, delay: int | None = None) -> None:
+    """Bound the sending ``channels`` (``None`` entries skipped) for a stage trained with
+    ``max_inflight`` targets outstanding, or a fixed ``delay``: one message more than a
+    stage can have in flight, so that holding the bound never makes a running pipeline wait.
+    """
+    for ch in channels:
+        if ch is not None:
+            ch.max_sends = max(max_inflight, delay or 0) + 1
 
 
 class TransportError(RuntimeError):
@@ -106,7 +121,10 @@ def encode_header(kind: int, step: int, tensors: Sequence[torch.Tensor | None],
     return header
 
 
-def decode_header(header: Sequence[int]) -> tuple[int, int, int, list[float], list[tuple[torch.dtype, tuple[int, ...]] | None], int]:
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]
+
+
+def decode_header(header: Sequence[int]) -> tuple[int, int, int, list[float], list[TensorSpec | None], int]:
     """Inverse of :func:`encode_header`: kind, step, flags, stats, tensor specs, total tensor bytes."""
     kind, step, flags, n = (int(v) for v in header[:4])
     if kind not in KIND_NAMES or not 0 <= n <= (HEADER_LEN - _TENSORS_AT) // 2:
@@ -143,28 +161,67 @@ class Channel:
     finally asked for it. Receives are never posted for messages that are not expected,
     so none is left dangling when a fit ends.
 
+    Sending keeps each message's buffers (and works) until its sends are known to be
+    complete. Polling cannot tell on gloo (see above), so the channel holds at most
+    ``max_sends`` messages: a send beyond that first waits for the oldest one. That wait
+    costs nothing in a running pipeline, because a message that old has already
+    crossed: the peer's receiver thread posts its receive as soon as the message is
+    expected, a gradient is expected before its activation even leaves, and an
+    activation is expected one message ahead while the peer's own bound (``max_inflight``
+    targets outstanding) keeps the sender from running further ahead than that. Only a
+    peer that falls more than ``max_sends`` messages behind (an evaluation, which has
+    no targets to wait for, on a slow next stage) makes the sender wait: backpressure,
+    instead of memory that grows without end. No wait depends on the peer's main thread
+    sending anything, so the bound cannot deadlock. On NCCL, completed sends are also
+    dropped as soon as ``is_completed`` says so, and ``wait`` blocks no CPU thread (it
+    orders the current stream after the send, which then frees the buffer safely).
+
     Args:
         group: a process group containing both ranks, used for this direction only.
         peer: the global rank at the other end.
         device: where headers and received tensors live (a CUDA device for NCCL, CPU for gloo).
         name: for error messages, e.g. ``"activations 0->1"``.
+        max_sends: messages whose buffers the sending side holds at most (>= 1); the
+            worker sets it from ``TrainConfig.max_inflight`` (see :func:`limit_sends`).
+
+    Raises:
+        ValueError: ``max_sends`` below 1.
     """
 
-    def __init__(self, group: Any, peer: int, device: torch.device, name: str):
+    def __init__(self, group: Any, peer: int, device: torch.device, name: str,
+                 max_sends: int = DEFAULT_MAX_SENDS):
         self.group = group
         self.peer = peer
         self.device = device
         self.name = name
+        self.max_sends = max_sends
         self._pending_sends: deque[tuple[list[Any], tuple]] = deque()
         self._credits: "queue.SimpleQueue[int | None]" = queue.SimpleQueue()
         self._inbox: "queue.SimpleQueue[Message | BaseException]" = queue.SimpleQueue()
         self._expected = 0  # messages expected and not yet taken by recv
         self._thread: threading.Thread | None = None
 
+    @property
+    def max_sends(self) -> int:
+        """The most messages whose send buffers this channel holds at once."""
+        return self._max_sends
+
+    @max_sends.setter
+    def max_sends(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{self.name}: max_sends must be a whole number >= 1, got {n!r}")
+        self._max_sends = n
+
+    @property
+    def sends_in_flight(self) -> int:
+        """Messages sent on this channel whose buffers are still held (at most :attr:`max_sends`)."""
+        return len(self._pending_sends)
+
     # -- sending ------------------------------------------------------------------
     def send(self, kind: int, step: int, tensors: Sequence[torch.Tensor | None] = (),
              flags: int = 0, stats: Sequence[float] = ()) -> None:
-        """Start sending a message; returns at once. Buffers live until the sends complete."""
+        """Start sending a message; returns once it is posted (see the class docstring for
+        when it waits for an older one). Its buffers live until its sends complete."""
         header = torch.tensor(encode_header(kind, step, tensors, flags, stats), dtype=torch.int64)
         header = header.to(self.device)
         buffers = [header] + [as_bytes(t, self.device) for t in tensors if t is not None and t.numel()]
@@ -173,9 +230,15 @@ class Channel:
         self.reap()
 
     def reap(self) -> None:
-        """Drop send buffers whose sends have completed."""
-        while self._pending_sends and all(w.is_completed() for w in self._pending_sends[0][0]):
-            self._pending_sends.popleft()
+        """Drop the buffers of sends known to be complete, and wait for the oldest ones
+        while more than :attr:`max_sends` messages are held."""
+        pending = self._pending_sends
+        while pending and all(w.is_completed() for w in pending[0][0]):  # (NCCL; never true on gloo)
+            pending.popleft()
+        while len(pending) > self._max_sends:
+            works, _ = pending.popleft()
+            for w in works:
+                w.wait()
 
     def flush(self) -> None:
         """Wait until every send started on this channel has completed."""
@@ -231,12 +294,19 @@ class Channel:
 
     def _receive_one(self) -> Message:
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.irecv(header, self.peer, group=self.group).wait()
+        _posted(dist.irecv(header, self.peer, group=self.group)).wait()
         kind, step, flags, stats, specs, _ = decode_header(header.tolist())
         tensors = tuple(None if spec is None else torch.empty(spec[1], dtype=spec[0], device=self.device)
                         for spec in specs)
-        works = [dist.irecv(t.reshape(-1).view(torch.uint8), self.peer, group=self.group)
+        works = [_posted(dist.irecv(t.reshape(-1).view(torch.uint8), self.peer, group=self.group))
                  for t in tensors if t is not None and t.numel()]  # all posted before any wait
         for w in works:
             w.wait()
         return Message(kind, step, flags, stats, tensors)
+
+
+def _posted(work: Any) -> Any:
+    """The work of a point-to-point call (``None`` only for a rank outside the group, never here)."""
+    if work is None:
+        raise TransportError("a point-to-point receive was not posted (this rank is not in the channel's group)")
+    return work

@@ -20,16 +20,29 @@ Each rank runs a :class:`Watchdog` thread that, through the rendezvous key-value
   shows where the main thread is; it does not stop the job (a slow loader is not a
   failure).
 
-On a failure, it prints a message naming the failed rank and ends this process with exit
-code 1 (``os._exit``, because the main thread may be blocked inside a receive). This
-works with and without torchrun's agent; losing the store itself (its host died) counts
-as a failure of the rank that hosts it.
+On a failure, it prints a message naming the failed rank, first (before the main thread,
+which may have hit the dead peer's closed connection, can print gloo's traceback), and
+ends this process with exit code 1 (``os._exit``, because the main thread may be blocked
+inside a receive). Losing the store itself (its host died) counts as a failure of the
+rank that hosts it. Each surviving rank exits within ``timeout + 5 * interval`` seconds
+of the failure (:func:`exit_bound`; ``failure_timeout`` + 2.5 s in a Trainer): a dead
+rank's last heartbeat is seen at most an interval after it was written and its silence
+is checked every interval, so it is declared dead within ``timeout + 2 * interval``; the
+store's host then keeps the store up for ``3 * interval`` so that the others read the
+verdict. An error a rank raises reaches the others within an interval or two.
+
+That is how the job ends without torchrun's agent (plain processes, a launcher that
+starts each rank itself). Under torchrun, the agent stops every rank (SIGTERM) as soon as
+it sees one exit, and its report names the failed rank as the root cause; the watchdog
+then only prints its message (when it sees the failure first) and leaves the ending to
+the agent, exiting itself only if the agent has not acted within the bound.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -42,7 +55,15 @@ import torch.distributed as dist
 
 from .prefetch import THREAD_NAME as PREFETCH_THREAD_NAME
 
+__all__ = ["Watchdog", "EXIT_CODE", "exit_bound", "open_store", "stall_message", "COLLECTIVE_RULE"]
+
 EXIT_CODE = 1
+_EXIT_INTERVALS = 5  # detection (2 intervals) + the store host's wait for the others to read (3)
+
+
+def exit_bound(timeout: float, interval: float = 0.5) -> float:
+    """Seconds after a rank fails within which every other rank has exited (see the module docstring)."""
+    return timeout + _EXIT_INTERVALS * interval
 
 
 COLLECTIVE_RULE = ("a Trainer's fit, evaluate, save, load, export, state_dict and close are collective: call them on "
@@ -73,8 +94,7 @@ def stall_message(rank: int, call: str, idle: float, next_after: float, frames: 
 
 
 def _default_exit(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-    os._exit(EXIT_CODE)
+    os._exit(EXIT_CODE)  # (the watchdog printed the message already)
 
 
 def open_store(timeout: float) -> Any:
@@ -98,7 +118,8 @@ class Watchdog:
         timeout: seconds without a heartbeat after which a rank counts as dead.
         interval: seconds between heartbeats and checks.
         prefix: key namespace (unique per run and restart).
-        on_failure: called with the message instead of exiting (tests).
+        on_failure: called with the message (already printed to stderr) instead of
+            exiting (tests).
     """
 
     def __init__(self, store: Any, rank: int, world_size: int, timeout: float = 30.0,
@@ -116,6 +137,9 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="synthpipe-watchdog", daemon=True)
         self.failure: str | None = None
+        self._failed = threading.Event()  # set once on_failure has returned (it normally exits)
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        self._store_address = (host, int(port)) if host and port and port.isdigit() else None
         self.stops = 0  # stop requests seen in the job so far (any rank's)
         self.stop_reason: str | None = None  # the latest request's reason
         self._asked: list[str] = []  # this rank's requests, published by the thread
@@ -186,10 +210,21 @@ class Watchdog:
         Returns the failure message if one is known (the watchdog normally exits the
         process first), else ``None`` after ``seconds`` (default: the timeout).
         """
-        deadline = time.monotonic() + (self.timeout + 2 * self.interval if seconds is None else seconds)
+        # (the dead rank may have beaten just before it died: detection takes up to timeout + 2 intervals)
+        deadline = time.monotonic() + (self.timeout + 4 * self.interval if seconds is None else seconds)
         while time.monotonic() < deadline and self.failure is None:
             time.sleep(self.interval / 2)
         return self.failure
+
+    def wait_for_exit(self) -> None:
+        """After :meth:`wait_for_verdict` found a failure: let the watchdog end this process.
+
+        The store's host keeps the process (and the store) up for a few heartbeats so the
+        other ranks read the verdict; a main thread that raised meanwhile would end the
+        interpreter, and the store with it, first. Returns only where ``on_failure`` does
+        not exit (tests), or if the watchdog has not ended the process well after it should.
+        """
+        self._failed.wait(timeout=self.timeout + 3 * self.interval + 5.0)  # (the longest wait in _fail, and some)
 
     def agree(self, call: str) -> None:
         """Check that every rank's next collective call is ``call``; wait for them to make it.
@@ -258,23 +293,59 @@ class Watchdog:
         self.store = None
 
     # -- thread ---------------------------------------------------------------------
-    def _fail(self, message: str, verdict: str | None = None) -> None:
-        """Publish ``verdict`` (so ranks that see it first agree on who failed), then exit."""
-        self.failure = message
+    def _fail(self, message: str, verdict: str | None = None, reported: bool = False) -> None:
+        """Publish ``verdict`` (so ranks that see it first agree on who failed), print the
+        message, then exit (the store's host after the others have had time to read it).
+        ``reported``: the failed rank raised and published its error (it is still exiting)."""
         self._stop.set()
+        text = f"synthpipe (rank {self.rank}): {message}"
         try:
             if verdict is not None:
                 self.store.compare_set(self._key("error"), "", verdict)
-            if self.hosts_store:  # keep the store up until the others have read the error
-                time.sleep(3 * self.interval)
         except Exception:
             pass
-        self.on_failure(f"synthpipe (rank {self.rank}): {message}")
+        try:  # before self.failure is set: the main thread raises (with gloo's traceback) once it is
+            print(text, file=sys.stderr, flush=True)
+        except Exception:
+            pass
+        self.failure = message
+        if self.hosts_store:  # keep the store up until the others have read the error
+            time.sleep(3 * self.interval)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Leave the ending to torchrun's agent, which stops every rank once it sees the
+            # failed one exit: that exit, not this one, must be the first it sees (the "root
+            # cause" of its report). A rank that raised can take seconds to exit; a dead rank
+            # has exited already. (Within exit_bound either way.)
+            time.sleep(self.timeout if reported else 3 * self.interval)
+        self.on_failure(text)
+        self._failed.set()
 
     @property
     def hosts_store(self) -> bool:
         """Rank 0 hosts the store unless torchrun's agent does."""
         return self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+    def _store_gone(self) -> bool:
+        """True if the store's host refuses connections: it died (or finished).
+
+        Checked with a plain socket before each round of store calls, because a store call
+        on a connection its host closed makes torch's C++ client log a warning with a stack
+        trace, which would then come before this rank's message naming the failed rank.
+        """
+        if self.hosts_store or self._store_address is None:
+            return False
+        try:
+            with socket.create_connection(self._store_address, timeout=self.interval):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:  # (slow or unreachable: the store calls below decide)
+            return False
+
+    def _lost_store(self, error: str) -> None:
+        host = "torchrun's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
+        self._fail(f"lost the rendezvous store hosted by {host} ({error}); "
+                   f"{'rank 0' if host == 'rank 0' else 'the job'} failed; stopping")
 
     def _run(self) -> None:
         beats = 0
@@ -289,6 +360,10 @@ class Watchdog:
                 self._check_progress(progress, now)
             except Exception:  # (a warning that cannot be printed must not end failure detection)
                 pass
+            if self._store_gone():
+                if self._stop.is_set() or 0 in done:
+                    return
+                return self._lost_store("its port refuses connections")
             try:
                 beats += 1
                 self.store.set(self._key("hb", self.rank), str(beats))
@@ -302,7 +377,7 @@ class Watchdog:
                 if self.store.check([self._key("error")]):
                     error = self.store.get(self._key("error")).decode()
                     if error:
-                        return self._fail(f"stopping because {error}", None)
+                        return self._fail(f"stopping because {error}", None, reported=True)
                 for r in others:
                     if r in done or self.store.check([self._key("done", r)]):
                         done.add(r)
@@ -318,6 +393,4 @@ class Watchdog:
             except Exception as e:  # the store is gone: its host died or finished
                 if self._stop.is_set() or 0 in done:
                     return
-                host = "torchrun's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
-                return self._fail(f"lost the rendezvous store hosted by {host} ({e}); "
-                                  f"{'rank 0' if host == 'rank 0' else 'the job'} failed; stopping")
+                return self._lost_store(str(e))

@@ -23,7 +23,9 @@ from .metrics import Timers
 from .reference import batch_metrics, mean_metrics
 from .sources import make_source
 from .step import LiveStats, StageStep
-from .transport import EVAL, EVAL_END, FIT_END, FLAG_SKIPPED, KIND_NAMES, TRAIN, Channel, Message
+from .transport import EVAL, EVAL_END, FIT_END, FLAG_SKIPPED, KIND_NAMES, TRAIN, Channel, Message, limit_sends
+
+__all__ = ["Channels", "PipelineWorker"]
 
 
 class Channels:
@@ -71,6 +73,7 @@ class PipelineWorker:
         self.rank = stage.index
         self.world_size = stage.n_stages
         self.ch = channels
+        limit_sends((channels.act_out, channels.grad_out), config.max_inflight, config.delay)
         self.log = StepLog()
         self.stats = LiveStats.empty(self.world_size)
         self.source = make_source(stage, config)
@@ -271,14 +274,19 @@ class PipelineWorker:
         """``[(stage index, state)]`` for the stage this rank saves."""
         return [(self.rank, self.state_dict())]
 
-    def prepare_load(self, read: Callable[[int], dict[str, Any]]) -> Any:
+    def prepare_load(self, read: Callable[[int], dict[str, Any]],
+                     explain: Callable[[int, Exception], Exception]) -> Any:
         """Read this rank's stage with ``read(rank)`` and check it; changes nothing.
 
-        Raises what reading or checking raised (``OSError``, ``ValueError``, ...).
+        Raises what reading raised, and ``explain(rank, error)`` for a state that does not
+        fit the stage (``ValueError`` or ``KeyError`` from the check).
         """
         state = read(self.rank)
-        ready = self.stage.prepare_load(state["stage"])
-        self.source.check_state(state["cache"])
+        try:
+            ready = self.stage.prepare_load(state["stage"])
+            self.source.check_state(state["cache"])
+        except (ValueError, KeyError) as e:
+            raise explain(self.rank, e) from e
         return state, ready
 
     def commit_load(self, prepared: Any) -> dict[str, Any]:
