@@ -350,7 +350,7 @@ def test_a_bounded_synthetic_gradient_never_exceeds_bound_times_the_targets_it_w
     unnormalised synthesizer's prediction grows with it. The bound holds the applied
     gradient to ``bound`` times the running RMS of the true targets."""
     torch.manual_seed(0)
-    recipe = sp.Synthesizer("linear", conditional=True, num_classes=5, bound=2.0)
+    recipe = sp.Synthesizer("linear", conditional=True, num_classes=5, bound=2.0, normalize=False)
     stage = Stage(0, 2, nn.Linear(6, 6), sgd, synthesizer=recipe, synth_optimizer=sgd)
     h, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
     target = (torch.randn(8, 6) / 8,)  # batch-mean gradients: per-example RMS about 1
@@ -364,7 +364,7 @@ def test_a_bounded_synthetic_gradient_never_exceeds_bound_times_the_targets_it_w
         assert rms <= 2.0 * expected_rms * (1 + 1e-5)
     assert rms == pytest.approx(2.0 * expected_rms, rel=1e-5)  # the large activation's is cut to the bound
     unbounded = Stage(0, 2, nn.Linear(6, 6), sgd, synthetic_scale=1.0, synth_optimizer=sgd,
-                      synthesizer=sp.Synthesizer("linear", conditional=True, num_classes=5))
+                      synthesizer=sp.Synthesizer("linear", conditional=True, num_classes=5, normalize=False))
     unbounded.ensure_synthesizer((h,))
     unbounded.synth.load_state_dict(stage.synth.state_dict())
     (free,) = unbounded.synthetic_gradient((1e6 * h,), y)

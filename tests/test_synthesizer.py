@@ -411,7 +411,7 @@ def _randomised(synth: BoundarySynthesizer) -> BoundarySynthesizer:
 @pytest.mark.parametrize("kind,shape", [("linear", (6, 12)), ("lowrank", (6, 12)), ("token", (6, 7, 12))])
 def test_a_normalising_synthesizer_ignores_the_activation_scale(kind, shape):
     h, y = torch.randn(*shape), torch.randint(0, NUM_CLASSES, (shape[0],))
-    plain = _randomised(make(kind, conditional=True).build(0, (h,)))
+    plain = _randomised(make(kind, conditional=True, normalize=False).build(0, (h,)))
     normed = _randomised(make(kind, conditional=True, normalize=True).build(0, (h,)))
     (small,), (large,) = normed((h,), y), normed((1000 * h + 3,), y)
     torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-4)
@@ -441,6 +441,7 @@ def test_non_finite_targets_leave_the_running_averages_alone():
     synth = make("linear", bound=1.0).build(0, (torch.randn(4, 3),))
     synth.observe((torch.ones(4, 3),), (1.0,))
     synth.observe((torch.full((4, 3), float("inf")),), (1.0,))
+    assert synth.observed.tolist() == [1]
     synth.observe((torch.ones(4, 3),), (float("nan"),))
     assert synth.target_rms.tolist() == [4.0] and synth.error_ms.tolist() == [1.0]
 
@@ -459,7 +460,7 @@ def test_the_quality_gate_zeroes_predictions_until_the_model_explains_enough():
 def test_without_bound_or_gate_nothing_is_tracked_and_predictions_pass():
     synth = make("linear").build(0, (torch.randn(4, 3),))
     synth.observe((torch.ones(4, 3),), (1.0,))
-    assert torch.isnan(synth.target_rms).all() and not synth.tracks
+    assert synth.observed.tolist() == [0] and not synth.tracks
     pred = torch.randn(4, 3) * 1e6
     assert torch.equal(synth.bound_((pred.clone(),))[0], pred)
 
@@ -471,9 +472,10 @@ def test_running_averages_are_saved_and_an_older_state_without_them_loads():
     fresh = make("linear", bound=1.0).build(0, (h,))
     fresh.load_state_dict(synth.state_dict())
     assert fresh.target_rms.tolist() == [4.0] and fresh.error_ms.tolist() == [2.0]
-    old = {k: v for k, v in synth.state_dict().items() if k not in ("target_rms", "error_ms")}
+    assert fresh.observed.tolist() == [1]
+    old = {k: v for k, v in synth.state_dict().items() if k not in ("target_rms", "error_ms", "observed")}
     fresh.load_state_dict(old)
-    assert torch.isnan(fresh.target_rms).all()
+    assert fresh.observed.tolist() == [0] and torch.isnan(fresh.quality).all()
 
 
 @pytest.mark.parametrize("options,message", [
@@ -484,3 +486,17 @@ def test_running_averages_are_saved_and_an_older_state_without_them_loads():
 def test_bad_bound_gate_and_normalisation_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         Synthesizer("linear", **options)
+
+
+def test_a_custom_model_sees_the_activation_unnormalised():
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, h, y=None):
+            seen.append(h)
+            return torch.zeros_like(h)
+
+    h = torch.randn(4, 3) * 50
+    synth = Synthesizer(lambda boundary, example: Probe(), normalize=True).build(0, (h,))
+    synth((h,))
+    assert torch.equal(seen[0], h)
