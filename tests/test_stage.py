@@ -333,3 +333,47 @@ def test_an_output_that_was_not_batch_first_when_traced_may_change_with_the_batc
     last = Stage(1, 2, stages[1], sgd, loss_fn=nn.CrossEntropyLoss())
     _, out = last.forward((torch.randn(4, 6, 8),))  # a smaller last batch
     assert out[0].shape == (24, 5)  # (4 * 6, 5): not a batch of 4, and not an error
+
+
+def test_a_bounded_synthetic_gradient_never_exceeds_bound_times_the_targets_it_was_trained_on():
+    """The loop that makes synthetic gradients diverge: the activation grows, and an
+    unnormalised synthesizer's prediction grows with it. The bound holds the applied
+    gradient to ``bound`` times the running RMS of the true targets."""
+    torch.manual_seed(0)
+    recipe = sp.Synthesizer("linear", conditional=True, num_classes=5, bound=2.0, normalize=False)
+    stage = Stage(0, 2, nn.Linear(6, 6), sgd, synthesizer=recipe, synth_optimizer=sgd)
+    h, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    target = (torch.randn(8, 6) / 8,)  # batch-mean gradients: per-example RMS about 1
+    stage.train_synthesizer((h,), y, target)
+    expected_rms = float(per_example(target[0]).pow(2).mean().sqrt())
+    assert float(stage.synth.target_rms[0]) == pytest.approx(expected_rms, rel=1e-5)
+    randomise(stage.synth)
+    for scale in (1.0, 1e3, 1e6):
+        (grad,) = stage.synthetic_gradient((scale * h,), y)
+        rms = float(per_example(grad).pow(2).mean().sqrt())
+        assert rms <= 2.0 * expected_rms * (1 + 1e-5)
+    assert rms == pytest.approx(2.0 * expected_rms, rel=1e-5)  # the large activation's is cut to the bound
+    unbounded = Stage(0, 2, nn.Linear(6, 6), sgd, synthetic_scale=1.0, synth_optimizer=sgd,
+                      synthesizer=sp.Synthesizer("linear", conditional=True, num_classes=5, normalize=False))
+    unbounded.ensure_synthesizer((h,))
+    unbounded.synth.load_state_dict(stage.synth.state_dict())
+    (free,) = unbounded.synthetic_gradient((1e6 * h,), y)
+    assert float(per_example(free).pow(2).mean().sqrt()) > 1e3 * expected_rms
+
+
+def test_train_synthesizer_feeds_the_quality_gate():
+    """With min_quality, the stage applies zero synthetic gradients until M_r has learnt
+    to explain that share of its targets, then its predictions."""
+    torch.manual_seed(0)
+    recipe = sp.Synthesizer("linear", conditional=False, min_quality=0.5, target_momentum=0.5)
+    stage = Stage(0, 2, nn.Linear(6, 6), sgd, synthesizer=recipe,
+                  synth_optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    h = torch.randn(32, 6)
+    target = (h @ torch.randn(6, 6) * 0.1 / 32,)  # a linear function of h: learnable exactly
+    stage.train_synthesizer((h,), None, target)
+    assert torch.count_nonzero(stage.synthetic_gradient((h,), None)[0]) == 0  # M_r knows nothing yet
+    for _ in range(200):
+        stage.train_synthesizer((h,), None, target)
+    assert float(stage.synth.quality[0]) > 0.5
+    (grad,) = stage.synthetic_gradient((h,), None)
+    assert F.cosine_similarity(grad.flatten(), target[0].flatten(), dim=0) > 0.9

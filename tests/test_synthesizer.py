@@ -397,3 +397,106 @@ def test_sizes_must_be_whole_numbers(kind, options, message):
     with pytest.raises(ValueError, match=message):
         Synthesizer(kind, **options)
     Synthesizer("mlp", depth=0)  # no hidden layer: a plain linear map, allowed
+
+
+# --------------------------------------------------------------------------- normalisation, bound, quality gate
+def _randomised(synth: BoundarySynthesizer) -> BoundarySynthesizer:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in synth.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return synth.eval()
+
+
+@pytest.mark.parametrize("kind,shape", [("linear", (6, 12)), ("lowrank", (6, 12)), ("token", (6, 7, 12))])
+def test_a_normalising_synthesizer_ignores_the_activation_scale(kind, shape):
+    h, y = torch.randn(*shape), torch.randint(0, NUM_CLASSES, (shape[0],))
+    plain = _randomised(make(kind, conditional=True, normalize=False).build(0, (h,)))
+    normed = _randomised(make(kind, conditional=True, normalize=True).build(0, (h,)))
+    (small,), (large,) = normed((h,), y), normed((1000 * h + 3,), y)
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-4)
+    (a,), (b,) = plain((h,), y), plain((1000 * h,), y)
+    assert not torch.allclose(a, b)  # the plain model's prediction follows the scale
+
+
+def test_the_bound_scales_a_prediction_down_to_bound_times_the_running_target_rms():
+    synth = make("linear", bound=2.0, target_momentum=0.5).build(0, (torch.randn(4, 3),))
+    pred = (torch.full((4, 3), 10.0),)
+    assert torch.equal(synth.bound_(tuple(p.clone() for p in pred))[0], pred[0])  # no target yet: as is
+    # Batch-mean gradients of RMS 0.25 on a batch of 4: per-example RMS 1.
+    synth.observe((torch.full((4, 3), 0.25),), (0.5,))
+    assert synth.target_rms.tolist() == [1.0] and synth.error_ms.tolist() == [0.5]
+    synth.observe((torch.full((4, 3), 0.75),), (1.5,))  # RMS 3: the average moves halfway
+    assert synth.target_rms.tolist() == [2.0] and synth.error_ms.tolist() == [1.0]
+    assert synth.quality.tolist() == [0.75]
+    big = torch.randn(4, 3) * 100
+    (out,) = synth.bound_((big.clone(),))
+    assert float(out.pow(2).mean().sqrt()) == pytest.approx(4.0, rel=1e-5)  # 2 x 2.0
+    torch.testing.assert_close(out / out.norm(), big / big.norm())  # direction kept
+    small = torch.full((4, 3), 0.5)
+    assert torch.equal(synth.bound_((small.clone(),))[0], small)  # within the bound: untouched
+
+
+def test_non_finite_targets_leave_the_running_averages_alone():
+    synth = make("linear", bound=1.0).build(0, (torch.randn(4, 3),))
+    synth.observe((torch.ones(4, 3),), (1.0,))
+    synth.observe((torch.full((4, 3), float("inf")),), (1.0,))
+    assert synth.observed.tolist() == [1]
+    synth.observe((torch.ones(4, 3),), (float("nan"),))
+    assert synth.target_rms.tolist() == [4.0] and synth.error_ms.tolist() == [1.0]
+
+
+def test_the_quality_gate_zeroes_predictions_until_the_model_explains_enough():
+    synth = make("linear", min_quality=0.5, target_momentum=1.0).build(0, (torch.randn(4, 3),))
+    pred = torch.randn(4, 3)
+    assert torch.count_nonzero(synth.bound_((pred.clone(),))[0]) == 0  # no target yet
+    synth.observe((torch.ones(4, 3) / 4,), (0.6,))  # explains 40% of the targets' power
+    assert synth.quality.tolist() == [pytest.approx(0.4)]
+    assert torch.count_nonzero(synth.bound_((pred.clone(),))[0]) == 0
+    synth.observe((torch.ones(4, 3) / 4,), (0.4,))  # 60%
+    assert torch.equal(synth.bound_((pred.clone(),))[0], pred)
+
+
+def test_without_bound_or_gate_nothing_is_tracked_and_predictions_pass():
+    synth = make("linear").build(0, (torch.randn(4, 3),))
+    synth.observe((torch.ones(4, 3),), (1.0,))
+    assert synth.observed.tolist() == [0] and not synth.tracks
+    pred = torch.randn(4, 3) * 1e6
+    assert torch.equal(synth.bound_((pred.clone(),))[0], pred)
+
+
+def test_running_averages_are_saved_and_an_older_state_without_them_loads():
+    h = torch.randn(4, 3)
+    synth = make("linear", bound=1.0).build(0, (h,))
+    synth.observe((torch.ones(4, 3),), (2.0,))
+    fresh = make("linear", bound=1.0).build(0, (h,))
+    fresh.load_state_dict(synth.state_dict())
+    assert fresh.target_rms.tolist() == [4.0] and fresh.error_ms.tolist() == [2.0]
+    assert fresh.observed.tolist() == [1]
+    old = {k: v for k, v in synth.state_dict().items() if k not in ("target_rms", "error_ms", "observed")}
+    fresh.load_state_dict(old)
+    assert fresh.observed.tolist() == [0] and torch.isnan(fresh.quality).all()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"bound": 0}, "bound"), ({"bound": -1.0}, "bound"), ({"bound": float("inf")}, "bound"), ({"bound": True}, "bound"),
+    ({"bound": "2"}, "bound"), ({"min_quality": 1.0}, "min_quality"), ({"min_quality": "0.1"}, "min_quality"),
+    ({"target_momentum": 0}, "target_momentum"), ({"target_momentum": 1.5}, "target_momentum"),
+    ({"normalize": "yes"}, "normalize")])
+def test_bad_bound_gate_and_normalisation_options_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        Synthesizer("linear", **options)
+
+
+def test_a_custom_model_sees_the_activation_unnormalised():
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, h, y=None):
+            seen.append(h)
+            return torch.zeros_like(h)
+
+    h = torch.randn(4, 3) * 50
+    synth = Synthesizer(lambda boundary, example: Probe(), normalize=True).build(0, (h,))
+    synth((h,))
+    assert torch.equal(seen[0], h)

@@ -288,7 +288,11 @@ class Stage:
                     f"synthesizer was built for (B, {', '.join(map(str, shape))})")
 
     def synthetic_gradient(self, outputs: Sequence[torch.Tensor], y: torch.Tensor | None) -> tuple:
-        """``scale * M_r(h_r, y) / B`` for every floating output; no gradient into M_r."""
+        """``scale * M_r(h_r, y) / B`` for every floating output; no gradient into M_r.
+
+        With the recipe's ``bound``, ``M_r(h_r, y)`` is first scaled down to at most
+        ``bound`` times the running RMS of the per-example targets M_r was trained on.
+        """
         h = self._synth_input([t.detach() for t in outputs])
         synth = self.ensure_synthesizer(h)
         self._check_boundary(h)
@@ -298,6 +302,7 @@ class Stage:
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 raise StageInputError(f"{self.name}: its synthesizer could not take output {describe(h)} "
                                       f"with labels {describe([y])}: {e}") from e
+            pred = synth.bound_(pred)
         return tuple(None if p is None else per_batch(p.float() if self.precision != "fp32" else p,
                                                       self.synthetic_scale) for p in pred)
 
@@ -317,18 +322,23 @@ class Stage:
         # d = pred - per_example(g) = pred - B * g (one fused pass);  loss = mean(d^2);
         # dloss/dpred = 2 d / numel.
         outs, grads, total = [], [], 0.0
+        errors: list[float | None] = []
         with torch.no_grad():
             for p, g in zip(pred, target, strict=False):
                 if p is None or g is None:
+                    errors.append(None)
                     continue
                 d = torch.sub(p, g.to(p.device, p.dtype), alpha=g.shape[0])
                 n = max(d.numel(), 1)
                 flat = d.reshape(-1)
                 if flat.dtype not in (torch.float32, torch.float64):
                     flat = flat.float()  # no half-precision overflow in the reported loss
-                total += float(torch.dot(flat, flat)) / n
+                error = float(torch.dot(flat, flat)) / n
+                errors.append(error)
+                total += error
                 outs.append(p)
                 grads.append(d.mul_(2.0 / n))
+            synth.observe(target, errors)  # (the bound's and the quality gate's running averages)
         if not outs:
             return 0.0
         if self.synth_optimizer is not None:

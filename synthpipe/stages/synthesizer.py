@@ -14,6 +14,7 @@ it applies it. :func:`per_example` and :func:`per_batch` implement the two direc
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any, Callable, Sequence, Union
 
@@ -27,6 +28,9 @@ __all__ = ["Tensors", "KINDS", "per_example", "per_batch", "one_hot_labels", "Li
 Tensors = tuple  # tuple[Tensor | None, ...]; kept loose for the optional entries
 
 KINDS = ("auto", "linear", "lowrank", "mlp", "conv", "token")
+DEFAULT_NORMALIZE = True  # measured: better cDNI per step on every MLP workload tried
+DEFAULT_BOUND: float | None = None
+DEFAULT_MIN_QUALITY: float | None = None
 
 
 def per_example(grad: torch.Tensor) -> torch.Tensor:
@@ -243,6 +247,11 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def example_device(example: Sequence[Any]) -> torch.device:
+    """The device of the first tensor of a boundary (CPU if it has none)."""
+    return next((t.device for t in example if torch.is_tensor(t)), torch.device("cpu"))
+
+
 LINEAR_WARN_PARAMS = 2 ** 26  # 256 MiB in float32, before the optimizer's state
 LINEAR_MAX_PARAMS = 2 ** 31  # 8 GiB: certainly a mistake (the default kind on a feature map)
 
@@ -285,25 +294,143 @@ def _auto_kind(ndim: int) -> str:
     return {4: "conv", 3: "token"}.get(ndim, "linear")
 
 
+def normalize_input(t: torch.Tensor, part: nn.Module) -> torch.Tensor:
+    """Parameter-free layer normalisation of one boundary tensor, as a synthesizer sees it.
+
+    Per position for the token model ((B, T, D): over D), per example otherwise (over
+    every dimension but the batch). The prediction then no longer scales with the
+    activation, which breaks the loop in which a stage grows its output along the
+    synthesizer's own prediction and the prediction grows with it.
+    """
+    if isinstance(part, TokenSynth):
+        return F.layer_norm(t, t.shape[-1:])
+    return F.layer_norm(t, t.shape[1:])
+
+
 class BoundarySynthesizer(nn.Module):
     """The synthesizer of one stage boundary: one sub-model per tensor of the boundary.
 
     ``forward(h, y)`` takes the boundary's tensors as a tuple and returns a tuple of the
     same length with a per-example gradient prediction for every floating-point tensor
     and ``None`` for the others (integer masks, indices), which get no gradient.
+
+    Args:
+        parts, shapes: one sub-model and per-example shape per boundary tensor (``None``
+            for a tensor that gets no gradient).
+        normalize: the sub-models see :func:`normalize_input` of their tensor.
+        bound: :meth:`bound_` scales a prediction whose RMS exceeds ``bound`` times the
+            running RMS of the targets seen by :meth:`observe`; ``None``: no bound.
+        min_quality: :meth:`bound_` zeroes the predictions of a tensor until the running
+            fraction of target variance its model explains, :attr:`quality`, reaches this
+            (``None``: never).
+        momentum: weight of a new batch in those running averages (exponential).
+
+    The running averages of every tensor are the buffers ``target_rms`` (RMS of the
+    per-example targets) and ``error_ms`` (mean squared regression error), with
+    ``observed`` counting the regression steps folded in (0: no target yet), so they are
+    saved and restored with the synthesizer's state.
     """
 
-    def __init__(self, parts: Sequence[nn.Module | None], shapes: Sequence[tuple[int, ...] | None]):
+    def __init__(self, parts: Sequence[nn.Module | None], shapes: Sequence[tuple[int, ...] | None],
+                 normalize: bool = False, bound: float | None = None, min_quality: float | None = None,
+                 momentum: float = 0.1):
         super().__init__()
         self.parts = nn.ModuleList([p if p is not None else nn.Identity() for p in parts])
         self.has_part = [p is not None for p in parts]
         self.shapes = [tuple(s) if s is not None else None for s in shapes]
+        self.normalize = normalize
+        self.bound = bound
+        self.min_quality = min_quality
+        self.momentum = momentum
+        device = next((p.device for p in self.parameters()), None)
+        for name in self._RUNNING:  # float64: the averages are scalars, and exact across devices
+            self.register_buffer(name, torch.zeros(len(self.parts), dtype=torch.float64, device=device))
+        self.register_buffer("observed", torch.zeros(len(self.parts), dtype=torch.int64, device=device))
+
+    _RUNNING = ("target_rms", "error_ms")
+    target_rms: torch.Tensor  # (buffers, registered in __init__)
+    error_ms: torch.Tensor
+    observed: torch.Tensor
+
+    @property
+    def tracks(self) -> bool:
+        """Whether the running target and error averages are kept (a bound or a quality gate)."""
+        return self.bound is not None or self.min_quality is not None
+
+    @property
+    def quality(self) -> torch.Tensor:
+        """Per tensor: ``1 - error_ms / target_rms^2``, the running fraction of the targets'
+        power the model explains (1: perfect; 0: no better than predicting zero; NaN: no
+        target yet). Shape (number of boundary tensors,)."""
+        return 1.0 - self.error_ms / self.target_rms.square()
 
     def forward(self, h: Sequence[torch.Tensor], y: torch.Tensor | None = None) -> Tensors:
         if len(h) != len(self.parts):
             raise ValueError(f"synthesizer was built for {len(self.parts)} boundary tensors, got {len(h)}")
-        return tuple(part(t, y) if has else None
+        return tuple(part(normalize_input(t, part) if self.normalize else t, y) if has else None
                      for part, has, t in zip(self.parts, self.has_part, h, strict=True))
+
+    @torch.no_grad()
+    def observe(self, targets: Sequence[torch.Tensor | None], errors: Sequence[float | None]) -> None:
+        """Fold one regression step into the running averages (only with a bound or gate).
+
+        Args:
+            targets: the gradients of the batch-mean loss, ``dL/dh``, one per tensor (``None``
+                where none flows); their per-example version is ``B * dL/dh``.
+            errors: the mean squared error of each tensor's prediction against its
+                per-example target, before the step (``None`` where none).
+        """
+        if not self.tracks:
+            return
+        for i, (g, err) in enumerate(zip(targets, errors, strict=False)):
+            if g is None or err is None or i >= len(self.parts) or not self.has_part[i] or g.numel() == 0:
+                continue
+            flat = g.detach().reshape(-1).float()
+            rms = float(torch.dot(flat, flat) / flat.numel()) ** 0.5 * g.shape[0]
+            if not (math.isfinite(rms) and math.isfinite(err)):
+                continue  # a non-finite target must not poison the averages for good
+            first = int(self.observed[i]) == 0
+            for buf, value in ((self.target_rms, rms), (self.error_ms, err)):
+                old = float(buf[i])
+                buf[i] = value if first else old + self.momentum * (value - old)
+            self.observed[i] += 1
+
+    @torch.no_grad()
+    def bound_(self, pred: Sequence[torch.Tensor | None]) -> Tensors:
+        """Apply the quality gate and the bound to predictions, in place.
+
+        A tensor whose :attr:`quality` is below ``min_quality`` (or not known yet) gets a
+        zero prediction. Otherwise a prediction whose RMS exceeds ``bound * target_rms`` is
+        scaled down to that; the whole batch by one factor, so its direction is kept.
+        Before any target was observed the bound leaves the prediction as it is.
+        """
+        if not self.tracks:
+            return tuple(pred)
+        quality = self.quality
+        for i, p in enumerate(pred):
+            if p is None or p.numel() == 0:
+                continue
+            if self.min_quality is not None and not float(quality[i]) >= self.min_quality:  # (NaN: not yet)
+                p.zero_()
+                continue
+            if self.bound is None or int(self.observed[i]) == 0:
+                continue
+            limit = self.bound * float(self.target_rms[i])
+            flat = p.reshape(-1).float()
+            rms = float(torch.dot(flat, flat) / flat.numel()) ** 0.5
+            if rms > limit:
+                p.mul_(limit / rms)
+        return tuple(pred)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        # A synthesizer saved before the running averages existed starts without them.
+        for name in (*self._RUNNING, "observed"):
+            if prefix + name not in state_dict:
+                state_dict = {**state_dict, prefix + name: torch.zeros_like(getattr(self, name))}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class Synthesizer:
@@ -318,13 +445,33 @@ class Synthesizer:
             ``forward(h, y)`` returns the per-example gradient of one tensor.
         conditional: cDNI; condition on one-hot labels (needs ``num_classes``).
         num_classes: number of label classes for the one-hot encoding.
+        normalize: the built-in models see each activation layer-normalised (no
+            parameters; per example, per position for ``"token"``), so a prediction does not
+            grow with the activation's scale (see :func:`normalize_input`). A custom
+            callable's model always sees the activation as it is.
+        bound: a prediction whose RMS exceeds ``bound`` times the running RMS of the
+            targets it was trained on is scaled down to that (one factor per batch, so the
+            direction is kept); ``None``: unbounded.
+        min_quality: a boundary's synthetic gradient is zero until its model explains at
+            least this fraction of the targets' power (running ``1 - MSE / mean(target^2)``
+            over recent regression steps, each measured before the step); ``None``: used
+            from the first prediction.
+        target_momentum: weight of each new batch of targets in those running averages.
         **options: passed to the model's constructor (``rank``, ``hidden``, ``depth``, ...).
 
     Every model's output layer starts at zero, so the first synthetic gradients are zero.
+
+    Raises:
+        ValueError: an unknown kind or option, a size that is not a whole number >= 1,
+            ``conditional`` without ``num_classes``, ``bound`` not a positive finite number,
+            or ``target_momentum`` outside (0, 1].
     """
 
     def __init__(self, kind: Union[str, Callable[[int, torch.Tensor], nn.Module]] = "linear",
-                 conditional: bool = False, num_classes: int | None = None, **options: Any):
+                 conditional: bool = False, num_classes: int | None = None,
+                 normalize: bool = DEFAULT_NORMALIZE, bound: float | None = DEFAULT_BOUND,
+                 min_quality: float | None = DEFAULT_MIN_QUALITY, target_momentum: float = 0.1,
+                 **options: Any):
         if not (isinstance(kind, str) or callable(kind)) or (isinstance(kind, str) and kind not in KINDS):
             raise ValueError(f"unknown synthesizer kind {kind!r}; choose one of {', '.join(KINDS)} or pass a callable")
         if conditional and not num_classes:
@@ -336,15 +483,32 @@ class Synthesizer:
         if kind in ("conv", "auto") and "kernel_size" in options and options["kernel_size"] % 2 == 0:
             raise ValueError(f"the conv synthesizer's kernel_size must be odd (it keeps H and W with "
                              f"padding kernel_size // 2), got {options['kernel_size']}")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {normalize!r}")
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                  or not 0 < bound < float("inf")):
+            raise ValueError(f"bound must be a positive, finite number (or None), got {bound!r}")
+        if min_quality is not None and (isinstance(min_quality, bool) or not isinstance(min_quality, (int, float))
+                                        or not -math.inf < min_quality < 1):
+            raise ValueError(f"min_quality must be a number below 1 (or None), got {min_quality!r}")
+        if (isinstance(target_momentum, bool) or not isinstance(target_momentum, (int, float))
+                or not 0 < target_momentum <= 1):
+            raise ValueError(f"target_momentum must be a number in (0, 1], got {target_momentum!r}")
         self.kind = kind
         self.conditional = conditional
         self.num_classes = num_classes if conditional else None
+        self.normalize = normalize
+        self.bound = None if bound is None else float(bound)
+        self.min_quality = None if min_quality is None else float(min_quality)
+        self.target_momentum = float(target_momentum)
         self.options = options
 
     def __repr__(self) -> str:
         kind = self.kind if isinstance(self.kind, str) else getattr(self.kind, "__name__", "custom")
         return (f"Synthesizer({kind!r}, conditional={self.conditional}, "
-                f"num_classes={self.num_classes}, **{self.options})")
+                f"num_classes={self.num_classes}, normalize={self.normalize}, bound={self.bound}, "
+                f"min_quality={self.min_quality}, "
+                f"**{self.options})")
 
     def build(self, boundary: int, example: Sequence[torch.Tensor]) -> BoundarySynthesizer:
         """Make the synthesizer for boundary ``boundary`` from an example of its tensors.
@@ -381,4 +545,8 @@ class Synthesizer:
                                      f"cannot take them: {e}") from e
             parts.append(part.to(device=t.device, dtype=t.dtype))
             shapes.append(tuple(t.shape[1:]))
-        return BoundarySynthesizer(parts, shapes)
+        # A custom model sees the activation as it is: it may need the scale (an oracle does).
+        normalize = self.normalize and isinstance(self.kind, str)
+        synth = BoundarySynthesizer(parts, shapes, normalize=normalize, bound=self.bound,
+                                    min_quality=self.min_quality, momentum=self.target_momentum)
+        return synth.to(example_device(example))
