@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -78,13 +79,20 @@ class TargetCache:
 
 
 def train_due_synthesizer(stage: Any, cache: TargetCache, step: int, delay: int | None,
-                          max_inflight: int, wait_for: Callable[[int], None]) -> float | None:
+                          max_inflight: int, wait_for: Callable[[int], None],
+                          agree: Callable[[int], int] | None = None) -> float | None:
     """DESIGN.md step 7 for one stage, after its update at step ``step``.
 
     With a fixed ``delay``, train on exactly the entry of step ``step - delay`` (waiting
     for its target through ``wait_for``). Without, train on every entry whose target has
     arrived and, while the cache holds ``max_inflight`` entries, wait for the oldest.
     Returns the mean regression loss, or ``None`` if nothing was trained.
+
+    ``agree`` (data parallelism, without a fixed delay): the replicas of the stage must
+    train on the same entries, since every regression step averages its gradients over
+    them. Each replica first waits until popping its ready entries (a prefix: targets
+    arrive in step order) would leave fewer than ``max_inflight``; ``agree(n)`` then gives
+    the replicas' smallest count of ready entries, and the first that many are trained.
     """
     entries: list[Entry] = []
     if delay is not None:
@@ -93,6 +101,12 @@ def train_due_synthesizer(stage: Any, cache: TargetCache, step: int, delay: int 
             if not due.ready:
                 wait_for(due.step)
             entries.append(cache.pop(due.step))
+    elif agree is not None:
+        def ready() -> list[Entry]:
+            return list(itertools.takewhile(lambda e: e.ready, cache))
+        while len(cache) - len(ready()) >= max_inflight:
+            wait_for(next(e.step for e in cache if not e.ready))
+        entries.extend(cache.pop(e.step) for e in ready()[:agree(len(ready()))])
     else:
         entries.extend(cache.pop_ready())
         while len(cache) >= max_inflight:

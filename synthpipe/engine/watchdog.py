@@ -99,11 +99,14 @@ class Watchdog:
         interval: seconds between heartbeats and checks.
         prefix: key namespace (unique per run and restart).
         on_failure: called with the message instead of exiting (tests).
+        describe: ``describe(rank)`` names a rank in messages (default ``"rank r"``; with
+            data parallelism also its mesh coordinates, ``"rank 3 (dp 1, pp 1)"``).
     """
 
     def __init__(self, store: Any, rank: int, world_size: int, timeout: float = 30.0,
                  interval: float = 0.5, prefix: str = "synthpipe",
-                 on_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None,
+                 describe: Callable[[int], str] | None = None):
         if timeout <= interval:
             raise ValueError(f"failure timeout ({timeout} s) must exceed the heartbeat interval ({interval} s)")
         self.store = store
@@ -113,6 +116,7 @@ class Watchdog:
         self.interval = interval
         self.prefix = prefix
         self.on_failure = on_failure or _default_exit
+        self.describe = describe or (lambda r: f"rank {r}")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="synthpipe-watchdog", daemon=True)
         self.failure: str | None = None
@@ -139,7 +143,7 @@ class Watchdog:
         before the store goes away with this process.
         """
         try:
-            self.store.compare_set(self._key("error"), "", f"rank {self.rank}: {message}")
+            self.store.compare_set(self._key("error"), "", f"{self.describe(self.rank)}: {message}")
             if self.hosts_store:
                 time.sleep(3 * self.interval)
         except Exception:
@@ -269,7 +273,7 @@ class Watchdog:
                 time.sleep(3 * self.interval)
         except Exception:
             pass
-        self.on_failure(f"synthpipe (rank {self.rank}): {message}")
+        self.on_failure(f"synthpipe ({self.describe(self.rank)}): {message}")
 
     @property
     def hosts_store(self) -> bool:
@@ -312,7 +316,7 @@ class Watchdog:
                     if value != last_value:
                         seen[r] = (value, now)
                     elif now - since > self.timeout:
-                        verdict = (f"rank {r} stopped responding (no heartbeat for {now - since:.0f} s; "
+                        verdict = (f"{self.describe(r)} stopped responding (no heartbeat for {now - since:.0f} s; "
                                    f"it was killed or crashed)")
                         return self._fail(f"{verdict}; stopping", verdict)
             except Exception as e:  # the store is gone: its host died or finished

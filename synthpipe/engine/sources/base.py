@@ -62,6 +62,10 @@ class GradientSource:
 
     name: ClassVar[str] = ""
     sends_back: ClassVar[bool] = True
+    replicas: Any = None
+    """Set by a data-parallel runner: the stage's :class:`~synthpipe.engine.data_parallel.Replicas`.
+    A source whose work differs between replicas (how many targets it trains on) agrees
+    through it; ``None``: one replica."""
 
     def __init__(self, stage: Stage, config: "TrainConfig"):
         self.stage = stage
