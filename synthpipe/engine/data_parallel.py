@@ -128,7 +128,9 @@ class Replicas:
             self.broadcast(module)
         if optimizer is not None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            optimizer.register_step_pre_hook(lambda *_: self.average_gradients(params))
+            def average(*_: Any) -> None:
+                self.average_gradients(params)
+            optimizer.register_step_pre_hook(average)
 
     # -- gradients -----------------------------------------------------------------------
     @torch.no_grad()
