@@ -225,7 +225,29 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                              f"and be at most {MAX_MICROBATCHES} (default: 1..64, powers of 2)")
     parser.add_argument("--validate", action="store_true", help="also compare with the profile's measured runs")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of markdown")
+    dp = parser.add_argument_group("data parallel x pipeline parallel")
+    dp.add_argument("--layouts", action="store_true",
+                    help="also predict every dp x pp layout of each device count (same global batch), with "
+                         "the gradient averaging costed by a ring all-reduce")
+    dp.add_argument("--bandwidth", type=float, default=10.0,
+                    help="ring all-reduce link bandwidth in GB/s (default: %(default)s)")
+    dp.add_argument("--latency-us", type=float, default=20.0,
+                    help="ring all-reduce latency per step in microseconds (default: %(default)s)")
+    dp.add_argument("--param-bytes", type=float, default=None,
+                    help="gradient bytes of the whole model (default: the profile's param_bytes, else counted "
+                         "from its workload's model)")
     return parser
+
+
+def _param_bytes(profile: dict[str, Any]) -> float:
+    """The model's gradient bytes: the profile's ``param_bytes``, or counted from its workload."""
+    if profile.get("param_bytes"):
+        return float(profile["param_bytes"])
+    from .workload import Workload, build_model
+
+    fields = set(Workload.__dataclass_fields__)
+    model = build_model(Workload(**{k: v for k, v in profile.get("workload", {}).items() if k in fields}))
+    return float(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -247,10 +269,21 @@ def run_simulate(args: argparse.Namespace) -> int:
         return _error("simulate", f"--profile {e}")
     except ValueError as e:
         return _error("simulate", str(e))
+    if args.bandwidth <= 0 or args.latency_us < 0:
+        return _error("simulate", f"--bandwidth must be > 0 and --latency-us >= 0; got {args.bandwidth} and "
+                                  f"{args.latency_us}")
     rows = simulator.predict_table(profile, devices, microbatches)
     val = simulator.validate(profile) if args.validate else []
+    layout_rows: list[dict[str, Any]] = []
+    ring = simulator.RingAllReduce(args.bandwidth * 1e9, args.latency_us * 1e-6)
+    if args.layouts:
+        param_bytes = args.param_bytes if args.param_bytes is not None else _param_bytes(profile)
+        layout_rows = simulator.predict_layouts(profile, devices, ring, param_bytes)
     if args.json:
-        json.dump({"simulation": rows, "validation": val}, sys.stdout, indent=1)
+        out: dict[str, Any] = {"simulation": rows, "validation": val}
+        if args.layouts:
+            out.update(layouts=layout_rows, allreduce={"model": ring.describe(), "param_bytes": param_bytes})
+        json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     machine = profile.get("machine", {})
@@ -264,6 +297,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"| {r['devices']} | {r['method']} | {r['microbatches']} | {r['step_s'] * 1e3:.1f} | "
               f"{100 * r['bubble']:.0f}% | {r['speedup']:.2f} | {r['samples_per_s']:.0f} |")
+    if layout_rows:
+        print(f"\nData parallel x pipeline parallel at the same global batch ({param_bytes / 2**20:.1f} MiB of "
+              f"gradients; {ring.describe()}):\n")
+        print("| devices | layout | method | step ms | all-reduce ms per stage | samples/s | speedup |\n"
+              "|---|---|---|---|---|---|---|")
+        for r in layout_rows:
+            print(f"| {r['devices']} | {r['layout']} | {r['method']} | {r['step_s'] * 1e3:.1f} | "
+                  f"{r['allreduce_s'] * 1e3:.2f} | {r['samples_per_s']:.0f} | {r['speedup']:.2f} |")
     if val:
         print("\n| run | schedule | m | measured ms | predicted ms | error |\n|---|---|---|---|---|---|")
         for v in val:
