@@ -39,7 +39,7 @@ def _error(command: str, message: str) -> int:
 
 # BenchConfig fields -> the options that set them, for BenchConfig.validate's messages.
 BENCH_OPTIONS = {
-    "output": "--output", "ranks": "--ranks", "threads": "--threads", "device": "--device", "steps": "--steps",
+    "output": "--output", "ranks": "--ranks", "stages": "--stages", "threads": "--threads", "device": "--device", "steps": "--steps",
     "warmup": "--warmup", "repeats": "--repeats", "microbatches": "--microbatches", "schedules": "--schedules",
     "variants": "--variants", "max_inflight": "--max-inflight", "balance": "--balance",
     "baseline_every": "--baseline-every", "conv_epochs": "--conv-epochs", "conv_target": "--conv-target",
@@ -64,6 +64,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="short run (~1-2 min on 2 cores): 12 timed steps, 1 round, m in {2,4}, 8 epochs")
     g.add_argument("--output", "-o", default="bench-results", help="directory for CSV/JSON/PNG (default: %(default)s)")
     g.add_argument("--ranks", type=int, default=2, help="processes (= pipeline stages) per method (default: 2)")
+    g.add_argument("--stages", type=int, default=None,
+                   help="also run synthpipe as ranks/stages pipelines of this many stages (data parallel x "
+                        "pipeline parallel) and DDP on all the ranks, at the same global batch")
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads of every rank and of the baseline (default: 1)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="rank r runs on cuda:r with --device cuda")
@@ -125,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg = quick_config() if args.quick else BenchConfig()
     cfg.output = args.output
     cfg.ranks, cfg.threads, cfg.device = args.ranks, args.threads, args.device
+    cfg.stages = args.stages
     cfg.workload = Workload(model=args.model, in_features=args.in_features, hidden=args.hidden, depth=args.depth,
                             batch=args.batch, lr=args.lr, optimizer=args.optimizer,
                             num_samples=max(args.batch * 16, 4096))
