@@ -376,3 +376,12 @@ def test_a_killed_rank_in_replica_1_stops_every_rank_naming_it_and_its_coordinat
         if rank != victim:
             assert p.returncode not in (0, None), f"rank {rank} exited {p.returncode}"
             assert "rank 3 (dp 1, pp 1)" in err, f"rank {rank} does not name rank 3 and its place: {err[-1500:]}"
+
+
+def test_the_launcher_accepts_a_multiple_of_the_stages_and_refuses_the_rest():
+    from synthpipe.launch import train
+    from synthpipe.launch.config import load_config
+
+    train.preflight(load_config(None, {"n_stages": 2}), 4)  # 2 pipelines of 2 stages
+    with pytest.raises(train.LaunchError, match="the job has 4 processes but the model has 3 stages"):
+        train.preflight(load_config(None, {"n_stages": 3}), 4)
