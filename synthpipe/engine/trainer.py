@@ -385,15 +385,7 @@ class Trainer:
             exhausted = False
             batches = itertools.islice(iter(loader), self.step_in_epoch, None)
             with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as queue:
-                stream = iter(queue)
-                while True:
-                    batch = self._common_step(next(stream, _END))
-                    if self.stopped is not None:
-                        done = True
-                        break
-                    if batch is _END:
-                        exhausted = True
-                        break
+                for batch in (queue if self._drivers is None else self._common_steps(queue)):
                     x, y = _input_and_target(batch, self.step)
                     loss = runner.train_step(self.step, x, y)
                     runner.log.put(self.step, "time", time.perf_counter() - start)
@@ -411,6 +403,10 @@ class Trainer:
                     if self.stopped is not None or (goal is not None and self.step >= goal):
                         done = True
                         break
+                else:
+                    exhausted = True
+            if self._drivers is not None and self.stopped is not None:  # the pipelines agreed to stop
+                done, exhausted = True, False
             elapsed = time.perf_counter() - t_epoch
             if exhausted and self.step_in_epoch == 0:
                 _warn_user(f"epoch {self.epoch}: the training loader yielded no batches, so training stops "
@@ -444,6 +440,15 @@ class Trainer:
         if key not in self._shards or self._shards[key][0] is not loader:
             self._shards[key] = (loader, shard(loader, self.dp, self.layout.dp_rank, even))
         return self._shards[key][1]
+
+    def _common_steps(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """The batches of the steps every pipeline takes (see :meth:`_common_step`)."""
+        stream = iter(batches)
+        while True:
+            batch = self._common_step(next(stream, _END))
+            if batch is _END:
+                return
+            yield batch
 
     def _common_step(self, batch: Any) -> Any:
         """With several pipelines: ``batch`` if every pipeline has one for this step and none
