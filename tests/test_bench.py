@@ -494,3 +494,23 @@ def test_a_torch_schedule_no_micro_batch_count_can_run_is_named_in_a_warning():
                                        "2, 4 on 4 ranks with batch 256 (it needs at least 8)"]
     assert not any(j.name.startswith("zbv") for j in throughput_jobs(cfg))  # (the warning says why no row)
     assert unusable_schedules(quick_config()) == []  # 2 ranks: zbv runs at m=4
+
+
+def test_stages_below_ranks_adds_dp_x_pp_synthpipe_jobs_and_ddp_at_the_same_global_batch(tmp_path):
+    import torch
+
+    from synthpipe.benchmark.bench import throughput_jobs
+    from synthpipe.benchmark.config import BenchConfig, BenchConfigError
+    from synthpipe.benchmark.methods import replica_batches
+
+    cfg = BenchConfig(ranks=4, stages=2, output=str(tmp_path)).validate()
+    jobs = {j.name: j for j in throughput_jobs(cfg)}
+    assert jobs["cdni-dp2xpp2"].stages == 2 and jobs["cdni-dp2xpp2"].dp == 2 and jobs["cdni-dp2xpp2"].ranks == 4
+    assert jobs["backprop-dp2xpp2"].dp == 2 and jobs["cdni"].dp == 1 and jobs["cdni"].ranks == 4
+    assert jobs["ddp"].method == "ddp" and jobs["ddp"].dp == 4
+    assert all(j.workload.batch == cfg.workload.batch for j in jobs.values())  # one global batch for all
+    with pytest.raises(BenchConfigError, match="4 is not a multiple of --stages 3"):
+        BenchConfig(ranks=4, stages=3, output=str(tmp_path)).validate({"ranks": "--ranks", "stages": "--stages"})
+    x, y = torch.arange(8.0)[:, None], torch.arange(8)
+    shares = replica_batches([(x, y)], 2)
+    assert [s[1].tolist() for s in shares] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # pipeline d takes chunk d

@@ -286,3 +286,40 @@ def test_predictions_refuse_device_and_micro_batch_counts_out_of_range() -> None
     with pytest.raises(ValueError, match="3 does not divide the profile's batch of 256"):
         sim.predict_table(profile(), devices=[2], microbatches=[3])
     assert {r["devices"] for r in sim.predict_table(profile(), devices=[1, 2])} == {1, 2}
+
+
+# -- data parallel x pipeline parallel ------------------------------------------------------------
+
+def test_ring_all_reduce_moves_two_n_minus_one_over_n_of_the_bytes() -> None:
+    ring = sim.RingAllReduce(bandwidth=1e9, latency=1e-5)
+    assert ring(1e9, 4) == pytest.approx(2 * 3 / 4 + 6e-5)
+    assert ring(1e9, 1) == 0.0
+    assert sim.layouts(4) == [(4, 1), (2, 2), (1, 4)]
+
+
+def test_layouts_split_the_global_batch_and_pay_the_all_reduce_on_the_critical_path() -> None:
+    p, ring, nbytes = profile(), sim.RingAllReduce(bandwidth=1e8, latency=0.0), 4e7  # 0.4 s for all of it at dp 2
+    ddp, reduce_s = sim.predict_layout(p, 4, 1, "single", ring, nbytes)
+    assert reduce_s == pytest.approx(2 * 3 / 4 * 0.4)
+    assert ddp.step_s == pytest.approx(1.0 / 4 + 2.0 / 4 + reduce_s)  # a quarter of the batch per replica
+    dni, reduce_s = sim.predict_layout(p, 2, 2, "dni", ring, nbytes)
+    assert reduce_s == pytest.approx(2 * 1 / 2 * 0.2)  # each stage averages half the model over 2 replicas
+    assert dni.step_s == pytest.approx(1.0 / 4 + 2.0 / 4 + reduce_s)  # half the batch on half the model
+    rows = sim.predict_layouts(p, [4], ring, nbytes)
+    assert {(r["layout"], r["method"]) for r in rows} >= {("dp4xpp1", "ddp"), ("dp2xpp2", "dni"),
+                                                          ("dp2xpp2", "1f1b"), ("dp1xpp4", "dni")}
+    free = {r["layout"]: r for r in sim.predict_layouts(p, [4], sim.RingAllReduce(1e30, 0.0), nbytes)
+            if r["method"] in ("ddp", "dni")}
+    assert all(r["speedup"] == pytest.approx(4.0) for r in free.values()), free  # no cost: every layout x4
+
+
+def test_simulate_command_predicts_layouts_with_the_stated_bandwidth(tmp_path, capsys) -> None:
+    import argparse
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile(param_bytes=8 << 20)))
+    parser = add_simulate_arguments(argparse.ArgumentParser())
+    args = ["--profile", str(path), "--devices", "4", "--layouts", "--bandwidth", "2.5", "--latency-us", "5"]
+    assert run_simulate(parser.parse_args(args)) == 0
+    out = capsys.readouterr().out
+    assert "8.0 MiB of gradients; ring all-reduce, 2.5 GB/s per link, 5 us per step" in out
+    assert "| 4 | dp2xpp2 | dni |" in out and "| 4 | dp4xpp1 | ddp |" in out

@@ -85,7 +85,19 @@ def throughput_jobs(cfg: BenchConfig) -> list[JobSpec]:
                             balance=cfg.balance, **common))
         if cfg.ceiling:
             jobs.append(dataclasses.replace(jobs[-1], name=f"{v.name}-alone", method="alone"))
-    return jobs
+    return jobs + data_parallel_jobs(cfg, jobs, common)
+
+
+def data_parallel_jobs(cfg: BenchConfig, jobs: list[JobSpec], common: dict[str, Any]) -> list[JobSpec]:
+    """With ``cfg.stages`` < ``cfg.ranks``: every synthpipe job again as ``dp`` pipelines of
+    ``stages`` stages (``<name>-dp<dp>xpp<stages>``), and DDP on all the ranks, at the same
+    global batch."""
+    if not cfg.stages or cfg.stages >= cfg.ranks:
+        return []
+    dp = cfg.ranks // cfg.stages
+    extra = [dataclasses.replace(j, name=f"{j.name}-dp{dp}xpp{cfg.stages}", stages=cfg.stages, balance=None)
+             for j in jobs if j.method == "synthpipe"]
+    return extra + [JobSpec("ddp", "ddp", ranks=cfg.ranks, **common)]
 
 
 def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
@@ -106,6 +118,10 @@ def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
     for v in cfg.variants:
         jobs.append(JobSpec(v.name, "synthpipe", ranks=cfg.ranks, gradients="synthetic", synth=v.synth,
                             synth_rank=v.rank, conditional=v.mode == "cdni", max_inflight=cfg.max_inflight, **common))
+    if cfg.stages and cfg.stages < cfg.ranks:
+        dp = cfg.ranks // cfg.stages
+        jobs += [dataclasses.replace(j, name=f"{j.name}-dp{dp}xpp{cfg.stages}", stages=cfg.stages)
+                 for j in jobs if j.method == "synthpipe"]
     return jobs
 
 
@@ -147,6 +163,8 @@ def _schedule_of(spec: JobSpec) -> str:
         return spec.schedule
     if spec.method == "alone":
         return "alone"
+    if spec.method == "ddp":
+        return "ddp"
     return "backprop" if spec.gradients == "backprop" else "dni"
 
 
@@ -179,7 +197,7 @@ def throughput_row(spec: JobSpec, results: list[dict[str, Any]], usage: dict[str
         "method": spec.name, "label": spec.label(), "family": spec.family, "schedule": _schedule_of(spec),
         "microbatches": spec.microbatches if spec.method == "pipelining" else 1,
         "stages_per_rank": spec.stages_per_rank if spec.method == "pipelining" else 1,
-        "ranks": spec.ranks, "threads": results[0]["threads"], "device": spec.device,
+        "ranks": spec.ranks, "dp": spec.dp, "threads": results[0]["threads"], "device": spec.device,
         "batch": spec.workload.batch, "steps": steps, "wall_s": wall, "step_s": wall / max(steps, 1),
         "samples_per_s": samples / wall if wall > 0 else math.nan,
         "speedup": None, "oversubscribed": oversubscribed,
@@ -271,7 +289,9 @@ def build_profile(cfg: BenchConfig, machine: dict[str, Any], rows: list[dict[str
     ``backward_s``, ``update_s``, ``synth_s``, ``comm_s``, ``other_s``).
     """
     w = cfg.workload
-    ok = [r for r in rows if r.get("error") is None and r.get("per_rank")]
+    # (data-parallel rows are not pipelines of ranks-many stages: the schedule model does not take them)
+    ok = [r for r in rows if r.get("error") is None and r.get("per_rank") and r.get("dp", 1) == 1
+          and r["family"] != "data parallel"]
     single = next((r for r in ok if r["schedule"] == "single"), None)
     profile: dict[str, Any] = {
         "version": PROFILE_VERSION, "machine": machine, "workload": dataclasses.asdict(w),

@@ -42,7 +42,8 @@ def _error(command: str, message: str) -> int:
 
 # BenchConfig fields -> the options that set them, for BenchConfig.validate's messages.
 BENCH_OPTIONS = {
-    "output": "--output", "ranks": "--ranks", "threads": "--threads", "device": "--device", "steps": "--steps",
+    "output": "--output", "ranks": "--ranks", "stages": "--stages", "threads": "--threads",
+    "device": "--device", "steps": "--steps",
     "warmup": "--warmup", "repeats": "--repeats", "microbatches": "--microbatches", "schedules": "--schedules",
     "variants": "--variants", "max_inflight": "--max-inflight", "balance": "--balance",
     "baseline_every": "--baseline-every", "conv_epochs": "--conv-epochs", "conv_target": "--conv-target",
@@ -67,6 +68,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="short run (~1-2 min on 2 cores): 12 timed steps, 1 round, m in {2,4}, 8 epochs")
     g.add_argument("--output", "-o", default="bench-results", help="directory for CSV/JSON/PNG (default: %(default)s)")
     g.add_argument("--ranks", type=int, default=2, help="processes (= pipeline stages) per method (default: 2)")
+    g.add_argument("--stages", type=int, default=None,
+                   help="also run synthpipe as ranks/stages pipelines of this many stages (data parallel x "
+                        "pipeline parallel) and DDP on all the ranks, at the same global batch")
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads of every rank and of the baseline (default: 1)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="rank r runs on cuda:r with --device cuda")
@@ -129,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg = quick_config() if args.quick else BenchConfig()
     cfg.output = args.output
     cfg.ranks, cfg.threads, cfg.device = args.ranks, args.threads, args.device
+    cfg.stages = args.stages
     cfg.workload = Workload(model=args.model, in_features=args.in_features, hidden=args.hidden, depth=args.depth,
                             batch=args.batch, lr=args.lr, optimizer=args.optimizer,
                             num_samples=max(args.batch * 16, 4096))
@@ -230,7 +235,29 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                              f"and be at most {MAX_MICROBATCHES} (default: 1..64, powers of 2)")
     parser.add_argument("--validate", action="store_true", help="also compare with the profile's measured runs")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of markdown")
+    dp = parser.add_argument_group("data parallel x pipeline parallel")
+    dp.add_argument("--layouts", action="store_true",
+                    help="also predict every dp x pp layout of each device count (same global batch), with "
+                         "the gradient averaging costed by a ring all-reduce")
+    dp.add_argument("--bandwidth", type=float, default=10.0,
+                    help="ring all-reduce link bandwidth in GB/s (default: %(default)s)")
+    dp.add_argument("--latency-us", type=float, default=20.0,
+                    help="ring all-reduce latency per step in microseconds (default: %(default)s)")
+    dp.add_argument("--param-bytes", type=float, default=None,
+                    help="gradient bytes of the whole model (default: the profile's param_bytes, else counted "
+                         "from its workload's model)")
     return parser
+
+
+def _param_bytes(profile: dict[str, Any]) -> float:
+    """The model's gradient bytes: the profile's ``param_bytes``, or counted from its workload."""
+    if profile.get("param_bytes"):
+        return float(profile["param_bytes"])
+    from .workload import Workload, build_model
+
+    fields = set(Workload.__dataclass_fields__)
+    model = build_model(Workload(**{k: v for k, v in profile.get("workload", {}).items() if k in fields}))
+    return float(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -252,10 +279,21 @@ def run_simulate(args: argparse.Namespace) -> int:
         return _error("simulate", f"--profile {e}")
     except ValueError as e:
         return _error("simulate", str(e))
+    if args.bandwidth <= 0 or args.latency_us < 0:
+        return _error("simulate", f"--bandwidth must be > 0 and --latency-us >= 0; got {args.bandwidth} and "
+                                  f"{args.latency_us}")
     rows = simulator.predict_table(profile, devices, microbatches)
     val = simulator.validate(profile) if args.validate else []
+    layout_rows: list[dict[str, Any]] = []
+    ring = simulator.RingAllReduce(args.bandwidth * 1e9, args.latency_us * 1e-6)
+    if args.layouts:
+        param_bytes = args.param_bytes if args.param_bytes is not None else _param_bytes(profile)
+        layout_rows = simulator.predict_layouts(profile, devices, ring, param_bytes)
     if args.json:
-        json.dump({"simulation": rows, "validation": val}, sys.stdout, indent=1)
+        out: dict[str, Any] = {"simulation": rows, "validation": val}
+        if args.layouts:
+            out.update(layouts=layout_rows, allreduce={"model": ring.describe(), "param_bytes": param_bytes})
+        json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     machine = profile.get("machine", {})
@@ -269,6 +307,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"| {r['devices']} | {r['method']} | {r['microbatches']} | {r['step_s'] * 1e3:.1f} | "
               f"{100 * r['bubble']:.0f}% | {r['speedup']:.2f} | {r['samples_per_s']:.0f} |")
+    if layout_rows:
+        print(f"\nData parallel x pipeline parallel at the same global batch ({param_bytes / 2**20:.1f} MiB of "
+              f"gradients; {ring.describe()}):\n")
+        print("| devices | layout | method | step ms | all-reduce ms per stage | samples/s | speedup |\n"
+              "|---|---|---|---|---|---|---|")
+        for r in layout_rows:
+            print(f"| {r['devices']} | {r['layout']} | {r['method']} | {r['step_s'] * 1e3:.1f} | "
+                  f"{r['allreduce_s'] * 1e3:.2f} | {r['samples_per_s']:.0f} | {r['speedup']:.2f} |")
     if val:
         print("\n| run | schedule | m | measured ms | predicted ms | error |\n|---|---|---|---|---|---|")
         for v in val:

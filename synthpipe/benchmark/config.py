@@ -115,6 +115,7 @@ class BenchConfig:
     output: str = "bench-results"
     quick: bool = False
     ranks: int = 2
+    stages: int | None = None
     threads: int = 1
     device: str = "cpu"
     workload: Workload = dataclasses.field(default_factory=Workload)
@@ -199,6 +200,17 @@ class BenchConfig:
                                f"leave no part of the benchmark")
         # plain values, each on its own
         count("ranks", self.ranks, 2)
+        if self.stages is not None:
+            count("stages", self.stages, 2)
+            if self.ranks % self.stages:
+                raise BenchConfigError("stages", f"{n('ranks')} {self.ranks} is not a multiple of {n('stages')} "
+                                                 f"{self.stages} (dp pipelines of {self.stages} stages)")
+            if self.stages < self.ranks and self.workload.batch % (self.ranks // self.stages):
+                raise BenchConfigError("stages", f"{n('workload.batch')} {self.workload.batch} does not split into "
+                                                 f"{self.ranks // self.stages} equal pipeline shares")
+            if self.stages < self.ranks and self.balance is not None:
+                raise BenchConfigError("stages", f"{n('balance')} applies to {self.ranks}-stage pipelines; leave it "
+                                                 f"out with {n('stages')} {self.stages}")
         count("threads", self.threads, 1)
         if self.device not in ("cpu", "cuda"):
             fail("device", f"{n('device')} must be cpu or cuda; got {_show(self.device)}")

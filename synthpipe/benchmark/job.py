@@ -23,7 +23,7 @@ from .workload import Workload, train_batches
 __all__ = ["METHODS", "JobSpec", "rank_device", "synchronize", "timeline_rows", "rank_result", "param_checksum",
            "model_accuracy", "converge_run"]
 
-METHODS = ("single", "synthpipe", "pipelining", "alone", "pingpong")
+METHODS = ("single", "synthpipe", "pipelining", "alone", "pingpong", "ddp")
 
 
 @dataclasses.dataclass
@@ -42,6 +42,8 @@ class JobSpec:
         schedule, microbatches, stages_per_rank: torch.distributed.pipelining options.
         device: ``"cpu"`` or ``"cuda"`` (rank r uses ``cuda:r``).
         timeline: return the per-rank timeline segments.
+        stages: pipeline stages of a synthpipe job (0: one per rank); fewer than ``ranks``
+            runs ``ranks // stages`` pipelines side by side.
     """
 
     name: str
@@ -65,21 +67,34 @@ class JobSpec:
     timeline: bool = True
     sizes: list[int] = dataclasses.field(default_factory=list)  # pingpong: bytes per message
     chunk_sweep: list[int] = dataclasses.field(default_factory=list)  # single: micro-batch counts to time
+    stages: int = 0
+
+    @property
+    def dp(self) -> int:
+        """Pipelines side by side (synthpipe), or replicas (ddp); 1 otherwise."""
+        if self.method == "ddp":
+            return self.ranks
+        if self.method == "synthpipe" and self.stages:
+            return self.ranks // self.stages
+        return 1
 
     @property
     def family(self) -> str:
         return {"single": "baseline", "synthpipe": "synthpipe", "pipelining": "torch.distributed.pipelining",
-                "alone": "ceiling", "pingpong": "transport"}[self.method]
+                "alone": "ceiling", "pingpong": "transport", "ddp": "data parallel"}[self.method]
 
     def label(self) -> str:
         """A readable description of the method's settings."""
         if self.method == "single":
             return "single-device backprop"
+        if self.method == "ddp":
+            return f"DistributedDataParallel on {self.ranks} ranks"
         if self.method == "synthpipe":
+            dp = f", {self.dp} pipelines of {self.stages} stages" if self.dp > 1 else ""
             if self.gradients == "backprop":
-                return "synthpipe backprop (naive model parallel)"
+                return f"synthpipe backprop (naive model parallel{dp})"
             kind = self.synth + (f"-r{self.synth_rank}" if self.synth == "lowrank" else "")
-            return f"synthpipe {'cDNI' if self.conditional else 'DNI'} ({kind} synthesizer)"
+            return f"synthpipe {'cDNI' if self.conditional else 'DNI'} ({kind} synthesizer{dp})"
         if self.method == "pipelining":
             return f"torch {self.schedule} ({self.microbatches} micro-batches)"
         if self.method == "alone":

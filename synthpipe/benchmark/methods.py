@@ -9,6 +9,12 @@
   all ranks at once but with no transfers and no waiting: the ceiling that a perfect
   transport and schedule would reach on this machine (not a method anyone would train with).
 * :func:`run_pingpong` — the one-way transfer time of a boundary tensor (for the simulator).
+* :func:`run_ddp` — pure data parallelism: the unsplit model in ``DistributedDataParallel``
+  on every rank, each on ``batch / ranks`` rows of every global batch.
+
+A synthpipe job with ``stages`` < ``ranks`` runs ``ranks / stages`` pipelines side by side
+(data parallel x pipeline parallel), each pipeline on its ``batch / dp`` rows of every
+global batch, so every method trains on the same global batch.
 
 Two modes. ``throughput``: ``spec.warmup`` steps, then ``spec.steps`` timed steps between
 two synchronisation points; the rank's section timers (forward, backward, update, synth,
@@ -35,7 +41,7 @@ from .monitor import reset_peak_memory
 from .pipelining import run_pipelining
 from .workload import build_model, make_optimizer, optimizer_factory, test_batches, train_batches
 
-__all__ = ["job_function", "run_single", "run_synthpipe", "run_alone", "run_pingpong", "chunk_times"]
+__all__ = ["job_function", "run_single", "run_synthpipe", "run_ddp", "run_alone", "run_pingpong", "chunk_times"]
 
 
 def job_function(spec: JobSpec) -> Callable[[RankContext, JobSpec], dict[str, Any]]:
@@ -49,6 +55,8 @@ def job_function(spec: JobSpec) -> Callable[[RankContext, JobSpec], dict[str, An
         return run_alone
     if spec.method == "pingpong":
         return run_pingpong
+    if spec.method == "ddp":
+        return run_ddp
     raise ValueError(f"unknown method {spec.method!r}; choose one of {METHODS}")
 
 
@@ -137,6 +145,14 @@ def _converge_single(ctx: RankContext, spec: JobSpec, device: torch.device, mode
 
 
 # -- synthpipe ----------------------------------------------------------------------------
+def replica_batches(batches: list[tuple[torch.Tensor, torch.Tensor]] | None, dp: int) -> list | None:
+    """Each global batch cut into ``dp`` equal row chunks, in order: the list a data-parallel
+    synthpipe job's pipelines share (pipeline d takes chunk d of every batch)."""
+    if batches is None or dp == 1:
+        return batches
+    return [(x.chunk(dp)[d], y.chunk(dp)[d]) for x, y in batches for d in range(dp)]
+
+
 def _synthpipe_split(spec: JobSpec) -> tuple[list[nn.Module], Any]:
     """The stages and the synthesizer recipe of a synthpipe job."""
     import synthpipe as sp
@@ -146,7 +162,7 @@ def _synthpipe_split(spec: JobSpec) -> tuple[list[nn.Module], Any]:
     if spec.balance:
         stages = sp.split(model, balance=list(spec.balance))
     else:
-        stages = sp.split(model, n_stages=spec.ranks)
+        stages = sp.split(model, n_stages=spec.stages or spec.ranks)
     options: dict[str, Any] = {"rank": spec.synth_rank} if spec.synth == "lowrank" else {}
     synth = sp.Synthesizer(spec.synth, conditional=spec.conditional,
                            num_classes=w.num_classes if spec.conditional else None, **options)
@@ -186,12 +202,12 @@ def run_synthpipe(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
     try:
         if spec.mode == "converge":
             return _converge_synthpipe(ctx, spec, device, trainer)
-        main = ctx.rank == 0
+        main = trainer.drives_data  # (every pipeline's first rank)
         batches = train_batches(w, count=spec.warmup + spec.steps) if main else []
-        trainer.fit(batches[:spec.warmup] if main else None, epochs=1)
+        trainer.fit(replica_batches(batches[:spec.warmup], trainer.dp) if main else None, epochs=1)
         timers = Timers(device)
         trainer.timers = timers
-        data = batches[spec.warmup:] if main else None
+        data = replica_batches(batches[spec.warmup:], trainer.dp) if main else None
         dist.barrier()
         synchronize(device)
         reset_peak_memory(device)
@@ -203,7 +219,8 @@ def run_synthpipe(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
         result = rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
                              t_start=t_start, t_end=time.time(), timers=timers,
                              losses=[s["loss"] for s in history.steps],
-                             param_checksum=param_checksum([s.module for s in trainer.local_stages]))
+                             param_checksum=param_checksum([s.module for s in trainer.local_stages])
+                             if trainer.layout.dp_rank == 0 else [0.0, 0.0])  # (a replica: counted once)
         trainer.timers = NULL_TIMERS  # stop recording
         return result
     finally:
@@ -214,7 +231,7 @@ def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, t
     import torch.distributed as dist
 
     w = spec.workload
-    main = ctx.rank == 0
+    main = trainer.drives_data
     test = test_batches(w) if main else None
     m = trainer.evaluate(test)
     curve = [{"time": 0.0, "epoch": 0, "steps": 0, "accuracy": m["accuracy"], "loss": m["loss"]}]
@@ -222,7 +239,7 @@ def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, t
     reset_peak_memory(device)
     t_start = time.time()
     for epoch in range(spec.epochs):
-        batches = train_batches(w, epoch=epoch) if main else None
+        batches = replica_batches(train_batches(w, epoch=epoch), trainer.dp) if main else None
         dist.barrier()
         t0 = time.perf_counter()
         history = trainer.fit(batches, epochs=epoch + 1)
@@ -234,6 +251,59 @@ def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, t
         curve.append({"time": total, "epoch": epoch + 1, "steps": steps, "accuracy": m["accuracy"], "loss": m["loss"]})
     return rank_result(ctx, spec, device, wall=total, steps=steps, samples=samples, t_start=t_start,
                        t_end=time.time(), timers=None, curve=curve)
+
+
+# -- pure data parallelism -------------------------------------------------------------------
+def run_ddp(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
+    """The unsplit model in ``DistributedDataParallel`` on every rank, each taking its
+    ``batch / ranks`` rows of every global batch (throughput mode only)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if spec.mode != "throughput":
+        raise ValueError("the ddp method measures throughput only")
+    ctx.set_env()
+    w = spec.workload
+    device = rank_device(spec, ctx.rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(build_model(w).to(device),
+                                        device_ids=[device] if device.type == "cuda" else None)
+        opt = make_optimizer(w)(model.parameters())
+        loss_fn = nn.CrossEntropyLoss()
+        timers = Timers(device)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            x, y = x.chunk(spec.ranks)[ctx.rank].to(device), y.chunk(spec.ranks)[ctx.rank].to(device)
+            with timers.section("forward"):
+                loss = loss_fn(model(x), y)
+            with timers.section("backward"):  # (the gradient all-reduce overlaps the backward)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with timers.section("update"):
+                opt.step()
+            return loss.detach()
+
+        batches = train_batches(w, count=spec.warmup + spec.steps)
+        for x, y in batches[:spec.warmup]:
+            step(x, y)
+        dist.barrier()
+        synchronize(device)
+        reset_peak_memory(device)
+        timers.reset()
+        t_start, t0 = time.time(), time.perf_counter()
+        losses = [step(x, y) for x, y in batches[spec.warmup:]]
+        synchronize(device)
+        wall = time.perf_counter() - t0
+        return rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
+                           t_start=t_start, t_end=time.time(), timers=timers, losses=[float(v) for v in losses],
+                           param_checksum=param_checksum([model.module]) if ctx.rank == 0 else [0.0, 0.0])
+    finally:
+        dist.destroy_process_group()
 
 
 # -- the no-transfer ceiling ---------------------------------------------------------------

@@ -571,3 +571,92 @@ def validate(profile: dict[str, Any]) -> list[dict[str, Any]]:
                      "measured_step_s": meas, "predicted_step_s": pred.step_s, "error": err,
                      "within_15pct": abs(err) <= 0.15, "predicted_bubble": pred.bubble})
     return rows
+
+
+# -- data parallel x pipeline parallel ------------------------------------------------------
+
+@dataclasses.dataclass
+class RingAllReduce:
+    """The cost of averaging ``nbytes`` over ``n`` replicas with a ring all-reduce.
+
+    ``time = 2 (n - 1) / n * nbytes / bandwidth + 2 (n - 1) * latency``: a reduce-scatter
+    and an all-gather, each ``n - 1`` steps that move ``nbytes / n`` per link.
+
+    Attributes:
+        bandwidth: bytes per second of one link (the slowest in the ring).
+        latency: seconds per step (per message).
+    """
+
+    bandwidth: float = 10e9
+    latency: float = 20e-6
+
+    def __call__(self, nbytes: float, n: int) -> float:
+        if n <= 1:
+            return 0.0
+        return 2 * (n - 1) / n * nbytes / self.bandwidth + 2 * (n - 1) * self.latency
+
+    def describe(self) -> str:
+        return f"ring all-reduce, {self.bandwidth / 1e9:g} GB/s per link, {self.latency * 1e6:g} us per step"
+
+
+def layouts(devices: int) -> list[tuple[int, int]]:
+    """Every ``(dp, pp)`` with ``dp * pp == devices``, pure data parallelism first."""
+    return [(devices // pp, pp) for pp in range(1, devices + 1) if devices % pp == 0]
+
+
+def predict_layout(profile: dict[str, Any], dp: int, pp: int, schedule: str, ring: RingAllReduce,
+                   param_bytes: float, microbatches: int = 1, synth: str | None = None,
+                   max_inflight: int | None = None) -> tuple[Prediction, float]:
+    """Predict ``dp`` pipelines of ``pp`` stages at the profile's (global) batch.
+
+    Each replica computes ``batch / dp`` rows (the profile's per-micro-batch times,
+    :func:`model_chunk`, at ``m = dp * microbatches``); each stage then averages its share
+    of the gradients (``param_bytes / pp``) over its ``dp`` replicas, on its critical path:
+    synthpipe does it after the backward and before sending the input gradient back (so
+    it is charged to the backward), torch's schedules and DDP at the flush (charged to
+    the update). ``pp == 1`` is pure data parallelism (DDP): ``schedule`` is ignored.
+
+    Returns:
+        The prediction (``step_s`` per global batch) and one stage's all-reduce seconds.
+    """
+    reduce_s = ring(param_bytes / pp, dp)
+    single = profile["single"]
+    if pp == 1:
+        f, b = model_chunk(profile, dp)
+        step = f + b + single["update_s"] + reduce_s + (single.get("other_s") or 0.0)
+        return Prediction("ddp", dp, 1, step, 0.0, [step]), reduce_s
+    shard = dict(profile, single=dict(single))
+    shard["single"]["forward_s"], shard["single"]["backward_s"] = model_chunk(profile, dp)
+    shard["microbatch"] = [{"m": c["m"] // dp, "forward_s": c["forward_s"], "backward_s": c["backward_s"]}
+                           for c in profile.get("microbatch", []) if c["m"] % dp == 0 and c["m"] >= dp]
+    stages = scaled_stages(shard, pp, schedule, microbatches, synth)
+    for s in stages:
+        if schedule in ("dni", "backprop"):
+            s.backward += reduce_s
+        else:
+            s.update += reduce_s
+    tr = profile_transfer(profile)
+    inflight = max_inflight or profile.get("max_inflight", 4)
+    pred = simulate(schedule, stages, microbatches, transfer=lambda k: tr(_message_bytes(profile, dp * k)),
+                    max_inflight=inflight)
+    return pred, reduce_s
+
+
+def predict_layouts(profile: dict[str, Any], devices: Sequence[int], ring: RingAllReduce, param_bytes: float,
+                    schedules: Sequence[str] = ("dni", "backprop", "1f1b")) -> list[dict[str, Any]]:
+    """Rows ``{devices, layout, dp, pp, method, step_s, allreduce_s, samples_per_s, speedup}``
+    for every ``(dp, pp)`` layout of each device count (same global batch everywhere)."""
+    batch = int(profile.get("workload", {}).get("batch", 256))
+    single = predict(profile, 1, "single").step_s
+    rows = []
+    for n in check_devices(devices):
+        for dp, pp in layouts(n):
+            if batch % dp:
+                continue
+            for sched in (("ddp",) if pp == 1 else schedules):
+                pred, reduce_s = predict_layout(profile, dp, pp, "single" if pp == 1 else sched, ring, param_bytes)
+                rows.append({"devices": n, "layout": f"dp{dp}xpp{pp}", "dp": dp, "pp": pp, "method": sched,
+                             "step_s": pred.step_s, "allreduce_s": reduce_s,
+                             "samples_per_s": batch / pred.step_s if pred.step_s > 0 else math.nan,
+                             "speedup": single / pred.step_s if pred.step_s > 0 else math.nan})
+    return rows

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 from ..stages.stage import NonFiniteError, Stage, all_finite
 from .config import TrainConfig
@@ -75,10 +75,16 @@ class StageStep:
         links: its neighbours.
         log: where per-step values go (``loss``, ``synth_loss/r``).
         stats: the live values shown by the progress bar (updated in place).
+        reduce_gradients: data parallelism's hook, called at every step after the backward
+            (or instead of it, with ``False``, on a step this replica skips) and before the
+            update: ``reduce_gradients(ok) -> ok``, averaging the stage's gradients over its
+            replicas and returning ``False`` when any replica skips the step (then every
+            replica skips it). ``None``: one replica.
     """
 
     def __init__(self, stage: Stage, config: TrainConfig, source: GradientSource, links: Links,
-                 log: StepLog | None = None, stats: LiveStats | None = None):
+                 log: StepLog | None = None, stats: LiveStats | None = None,
+                 reduce_gradients: Callable[[bool], bool] | None = None):
         self.stage = stage
         self.config = config
         self.source = source
@@ -86,6 +92,7 @@ class StageStep:
         self.log = log if log is not None else StepLog()
         self.stats = stats if stats is not None else LiveStats.empty(stage.n_stages)
         self.timers: Timers = NULL_TIMERS  # type: ignore[assignment]
+        self.reduce_gradients = reduce_gradients
         self.has_next = not stage.is_last
         self.has_previous = not stage.is_first
 
@@ -145,6 +152,12 @@ class StageStep:
             if not ok and cfg.nonfinite == "raise":
                 stage.undo_forward()
                 raise NonFiniteError(nonfinite_message(stage, f"the {self.source.name} gradient", step))
+        if ok:
+            with tm.section("backward", step):
+                stage.backward(begun.outputs, grads, loss=begun.loss)
+        if self.reduce_gradients is not None:  # before the send: every replica tells r - 1 the same
+            with tm.section("reduce", step):
+                ok = self.reduce_gradients(ok)
         if not ok:
             stage.undo_forward()  # a skipped step leaves the stage as it was
             stage.advance_schedule()  # (but the LR schedule follows the step id)
@@ -156,8 +169,6 @@ class StageStep:
             self.log.put(step, "loss", result)
         # The input gradient is final once backward is done: send it before the update, so
         # it crosses (and stage r - 1 can use it) while this stage updates.
-        with tm.section("backward", step):
-            stage.backward(begun.outputs, grads, loss=begun.loss)
         back = stage.input_gradient(begun.inputs) if self.has_previous else ()
         # fp16: an overflow in the scaled backward; stage r - 1 skips the step, this one lowers its scale
         overflow = stage.scaler is not None and not all_finite(back)

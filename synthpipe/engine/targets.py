@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -80,7 +81,8 @@ class TargetCache:
 
 
 def train_due_synthesizer(stage: Any, cache: TargetCache, step: int, delay: int | None,
-                          max_inflight: int, wait_for: Callable[[int], None]) -> float | None:
+                          max_inflight: int, wait_for: Callable[[int], None],
+                          agree: Callable[[int], int] | None = None) -> float | None:
     """Train the synthesizer of one stage on its due targets, after its update at step ``step``.
 
     What is due is described in docs/guide.md, "The target cache".
@@ -89,6 +91,12 @@ def train_due_synthesizer(stage: Any, cache: TargetCache, step: int, delay: int 
     for its target through ``wait_for``). Without, train on every entry whose target has
     arrived and, while the cache holds ``max_inflight`` entries, wait for the oldest.
     Returns the mean regression loss, or ``None`` if nothing was trained.
+
+    ``agree`` (data parallelism, without a fixed delay): the replicas of the stage must
+    train on the same entries, since every regression step averages its gradients over
+    them. Each replica first waits until popping its ready entries (a prefix: targets
+    arrive in step order) would leave fewer than ``max_inflight``; ``agree(n)`` then gives
+    the replicas' smallest count of ready entries, and the first that many are trained.
     """
     entries: list[Entry] = []
     if delay is not None:
@@ -97,6 +105,12 @@ def train_due_synthesizer(stage: Any, cache: TargetCache, step: int, delay: int 
             if not due.ready:
                 wait_for(due.step)
             entries.append(cache.pop(due.step))
+    elif agree is not None:
+        def ready() -> list[Entry]:
+            return list(itertools.takewhile(lambda e: e.ready, cache))
+        while len(cache) - len(ready()) >= max_inflight:
+            wait_for(next(e.step for e in cache if not e.ready))
+        entries.extend(cache.pop(e.step) for e in ready()[:agree(len(ready()))])
     else:
         entries.extend(cache.pop_ready())
         while len(cache) >= max_inflight:

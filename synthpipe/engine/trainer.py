@@ -1,9 +1,12 @@
 """``sp.Trainer``: the same ``fit``/``evaluate``/``save``/``export`` call in one process or N.
 
 With one process (no torchrun environment) every stage runs here through the reference
-trainer. Under torchrun with ``WORLD_SIZE == len(stages)``, rank r keeps only stage r and
-runs the pipeline worker; rank 0 reads the data. Everything else is identical. Stages
-built on the meta device are allocated only where they run (rank r: stage r).
+trainer. Under torchrun, ``WORLD_SIZE = dp x len(stages)``: the job runs ``dp`` copies of
+the pipeline side by side on a ``("dp", "pp")`` device mesh (see
+:mod:`synthpipe.engine.data_parallel`); rank r keeps only stage ``r % len(stages)`` and
+runs the pipeline worker, and the first rank of every pipeline reads its share of the
+data. Everything else is identical. Stages built on the meta device are allocated only
+where they run.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from ..stages.stage import OptimizerFactory, SchedulerFactory, Stage, adam
 from ..stages.synthesizer import Synthesizer
 from . import checkpoint as ckpt
 from .config import TrainConfig, check_options
+from .data_parallel import Layout, Replicas, layout, mean_over_replicas
 from .distributed import (
     backend_for,
     default_device,
@@ -43,6 +47,7 @@ from .prefetch import PrefetchQueue
 from .progress import epoch_line, live_postfix, open_bar
 from .reference import ReferenceRunner
 from .runner import Runner
+from .sharding import shard
 from .signals import StopSignals
 from .sources import SOURCES
 from .tensorboard import TensorBoardLog
@@ -50,6 +55,8 @@ from .watchdog import Watchdog, open_store
 from .worker import Channels, PipelineWorker
 
 __all__ = ["Trainer"]
+
+_END = object()  # a data loop's end of the epoch
 
 _T = TypeVar("_T")
 
@@ -145,6 +152,11 @@ class Trainer:
             :func:`synthpipe.engine.schedules.named_schedule` for cosine/linear with warmup.
         synth_lr_scheduler: the same for each synthesizer's optimizer, stepped after each
             of its regression steps.
+        dp: pipelines run side by side (data parallelism); default ``WORLD_SIZE // len(stages)``.
+            Each pipeline's first rank reads its own share of every epoch (see
+            :mod:`synthpipe.engine.sharding`), each stage's gradients (and its
+            synthesizer's) are averaged over its replicas before every update, and every
+            replica starts from replica 0's weights. ``WORLD_SIZE`` must be ``dp x len(stages)``.
         **options: the remaining :class:`TrainConfig` fields (``delay``, ``synthetic_scale``,
             ``warmup_steps``, ``max_inflight``, ``nonfinite``, ``failure_timeout``,
             ``precision``, ``clip_grad_norm``, ``log_dir``, ...).
@@ -161,7 +173,7 @@ class Trainer:
                  optimizer: OptimizerFactory | None = None, synthesizer: Synthesizer | None = None,
                  gradients: str = "synthetic", synth_optimizer: OptimizerFactory | None = None,
                  synth_lr: float = 1e-3, device: torch.device | str | None = None,
-                 backend: str | None = None, init: InitFn | None = None,
+                 backend: str | None = None, init: InitFn | None = None, dp: int | None = None,
                  aux_head: AuxHead | None = None,
                  lr_scheduler: SchedulerFactory | None = None, synth_lr_scheduler: SchedulerFactory | None = None,
                  **options: Any):
@@ -188,7 +200,11 @@ class Trainer:
         self.watchdog: Watchdog | None = None
         self._owns_group = False
         self.rank = 0
-        self.runner: Runner = self._make_runner(stages, make, backend)
+        self.layout = Layout(1, self.n_stages, 0)
+        self.mesh: Any = None  # the ("dp", "pp") DeviceMesh of a multi-process run
+        self._drivers: Replicas | None = None  # every pipeline's first rank, when dp > 1 (they agree on each step)
+        self._shards: dict[int, tuple[Any, Any]] = {}
+        self.runner: Runner = self._make_runner(stages, make, backend, dp)
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -214,26 +230,38 @@ class Trainer:
         return tb
 
     def _make_runner(self, stages: Sequence[nn.Module], make: Callable[[int], Stage],
-                     backend: str | None) -> Runner:
+                     backend: str | None, dp: int | None) -> Runner:
         """The runner factory: every stage here (one process), or this rank's stage (torchrun)."""
         world = env_world_size()
         if world <= 1:
             backend_for(self.device, backend)  # validates an explicit nccl request
+            if dp not in (None, 1):
+                raise ValueError(f"dp={dp} pipelines of {self.n_stages} stages need {dp * self.n_stages} processes "
+                                 f"under torchrun; this is one process")
             return ReferenceRunner([make(r) for r in range(self.n_stages)], self.config)
-        if world != self.n_stages:
-            raise ValueError(f"the job has {world} processes but the model has {self.n_stages} stages; "
-                             f"launch one process per stage (--nproc {self.n_stages}) or split into {world} stages")
+        layout(world, self.n_stages, dp, 0)  # (before the group: a wrong world size is refused at once)
         self._owns_group = not dist.is_initialized()
         init_process_group(self.device, backend_for(self.device, backend))
         self.rank = dist.get_rank()
+        self.layout = lay = layout(world, self.n_stages, dp, self.rank)
         Trainer._instances += 1  # every rank creates its trainers in the same order
         _check_same_job(stages, self.config, self.rank)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device.type, (lay.dp, lay.pp), mesh_dim_names=("dp", "pp"))
         channel_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        runner = PipelineWorker(make(self.rank), self.config, Channels(self.rank, world, channel_device))
+        replicas = None
+        if lay.dp > 1:
+            replicas = Replicas(self.mesh.get_group("dp"), lay.dp, lay.dp_rank, lay.pp_rank, channel_device)
+            if lay.pp_rank == 0:
+                self._drivers = replicas
+        runner = PipelineWorker(make(lay.pp_rank), self.config,
+                                Channels(self.rank, world, channel_device, self.n_stages),
+                                replicas=replicas, pipeline_group=self.mesh.get_group("pp") if lay.dp > 1 else None)
         prefix = "synthpipe/{}/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
                                              os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), Trainer._instances)
         self.watchdog = Watchdog(open_store(self.config.failure_timeout), self.rank, world,
-                                 timeout=self.config.failure_timeout, prefix=prefix).start()
+                                 timeout=self.config.failure_timeout, prefix=prefix, describe=lay.describe).start()
         return runner
 
     @property
@@ -252,8 +280,18 @@ class Trainer:
 
     @property
     def is_main(self) -> bool:
-        """True on the rank that reads the data and prints (rank 0)."""
+        """True on the rank that prints (rank 0)."""
         return self.rank == 0
+
+    @property
+    def drives_data(self) -> bool:
+        """True where ``fit`` and ``evaluate`` read their loaders: every pipeline's first rank."""
+        return self.runner.drives_data
+
+    @property
+    def dp(self) -> int:
+        """Pipelines side by side (1: one pipeline, or one process)."""
+        return self.layout.dp
 
     # -- failure handling ---------------------------------------------------------------
     def _agree(self, call: str) -> None:
@@ -295,8 +333,10 @@ class Trainer:
 
         Both limits count from the start of the run, so ``fit(..., resume=dir)`` with the
         same arguments continues where the checkpoint stopped. ``train_loader`` yields
-        ``(input, target)`` batches; it is only read on rank 0 (other ranks may pass the
-        same object or ``None``). Calls ``set_epoch`` on its sampler when it has one.
+        ``(input, target)`` batches; it is only read on the first rank of each pipeline (other
+        ranks may pass the same object or ``None``), and with ``dp`` pipelines each reads its
+        own share of every epoch (:mod:`synthpipe.engine.sharding`). Calls ``set_epoch`` on
+        its sampler when it has one.
 
         With ``checkpoint`` (a directory) the state is saved there when training ends;
         with ``checkpoint_every=N`` as well, also at every N-th step (counted from the
@@ -393,9 +433,12 @@ class Trainer:
 
     def _drive(self, loader: Iterable[Any], epochs: int, eval_loader: Iterable[Any] | None,
                max_steps: int | None, goal: int | None) -> list[dict[str, Any]]:
-        """Rank 0 (or the single process): the data loop, until ``goal`` steps (a
-        checkpoint or ``max_steps``) or the last epoch's end."""
+        """Every pipeline's first rank (or the single process): the data loop, until ``goal``
+        steps (a checkpoint or ``max_steps``) or the last epoch's end. With ``dp`` pipelines
+        each reads its own share of ``loader``, and they agree before every step that all
+        have a batch and none is stopping, so every replica runs the same steps."""
         cfg, runner = self.config, self.runner
+        loader = self._shard(loader, even=True)
         rows: list[dict[str, Any]] = []
         try:
             per_epoch = len(loader)  # type: ignore[arg-type]
@@ -403,10 +446,12 @@ class Trainer:
             per_epoch = None
         total = max_steps if max_steps is not None else (per_epoch * epochs if per_epoch else None)
         if self._bar is None:  # one bar for the whole fit, across checkpoints
-            self._bar = open_bar(total, self.step, cfg.progress, f"synthpipe {cfg.gradients} x{self.n_stages}")
+            layout = f" x{self.n_stages}" + (f" (dp {self.dp})" if self.dp > 1 else "")
+            self._bar = open_bar(total, self.step, cfg.progress and self.is_main, f"synthpipe {cfg.gradients}{layout}")
         bar = self._bar
         start = self._fit_start
-        self.stopped = self._signals.reason  # (it may have come during a checkpoint's save)
+        # (it may have come during a checkpoint's save; pipelines learn it together, at their first step)
+        self.stopped = self._signals.reason if self._drivers is None else None
         done = self.stopped is not None or (goal is not None and self.step >= goal)
         while self.epoch < epochs and not done:
             set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
@@ -423,7 +468,7 @@ class Trainer:
             # second Ctrl-C that lands while it stops its thread is raised, not ignored.
             with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as prefetch, \
                     contextlib.closing(iter(prefetch)) as queue:
-                for batch in queue:
+                for batch in (queue if self._drivers is None else self._common_steps(queue)):
                     x, y = _input_and_target(batch, self.step)
                     runner.train_step(self.step, x, y)
                     runner.log.put(self.step, "time", time.perf_counter() - start)
@@ -438,12 +483,15 @@ class Trainer:
                         bar.set_postfix(live_postfix(runner.live_stats(), rate), refresh=False)
                         if self._tensorboard is not None:
                             self._tensorboard.scalar("train/samples_per_s", rate, self.step)
-                    self.stopped = self._signals.reason
+                    if self._drivers is None:
+                        self.stopped = self._signals.reason
                     if self.stopped is not None or (goal is not None and self.step >= goal):
                         done = True
                         break
                 else:
                     exhausted = True
+            if self._drivers is not None and self.stopped is not None:  # the pipelines agreed to stop
+                done, exhausted = True, False
             elapsed = time.perf_counter() - t_epoch
             if exhausted and self.step_in_epoch == 0:
                 _warn_user(f"epoch {self.epoch}: the training loader yielded no batches, so training stops "
@@ -462,7 +510,7 @@ class Trainer:
                     self._tensorboard.scalar("eval/loss", metrics["loss"], self.step)
                     self._tensorboard.scalar("eval/accuracy", metrics["accuracy"], self.step)
             rows.append(row)
-            if cfg.progress:
+            if cfg.progress and self.is_main:
                 bar.write(epoch_line(row))
             self.epoch += 1
             self.step_in_epoch = 0
@@ -470,6 +518,45 @@ class Trainer:
                               or (max_steps is not None and self.step >= max_steps))
         runner.end_fit()
         return rows
+
+    def _shard(self, loader: Any, even: bool) -> Any:
+        """This pipeline's share of ``loader`` (the loader itself with one pipeline); built
+        once per loader (a DataLoader is rebuilt around a sharding sampler)."""
+        if self.dp == 1 or loader is None:
+            return loader
+        key = id(loader) * 2 + even
+        if key not in self._shards or self._shards[key][0] is not loader:
+            self._shards[key] = (loader, shard(loader, self.dp, self.layout.dp_rank, even))
+        return self._shards[key][1]
+
+    def _common_steps(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """The batches of the steps every pipeline takes (see :meth:`_common_step`)."""
+        stream = iter(batches)
+        while True:
+            batch = self._common_step(next(stream, _END))
+            if batch is _END:
+                return
+            yield batch
+
+    def _common_step(self, batch: Any) -> Any:
+        """With several pipelines: ``batch`` if every pipeline has one for this step and none
+        is stopping, else ``_END`` (and :attr:`stopped` set where a stop was asked anywhere)."""
+        if self._drivers is None:
+            return batch
+        reason = self._signals.reason
+        every, some = self._drivers.agree(batch is not _END, reason is not None)
+        if some:
+            deadline = time.monotonic() + 5.0
+            while reason is None and time.monotonic() < deadline:  # another pipeline's: the watchdog brings it
+                time.sleep(0.05)
+                reason = self._signals.reason
+            self.stopped = reason or "a stop request on another pipeline"
+            return _END
+        if not every and batch is not _END:
+            _warn_user(f"epoch {self.epoch}: pipeline {self.layout.dp_rank} still had batches when another pipeline's "
+                       f"share of the epoch ended; every pipeline stops the epoch here (give every pipeline as many "
+                       f"batches: see synthpipe.engine.sharding)")
+        return batch if every else _END
 
     def _serve_fit(self) -> None:
         self.step = self.runner.serve_fit()
@@ -480,6 +567,11 @@ class Trainer:
                                        (self.step, self.epoch, self.step_in_epoch, self._fit_finished, self.stopped)))
         logs = [g[0] for g in gathered]
         epoch_rows = gathered[0][1]
+        if self.dp > 1:  # losses: the replicas' mean; samples: the pipelines' sum
+            logs = mean_over_replicas(logs, self.n_stages)
+            for i, row in enumerate(epoch_rows):
+                row["samples"] = sum(g[1][i]["samples"] for g in gathered[::self.n_stages])
+                row["samples_per_s"] = row["samples"] / max(row["time"], 1e-9)
         self.step, self.epoch, self.step_in_epoch, self._fit_finished, self.stopped = gathered[0][2]
         history = History(steps=merge_logs(logs, self.n_stages - 1), epochs=epoch_rows)
         self.runner.log.clear()
@@ -487,6 +579,7 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def _evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
+        loader = self._shard(loader, even=False)  # (every sample once: shares may differ by a batch)
         with PrefetchQueue(loader, self.device, depth=self.config.prefetch) as queue:
             metrics = self.runner.evaluate(queue)
         if metrics["samples"] == 0:
@@ -495,11 +588,15 @@ class Trainer:
 
     @_collective("evaluate()")
     def evaluate(self, loader: Iterable[Any] | None) -> dict[str, float]:
-        """Forward-only pass over ``loader`` (read on rank 0): ``{"loss", "accuracy", "samples"}`` on every rank."""
+        """Forward-only pass over ``loader``: ``{"loss", "accuracy", "samples"}`` over all of it, on every rank.
+
+        It is read on every pipeline's first rank, each pipeline taking its share.
+        """
         if not self.runner.drives_data:
             return self.runner.serve_evaluation()
         if loader is None:
-            raise ValueError("evaluate needs a loader on rank 0")
+            raise ValueError(f"evaluate needs a loader on {self.layout.describe(self.rank)} (the first rank of "
+                             f"a pipeline)")
         return self._evaluate(loader)
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -528,8 +625,8 @@ class Trainer:
         files = {k: v for part in self.runner.gather(files) for k, v in part.items()}
         if self.is_main:
             ckpt.write_meta(directory, {
-                "version": ckpt.VERSION, "n_stages": self.n_stages, "step": self.step, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "suffix": suffix, "files": files,
+                "version": ckpt.VERSION, "n_stages": self.n_stages, "dp": self.dp, "step": self.step,
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "suffix": suffix, "files": files,
                 "config": vars(self.config)})
         self.runner.barrier()
         for r, _ in states:  # meta.json names these files now: the others are unreachable

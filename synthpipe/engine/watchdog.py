@@ -120,11 +120,14 @@ class Watchdog:
         prefix: key namespace (unique per run and restart).
         on_failure: called with the message (already printed to stderr) instead of
             exiting (tests).
+        describe: ``describe(rank)`` names a rank in messages (default ``"rank r"``; with
+            data parallelism also its mesh coordinates, ``"rank 3 (dp 1, pp 1)"``).
     """
 
     def __init__(self, store: Any, rank: int, world_size: int, timeout: float = 30.0,
                  interval: float = 0.5, prefix: str = "synthpipe",
-                 on_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None,
+                 describe: Callable[[int], str] | None = None):
         if timeout <= interval:
             raise ValueError(f"failure timeout ({timeout} s) must exceed the heartbeat interval ({interval} s)")
         self.store = store
@@ -134,6 +137,7 @@ class Watchdog:
         self.interval = interval
         self.prefix = prefix
         self.on_failure = on_failure or _default_exit
+        self.describe = describe or (lambda r: f"rank {r}")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="synthpipe-watchdog", daemon=True)
         self.failure: str | None = None
@@ -163,7 +167,7 @@ class Watchdog:
         before the store goes away with this process.
         """
         try:
-            self.store.compare_set(self._key("error"), "", f"rank {self.rank}: {message}")
+            self.store.compare_set(self._key("error"), "", f"{self.describe(self.rank)}: {message}")
             if self.hosts_store:
                 time.sleep(3 * self.interval)
         except Exception:
@@ -298,7 +302,7 @@ class Watchdog:
         message, then exit (the store's host after the others have had time to read it).
         ``reported``: the failed rank raised and published its error (it is still exiting)."""
         self._stop.set()
-        text = f"synthpipe (rank {self.rank}): {message}"
+        text = f"synthpipe ({self.describe(self.rank)}): {message}"
         try:
             if verdict is not None:
                 self.store.compare_set(self._key("error"), "", verdict)
@@ -387,7 +391,7 @@ class Watchdog:
                     if value != last_value:
                         seen[r] = (value, now)
                     elif now - since > self.timeout:
-                        verdict = (f"rank {r} stopped responding (no heartbeat for {now - since:.0f} s; "
+                        verdict = (f"{self.describe(r)} stopped responding (no heartbeat for {now - since:.0f} s; "
                                    f"it was killed or crashed)")
                         return self._fail(f"{verdict}; stopping", verdict)
             except Exception as e:  # the store is gone: its host died or finished

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..stages.stage import Stage, as_tuple, restore_training_modes, training_modes
 from .config import TrainConfig
+from .data_parallel import Replicas, merge_cache_states, split_cache_state
 from .history import StepLog
 from .metrics import Timers
 from .reference import batch_metrics, mean_metrics
@@ -29,15 +30,23 @@ __all__ = ["Channels", "PipelineWorker"]
 
 
 class Channels:
-    """The four channels of a rank (``None`` where there is no neighbour)."""
+    """The four channels of a rank (``None`` where there is no neighbour).
 
-    def __init__(self, rank: int, world_size: int, device: torch.device):
-        # Every rank must create every group, in the same order.
-        fwd_groups, bwd_groups = [], []
-        for r in range(world_size - 1):
-            fwd_groups.append(dist.new_group([r, r + 1]))
-            bwd_groups.append(dist.new_group([r, r + 1]))
-        first, last = rank == 0, rank == world_size - 1
+    ``rank`` and ``world_size`` are global; with ``n_stages`` < ``world_size`` the job
+    runs ``world_size // n_stages`` pipelines side by side, each a block of consecutive
+    ranks, and a rank's neighbours are those of its own pipeline.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, n_stages: int | None = None):
+        n = world_size if n_stages is None else n_stages
+        # Every rank must create every group, in the same order: pipeline by pipeline.
+        fwd_groups, bwd_groups = {}, {}
+        for first in range(0, world_size, n):
+            for r in range(first, first + n - 1):
+                fwd_groups[r] = dist.new_group([r, r + 1])
+                bwd_groups[r] = dist.new_group([r, r + 1])
+        stage = rank % n
+        first, last = stage == 0, stage == n - 1
         self.act_in = None if first else Channel(fwd_groups[rank - 1], rank - 1, device,
                                                  f"activations {rank - 1}->{rank}")
         self.act_out = None if last else Channel(fwd_groups[rank], rank + 1, device,
@@ -67,17 +76,29 @@ class PipelineWorker:
     receiver thread and handed to the stage's gradient source as they arrive.
     """
 
-    def __init__(self, stage: Stage, config: TrainConfig, channels: Channels):
+    def __init__(self, stage: Stage, config: TrainConfig, channels: Channels,
+                 replicas: Replicas | None = None, pipeline_group: Any = None):
         self.stage = stage
         self.config = config
         self.rank = stage.index
         self.world_size = stage.n_stages
         self.ch = channels
         limit_sends((channels.act_out, channels.grad_out), config.max_inflight, config.delay)
+        self.replicas = replicas  # the same stage in the other pipelines (data parallelism)
+        self.pipeline_group = pipeline_group  # this pipeline's ranks (None: the whole job is one)
         self.log = StepLog()
         self.stats = LiveStats.empty(self.world_size)
         self.source = make_source(stage, config)
-        self.step_runner = StageStep(stage, config, self.source, self, self.log, self.stats)
+        reduce = None
+        if replicas is not None:
+            replicas.broadcast(stage.module)  # every replica starts from replica 0's weights
+            stage.replicate = replicas.replicate  # and so does every synthesizer, when built
+            self.source.replicas = replicas
+            params = list(stage.module.parameters())
+
+            def reduce(ok: bool) -> bool:
+                return replicas.average_gradients(params, ok)
+        self.step_runner = StageStep(stage, config, self.source, self, self.log, self.stats, reduce)
         self.outstanding = 0  # gradient messages still to come from rank + 1
         self.locked_grads: dict[int, Message] = {}
         self._received_upto = -1  # messages from rank + 1 arrive in step order
@@ -187,7 +208,7 @@ class PipelineWorker:
             self._eval = [self._eval[0] + t, self._eval[1] + c, self._eval[2] + n]
 
     def _finish_eval(self) -> dict[str, float]:
-        """Every rank: metrics computed on the last rank, broadcast to all."""
+        """Every rank: the sums of every pipeline's last rank, added up, on every rank."""
         if self.ch.act_out is not None:
             self.ch.act_out.send(EVAL_END, 0)
         if self._modes_before_eval is not None:
@@ -195,9 +216,9 @@ class PipelineWorker:
             self._modes_before_eval = None
         total, correct, count = self._eval
         self._eval = [0.0, 0.0, 0.0]
-        box = [mean_metrics(total, correct, count)]
-        dist.broadcast_object_list(box, src=self.world_size - 1)
-        return box[0]
+        sums: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(sums, (total, correct, count))
+        return mean_metrics(*(sum(s[i] for s in sums) for i in range(3)))
 
     def evaluate(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> dict[str, float]:
         """Rank 0: send every batch through the pipeline; all ranks get the metrics."""
@@ -271,18 +292,32 @@ class PipelineWorker:
         return {"stage": self.stage.state_dict(), "cache": self.source.state_dict()}
 
     def states(self) -> list[tuple[int, dict[str, Any]]]:
-        """``[(stage index, state)]`` for the stage this rank saves."""
-        return [(self.rank, self.state_dict())]
+        """``[(stage index, state)]`` for the stage this rank saves (none on replicas > 0).
+
+        With replicas, replica 0 saves the stage with every replica's source state merged
+        into the global batch's (:func:`~synthpipe.engine.data_parallel.merge_cache_states`).
+        """
+        state = self.state_dict()
+        if self.replicas is not None:
+            caches = self.replicas.gather_object(state["cache"])
+            if caches is None:
+                return []
+            state["cache"] = merge_cache_states(caches)
+        return [(self.rank, state)]
 
     def prepare_load(self, read: Callable[[int], dict[str, Any]],
                      explain: Callable[[int, Exception], Exception]) -> Any:
-        """Read this rank's stage with ``read(rank)`` and check it; changes nothing.
+        """Read this rank's stage with ``read(stage index)`` and check it; changes nothing.
 
-        Raises what reading raised, and ``explain(rank, error)`` for a state that does not
-        fit the stage (``ValueError`` or ``KeyError`` from the check).
+        With replicas, every replica reads the stage's file and takes its share of the
+        source state (so a checkpoint saved with one ``dp`` resumes with another).
+        Raises what reading raised, and ``explain(stage index, error)`` for a state that
+        does not fit the stage (``ValueError`` or ``KeyError`` from the check).
         """
         state = read(self.rank)
         try:
+            if self.replicas is not None:
+                state["cache"] = split_cache_state(state["cache"], self.replicas.size, self.replicas.index)
             ready = self.stage.prepare_load(state["stage"])
             self.source.check_state(state["cache"])
         except (ValueError, KeyError) as e:
@@ -302,7 +337,7 @@ class PipelineWorker:
         """Every stage's module state (gathered from all ranks, on CPU), in stage order."""
         own = {k: v.detach().cpu() for k, v in self.stage.module.state_dict().items()}
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, own)
+        dist.all_gather_object(gathered, own, group=self.pipeline_group)  # (the replicas hold the same)
         return gathered
 
     def share(self, value: Any) -> Any:
@@ -312,8 +347,8 @@ class PipelineWorker:
         return box[0]
 
     def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        gathered: list[Any] = [None] * self.world_size
+        """Every rank's ``value``, in (global) rank order, on every rank."""
+        gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, value)
         return gathered
 

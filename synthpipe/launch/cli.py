@@ -14,7 +14,9 @@ With ``--nproc N`` (N > 1) or ``--nnodes M`` (M > 1) it checks its arguments, th
 (torchrun's own entry point, save that a job stopped cleanly by a signal ends with one
 line and 128 + signal instead of torchrun's tracebacks and 1), so its signals are
 torchrun's. Without ``--stages`` (or a balance) the job then gets one stage per process:
-``n_stages = N * M``. torchrun's multi-node flags pass through (dash or
+``n_stages = N * M``; with ``--stages S`` it runs ``N * M / S`` pipelines side by side
+(``--nproc 4 --stages 2``: two pipelines of two stages, data parallel). torchrun's
+multi-node flags pass through (dash or
 underscore spelling); on one node without rendezvous flags ``--standalone`` is used, so
 concurrent jobs never collide on a port.
 """

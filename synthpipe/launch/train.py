@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 3 -m synthpipe.launch.train --stages 3 ...  # one rank per stage
 
 Every rank builds the same model (seeded with ``seed``) and splits it the same way; the
-:class:`synthpipe.Trainer` reads the torchrun environment (``WORLD_SIZE > 1``: rank r
-keeps stage r). Only rank 0 builds the data and prints. After training, with
+:class:`synthpipe.Trainer` reads the torchrun environment (``WORLD_SIZE = dp x stages``:
+rank r keeps stage ``r % stages`` of pipeline ``r // stages``). The first rank of every
+pipeline builds the data (each trains on its own share); only rank 0 prints. After training, with
 ``compare_backprop``, rank 0 trains the unsplit model with plain single-process backprop
 on the same data order for the same number of steps and prints both test accuracies; in a
 multi-process run this happens after the pipeline has finished and the other ranks have
@@ -89,10 +90,11 @@ def preflight(cfg: JobConfig, world: int) -> None:
     """
     from ..engine.distributed import backend_for
 
-    if world > 1 and world != cfg.n_stages:
-        raise LaunchError(f"the job has {world} processes but the model has {cfg.n_stages} stages; "
-                          f"launch one process per stage (--nproc {cfg.n_stages}) or split into "
-                          f"{world} stages (--stages {world})")
+    if world > 1 and world % cfg.n_stages != 0:
+        raise LaunchError(f"the job has {world} processes but the model has {cfg.n_stages} stages; the processes "
+                          f"must be a multiple of the stages (dp pipelines of pp stages): launch {cfg.n_stages}, "
+                          f"{2 * cfg.n_stages}, ... processes (--nproc {cfg.n_stages}) or split into {world} stages "
+                          f"(--stages {world})")
     if cfg.num_samples < 10:
         raise LaunchError(f"num_samples must be at least 10 (80/20 train/test split); got {cfg.num_samples}")
     _, num_classes = data_shape(cfg)
@@ -401,7 +403,7 @@ def _build(cfg: JobConfig, world: int, rank: int) -> _Job:
                          synth_lr=cfg.synth_lr, device=device, backend=cfg.backend,
                          lr_scheduler=lr_scheduler_for(cfg), **train_options(cfg))
     job = _Job(trainer, world, rank)
-    if trainer.is_main:
+    if trainer.drives_data:  # every pipeline's first rank: each reads its own share
         job.train_set, job.test_set = build_data(cfg)
         check_labels(cfg, job.train_set, num_classes)
         job.loader, job.loader_eval = train_loader(cfg, job.train_set), eval_loader(job.test_set)
@@ -475,9 +477,10 @@ def _report(cfg: JobConfig, job: _Job, done: _Trained) -> None:
     """Rank 0: print the results, run the backprop comparison, write the output directory."""
     trainer, history, metrics = job.trainer, done.history, done.metrics
     steps_run = len(history.steps)  # steps of this fit (after a resume: the new ones)
-    samples, seconds = _throughput(history, steps_run, cfg.batch_size)
+    samples, seconds = _throughput(history, steps_run, cfg.batch_size * trainer.dp)
     name = method_name(cfg)
     procs = f"{job.world} processes" if job.world > 1 else "1 process"
+    procs += f" ({trainer.dp} pipelines)" if trainer.dp > 1 else ""
     print(f"{name}: {cfg.model} on {cfg.data}, {cfg.n_stages} stages, {procs}, device {trainer.device}")
     resumed = f" (resumed; now at step {done.steps_total})" if cfg.resume is not None else ""
     print(f"trained {steps_run} steps{resumed} in {done.wall:.1f} s, {samples / max(seconds, 1e-9):.0f} samples/s")

@@ -148,6 +148,10 @@ class Stage:
         self.synthetic_scale = synthetic_scale
         self.synth: BoundarySynthesizer | None = None
         self.synth_optimizer: torch.optim.Optimizer | None = None
+        # Data parallelism's hook (set by the engine; this module stays free of it): called as
+        # replicate(synthesizer, its optimizer, fresh) for every synthesizer built, ``fresh``
+        # when built from an activation (False: about to be loaded from a checkpoint).
+        self.replicate: Callable[[nn.Module, torch.optim.Optimizer | None, bool], None] | None = None
         self._running_stats = running_statistics(self.module)
         self._stats_before: list[torch.Tensor] | None = None  # saved by a training forward
         self._traced_shapes = traced_input_shapes(self.module)  # (None unless split by tracing)
@@ -251,6 +255,8 @@ class Stage:
                 raise ValueError(f"{self.name} has no synthesizer; pass synthesizer=sp.Synthesizer(...)")
             self.synth, self.synth_optimizer, self.synth_lr_scheduler = self._new_synthesizer(
                 self._synth_input([t.detach() for t in example]))
+            if self.replicate is not None:
+                self.replicate(self.synth, self.synth_optimizer, True)
         return self.synth
 
     def _new_synthesizer(self, example: Sequence[torch.Tensor]
@@ -508,6 +514,8 @@ class Stage:
                    else torch.zeros(2, dtype=torch.long, device=self.device)
                    for s in state["synth_shapes"]]
         synth, synth_optimizer, synth_scheduler = self._new_synthesizer(example)
+        if self.replicate is not None:
+            self.replicate(synth, synth_optimizer, False)
         try:
             synth.load_state_dict(state["synth"])
         except RuntimeError as e:

@@ -117,6 +117,10 @@ class GradientSource:
     uses_delay: ClassVar[bool] = True
     default_delay: ClassVar[Optional[int]] = None
     staleness_modes: ClassVar[tuple[str, ...]] = ()
+    replicas: Any = None
+    """Set by a data-parallel runner: the stage's :class:`~synthpipe.engine.data_parallel.Replicas`.
+    A source whose work differs between replicas (how many targets it trains on) agrees
+    through it; ``None``: one replica."""
 
     def __init__(self, stage: Stage, config: "TrainConfig"):
         self.stage = stage

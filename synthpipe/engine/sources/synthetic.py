@@ -51,8 +51,9 @@ class Synthetic(GradientSource):
             entry = self.cache.get(s)
             if entry is not None and not entry.ready:
                 wait_for(s)
+        agree = self.replicas.minimum if self.replicas is not None else None
         trained = train_due_synthesizer(self.stage, self.cache, step, self.config.delay,
-                                        self.config.max_inflight, wait_target)
+                                        self.config.max_inflight, wait_target, agree)
         return {} if trained is None else {f"synth_loss/{self.stage.index}": trained}
 
     def in_flight(self) -> int:
