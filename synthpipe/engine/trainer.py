@@ -448,8 +448,6 @@ class Trainer:
         if self._bar is None:  # one bar for the whole fit, across checkpoints
             layout = f" x{self.n_stages}" + (f" (dp {self.dp})" if self.dp > 1 else "")
             self._bar = open_bar(total, self.step, cfg.progress and self.is_main, f"synthpipe {cfg.gradients}{layout}")
-        bar = self._bar
-        start = self._fit_start
         # (it may have come during a checkpoint's save; pipelines learn it together, at their first step)
         self.stopped = self._signals.reason if self._drivers is None else None
         done = self.stopped is not None or (goal is not None and self.step >= goal)
@@ -462,34 +460,7 @@ class Trainer:
                 _, steps, samples, before = self._partial_epoch  # the epoch went on across a checkpoint
             self._partial_epoch = None
             t_epoch = time.perf_counter() - before
-            exhausted = False
-            batches = itertools.islice(iter(loader), self.step_in_epoch, None)
-            # closing(): the queue's iterator is closed here, not when it is collected, so a
-            # second Ctrl-C that lands while it stops its thread is raised, not ignored.
-            with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as prefetch, \
-                    contextlib.closing(iter(prefetch)) as queue:
-                for batch in (queue if self._drivers is None else self._common_steps(queue)):
-                    x, y = _input_and_target(batch, self.step)
-                    runner.train_step(self.step, x, y)
-                    runner.log.put(self.step, "time", time.perf_counter() - start)
-                    runner.log.put(self.step, "epoch", self.epoch)
-                    self.step += 1
-                    self.step_in_epoch += 1
-                    samples += int(y.shape[0])
-                    steps += 1
-                    bar.update(1)
-                    if self.step % cfg.log_every == 0:
-                        rate = samples / max(time.perf_counter() - t_epoch, 1e-9)
-                        bar.set_postfix(live_postfix(runner.live_stats(), rate), refresh=False)
-                        if self._tensorboard is not None:
-                            self._tensorboard.scalar("train/samples_per_s", rate, self.step)
-                    if self._drivers is None:
-                        self.stopped = self._signals.reason
-                    if self.stopped is not None or (goal is not None and self.step >= goal):
-                        done = True
-                        break
-                else:
-                    exhausted = True
+            steps, samples, done, exhausted = self._train_epoch(loader, goal, t_epoch, steps, samples)
             if self._drivers is not None and self.stopped is not None:  # the pipelines agreed to stop
                 done, exhausted = True, False
             elapsed = time.perf_counter() - t_epoch
@@ -501,23 +472,59 @@ class Trainer:
             if done and not exhausted and (per_epoch is None or self.step_in_epoch < per_epoch):
                 self._partial_epoch = (self.epoch, steps, samples, elapsed)
                 break  # stopped inside an epoch: no epoch record yet
-            row = {"epoch": self.epoch, "steps": steps, "samples": samples, "time": elapsed,
-                   "samples_per_s": samples / max(elapsed, 1e-9)}
-            if eval_loader is not None:
-                metrics = self._evaluate(eval_loader)
-                row.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"])
-                if self._tensorboard is not None:
-                    self._tensorboard.scalar("eval/loss", metrics["loss"], self.step)
-                    self._tensorboard.scalar("eval/accuracy", metrics["accuracy"], self.step)
-            rows.append(row)
-            if cfg.progress and self.is_main:
-                bar.write(epoch_line(row))
+            rows.append(self._epoch_record(steps, samples, elapsed, eval_loader))
             self.epoch += 1
             self.step_in_epoch = 0
         self._fit_finished = (self.stopped is not None or self.epoch >= epochs
                               or (max_steps is not None and self.step >= max_steps))
         runner.end_fit()
         return rows
+
+    def _train_epoch(self, loader: Iterable[Any], goal: int | None, t_epoch: float, steps: int,
+                     samples: int) -> tuple[int, int, bool, bool]:
+        """The rest of the current epoch's batches, until ``goal`` or a stop; returns the
+        epoch's ``steps`` and ``samples`` so far, whether to stop, and whether the loader ran out."""
+        cfg, runner, bar, start = self.config, self.runner, self._bar, self._fit_start
+        batches = itertools.islice(iter(loader), self.step_in_epoch, None)
+        # closing(): the queue's iterator is closed here, not when it is collected, so a
+        # second Ctrl-C that lands while it stops its thread is raised, not ignored.
+        with PrefetchQueue(batches, self.device, depth=cfg.prefetch) as prefetch, \
+                contextlib.closing(iter(prefetch)) as queue:
+            for batch in (queue if self._drivers is None else self._common_steps(queue)):
+                x, y = _input_and_target(batch, self.step)
+                runner.train_step(self.step, x, y)
+                runner.log.put(self.step, "time", time.perf_counter() - start)
+                runner.log.put(self.step, "epoch", self.epoch)
+                self.step += 1
+                self.step_in_epoch += 1
+                samples += int(y.shape[0])
+                steps += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0:
+                    rate = samples / max(time.perf_counter() - t_epoch, 1e-9)
+                    bar.set_postfix(live_postfix(runner.live_stats(), rate), refresh=False)
+                    if self._tensorboard is not None:
+                        self._tensorboard.scalar("train/samples_per_s", rate, self.step)
+                if self._drivers is None:
+                    self.stopped = self._signals.reason
+                if self.stopped is not None or (goal is not None and self.step >= goal):
+                    return steps, samples, True, False
+        return steps, samples, False, True
+
+    def _epoch_record(self, steps: int, samples: int, elapsed: float,
+                      eval_loader: Iterable[Any] | None) -> dict[str, Any]:
+        """A finished epoch's row (evaluated on ``eval_loader``), also shown and logged."""
+        row = {"epoch": self.epoch, "steps": steps, "samples": samples, "time": elapsed,
+               "samples_per_s": samples / max(elapsed, 1e-9)}
+        if eval_loader is not None:
+            metrics = self._evaluate(eval_loader)
+            row.update(eval_loss=metrics["loss"], eval_accuracy=metrics["accuracy"])
+            if self._tensorboard is not None:
+                self._tensorboard.scalar("eval/loss", metrics["loss"], self.step)
+                self._tensorboard.scalar("eval/accuracy", metrics["accuracy"], self.step)
+        if self.config.progress and self.is_main:
+            self._bar.write(epoch_line(row))
+        return row
 
     def _shard(self, loader: Any, even: bool) -> Any:
         """This pipeline's share of ``loader`` (the loader itself with one pipeline); built

@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from ..stages.stage import adam
 from .config import JobConfig, add_train_arguments, load_config, overrides_from_args, train_options
 
 __all__ = ["MNIST1D_FEATURES", "NUM_CLASSES", "EVAL_BATCH", "LaunchError", "env_rank", "env_world", "data_shape",
@@ -259,13 +260,12 @@ def method_name(cfg: JobConfig) -> str:
 
 def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, device: Any) -> dict[str, float]:
     """The unsplit model, plain single-process backprop, same init and batch order, ``steps`` steps."""
-    import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     in_features, num_classes = data_shape(cfg)
     model = build_model(cfg, in_features, num_classes or NUM_CLASSES).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(cfg.lr)(model.parameters())
     loader = train_loader(cfg, train_set)
     model.train()
     start = time.perf_counter()
@@ -399,7 +399,7 @@ def _build(cfg: JobConfig, world: int, rank: int) -> _Job:
             require_tensorboard("--tensorboard")
         except ImportError as e:
             raise LaunchError(str(e)) from None
-    trainer = sp.Trainer(stages, loss_fn=nn.CrossEntropyLoss(), optimizer=_adam(cfg.lr), synthesizer=synthesizer,
+    trainer = sp.Trainer(stages, loss_fn=nn.CrossEntropyLoss(), optimizer=adam(cfg.lr), synthesizer=synthesizer,
                          synth_lr=cfg.synth_lr, device=device, backend=cfg.backend,
                          lr_scheduler=lr_scheduler_for(cfg), **train_options(cfg))
     job = _Job(trainer, world, rank)
@@ -411,16 +411,6 @@ def _build(cfg: JobConfig, world: int, rank: int) -> _Job:
             raise LaunchError(f"no training batches: {len(job.train_set)} training examples at batch size "
                               f"{cfg.batch_size}")
     return job
-
-
-def _adam(lr: float) -> Any:
-    """The stages' optimizer factory: ``params -> Adam(params, lr)``."""
-    import torch
-
-    def adam(params: Any) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=lr)
-
-    return adam
 
 
 def _train(cfg: JobConfig, job: _Job) -> _Trained | int:
