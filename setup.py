@@ -50,7 +50,10 @@ setup(
     extras_require={
         # TensorBoard scalars (Trainer(log_dir=...), synthpipe train --tensorboard)
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "mypy", "pdoc", "tensorboard"],  # (the TensorBoard tests run in CI)
+        # Hugging Face models (split by tracing; tests/test_hf.py builds small ones from configs)
+        "hf": ["transformers>=5"],
+        # (the TensorBoard and Hugging Face tests run in CI)
+        "dev": ["pytest", "pytest-timeout", "ruff", "mypy", "pdoc", "tensorboard", "transformers>=5"],
     },
     entry_points={
         "console_scripts": ["synthpipe=synthpipe.launch.cli:main"],

@@ -26,3 +26,10 @@ def test_errors_describe_values_without_printing_them():
 def test_a_long_repr_is_cut():
     assert describe(["x" * 100]) == "str " + repr("x" * 100)[:40] + "..."
     assert describe([3]) == "3"
+
+
+def test_keyword_inputs_are_described_by_key_and_shape():
+    inputs = {"input_ids": torch.zeros(4, 16, dtype=torch.int64), "use_cache": True}
+    assert describe([inputs]) == "{input_ids: (4, 16):int64, use_cache: bool}"
+    many = {f"k{i}": torch.zeros(1) for i in range(10)}
+    assert describe([many]).endswith("k7: (1,):float32, ...}")

@@ -253,3 +253,11 @@ def test_stall_warning_must_be_a_positive_number_of_seconds_or_none(value):
                                          rf"got {re.escape(repr(value))}$"):
         TrainConfig(stall_warning=value)
     assert TrainConfig(stall_warning=None).stall_warning is None and TrainConfig(stall_warning=2).stall_warning == 2
+
+
+def test_a_dict_batch_without_its_target_is_refused_with_the_form_to_use():
+    trainer = sp.Trainer(sp.split(make_model(), n_stages=2), nn.CrossEntropyLoss(), adam, progress=False)
+    x, y = make_batches(n=1)[0]
+    with pytest.raises(ValueError, match=r"batch 0 is a dict \(keys \['x', 'labels'\]\): give keyword inputs as "
+                                         r"\(dict_of_inputs, target\)"):
+        trainer.fit([{"x": x, "labels": y}])

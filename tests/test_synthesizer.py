@@ -211,7 +211,7 @@ def test_unconditional_ignores_labels():
 
 
 def test_conv_on_2d_input_is_an_error():
-    with pytest.raises(ValueError, match="4-D"):
+    with pytest.raises(ValueError, match=r"\(B, C, L\), \(B, C, H, W\) or \(B, C, D, H, W\)"):
         make("conv").build(0, (torch.randn(4, 12),))
 
 
@@ -365,7 +365,7 @@ def test_options_a_kind_does_not_take_are_refused_when_the_recipe_is_made():
 
 def test_a_kind_that_cannot_take_the_boundary_names_it():
     with pytest.raises(ValueError, match=r"boundary 2 \(activations \(4, 16\)\): the conv synthesizer cannot take "
-                                         r"them: the conv synthesizer needs 4-D"):
+                                         r"them: the conv synthesizer needs \(B, C, L\)"):
         Synthesizer("conv").build(2, [torch.randn(4, 16)])
 
 
@@ -500,3 +500,90 @@ def test_a_custom_model_sees_the_activation_unnormalised():
     synth = Synthesizer(lambda boundary, example: Probe(), normalize=True).build(0, (h,))
     synth((h,))
     assert torch.equal(seen[0], h)
+
+
+# --------------------------------------------------------------------------- conv of any rank
+@pytest.mark.parametrize("shape", [(4, 3, 9), (4, 3, 5, 4), (4, 2, 3, 4, 5)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["dni", "cdni"])
+def test_conv_takes_any_spatial_rank(shape, conditional):
+    synth = make("conv", conditional).build(0, (torch.randn(shape),))
+    convs = [m for m in synth.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    assert convs and {type(m) for m in convs} == {(nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(shape) - 3]}
+    assert convs[0].in_channels == shape[1] + (NUM_CLASSES if conditional else 0)
+    h = torch.randn(2, *shape[1:])
+    (g,) = synth((h,), labels(2) if conditional else None)
+    assert g.shape == h.shape and torch.equal(g, torch.zeros_like(g))  # the output layer starts at zero
+    synth.parts[0].out.weight.data.normal_()
+    (g,) = synth((h,), labels(2) if conditional else None)
+    assert g.abs().sum() > 0
+
+
+def test_conv_1d_takes_a_batch_of_one_in_training_mode():
+    synth = make("conv").build(0, (torch.randn(4, 3, 1),))
+    synth.train()
+    (g,) = synth((torch.randn(1, 3, 1),))  # one value per channel: running statistics instead
+    assert g.shape == (1, 3, 1)
+
+
+def test_conv_refuses_more_than_three_spatial_dimensions_and_says_what_takes_them():
+    with pytest.raises(ValueError, match=r"per-example shape \(2, 2, 2, 2, 2\); 'mlp', 'lowrank' or 'linear'"):
+        make("conv").build(0, (torch.randn(4, 2, 2, 2, 2, 2),))
+
+
+def _conv1d_stage() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2))
+
+
+@pytest.mark.parametrize("stage, shape, expected", [
+    (_conv1d_stage(), (4, 8, 20), "ConvSynth"),  # a Conv1d's (B, C, L) feature map
+    (nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU()), (4, 2, 3, 4, 5), "ConvSynth"),
+    (nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8)), (4, 20, 8), "TokenSynth"),  # a sequence (B, T, D)
+    (nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), (4, 20, 8), "TokenSynth"),
+    # A Conv1d whose output was moved to (B, L, C) and projected is a sequence again.
+    (nn.Sequential(nn.Conv1d(1, 8, 3), nn.Linear(8, 8)), (4, 20, 8), "TokenSynth"),
+    # Channels that do not match the last convolution: not its feature map.
+    (nn.Sequential(nn.Conv1d(1, 8, 3)), (4, 20, 8), "TokenSynth"),
+    (None, (4, 8, 20), "TokenSynth"),  # no module given: by rank, as before
+    (None, (4, 2, 3, 4, 5), "LinearSynth"),
+])
+def test_auto_picks_conv_for_what_a_convolution_made(stage, shape, expected):
+    synth = make("auto").build(1, (torch.randn(shape),), module=stage)
+    assert type(synth.parts[0]).__name__ == expected
+
+
+class _ResBlock1d(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input (through a 1x1 conv where the width changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(cin, cout, 5, padding=2), nn.BatchNorm1d(cout)
+        self.conv2, self.bn2 = nn.Conv1d(cout, cout, 5, padding=2), nn.BatchNorm1d(cout)
+        self.skip = nn.Conv1d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(h + self.skip(x))
+
+
+def test_a_resnet_style_conv1d_model_on_mnist1d_gets_conv_synthesizers_from_auto_and_learns():
+    import synthpipe as sp
+    from synthpipe import data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (1, 40)), _ResBlock1d(1, 16), _ResBlock1d(16, 16), nn.MaxPool1d(2),
+                          _ResBlock1d(16, 16), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 10))
+    train, _ = data.mnist1d(num_samples=1000, seed=0)
+    batches = list(data.loader(train, batch_size=50, shuffle=True, seed=0))
+    trainer = sp.Trainer(sp.split(model, balance=[2, 2, 4]), nn.CrossEntropyLoss(),
+                         lambda p: torch.optim.Adam(p, lr=3e-3), gradients="synthetic",
+                         synthesizer=sp.Synthesizer("auto", conditional=True, num_classes=10, hidden=16),
+                         synth_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), progress=False)
+    history = trainer.fit(batches, epochs=3)
+    # Both boundaries are (B, 16, 40) and (B, 16, 20) feature maps of Conv1d stages.
+    parts = [s.synth.parts[0] for s in trainer.runner.stages[:2]]
+    assert [type(p).__name__ for p in parts] == ["ConvSynth", "ConvSynth"]
+    assert all(isinstance(m, nn.Conv1d) for p in parts for m in p.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    losses = history.losses
+    assert len(losses) == 3 * len(batches)
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)

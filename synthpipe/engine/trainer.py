@@ -79,7 +79,9 @@ def _input_and_target(batch: Any, step: int) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[1]):
         return batch[0], batch[1]
     shown = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    raise ValueError(f"fit expects (input, target) batches; batch {step} is a {shown}. A conditional "
+    keyword = (f" (keys {list(batch)[:8]}): give keyword inputs as (dict_of_inputs, target), the target apart"
+               if isinstance(batch, dict) else "")
+    raise ValueError(f"fit expects (input, target) batches; batch {step} is a {shown}{keyword}. A conditional "
                      f"synthesizer and the loss both need the target")
 
 

@@ -26,7 +26,7 @@ def describe(tensors: Sequence[Any]) -> str:
 
     Args:
         tensors: the boundary's values; tensors show as ``(4, 8):float32``, arrays by
-            shape, containers by length, anything else by a repr cut to 60 characters.
+            shape, dicts by key and shape, lists and tuples by length, anything else by a repr cut to 60 characters.
             At most 8 values are shown, then the count.
 
     Returns:
@@ -42,7 +42,11 @@ def _describe_one(t: Any) -> str:
     shape = getattr(t, "shape", None)
     if shape is not None:  # numpy arrays and the like
         return f"{type(t).__name__} of shape {tuple(shape)}"
-    if isinstance(t, (list, tuple, dict)):
+    if isinstance(t, dict):  # keyword inputs: {input_ids: (4, 16):int64, ...}
+        shown = ", ".join(f"{k}: {_describe_one(v) if torch.is_tensor(v) else type(v).__name__}"
+                          for k, v in list(t.items())[:8])
+        return "{" + shown + (", ..." if len(t) > 8 else "") + "}"
+    if isinstance(t, (list, tuple)):
         return f"{type(t).__name__} of {len(t)}"
     text = repr(t)
     return text if len(text) <= 60 else f"{type(t).__name__} {text[:40]}..."

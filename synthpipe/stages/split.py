@@ -3,8 +3,9 @@
 :func:`split` returns one ``nn.Module`` per stage. Stage ``i`` is called as
 ``stage(*boundary)`` where ``boundary`` is what stage ``i - 1`` returned, as a tuple (a
 single tensor is a 1-tuple; see :func:`as_tuple`), and stage 0 takes the model's own
-positional inputs. :func:`compose` runs the stages in that convention, so for a model
-without randomness ``compose(split(model, ...), x)`` equals ``model(x)``.
+positional inputs (or, traced from a dict of keyword inputs, that dict). :func:`compose`
+runs the stages in that convention, so for a model without randomness
+``compose(split(model, ...), x)`` equals ``model(x)``.
 
 Stages never copy anything: they hold the model's own submodules, so parameters *and*
 buffers are the original tensors (``stage_param is model_param``), an optimizer over a
@@ -93,7 +94,10 @@ def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] 
             ``["layer2", "fc"]`` gives 3 stages. Required for a non-Sequential model; for
             a Sequential they must be child names and are turned into a balance.
         example_input: the model's input (a tensor, or a tuple of positional inputs for a
-            traced model); needed for tracing and for ``by="time"``.
+            traced model, or a dict of keyword inputs such as a Hugging Face model's
+            ``input_ids`` and ``attention_mask``); needed for tracing and for ``by="time"``.
+            With a dict, the first traced stage takes one dict with the same keys and
+            shapes (batches ``(dict_of_inputs, target)``), and refuses others by name.
 
     Returns:
         The stages, in order; ``compose(stages, *inputs)`` computes ``model(*inputs)``.
@@ -113,7 +117,10 @@ def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] 
     constant arguments, a module called more than once with buffers, and functional
     code such as ``F.dropout(x, self.training)`` in a ``forward`` that has children.
     Tracing also needs ``example_input`` shapes representative of training (export
-    specialises on them) and a model that ``torch.export`` can capture.
+    specialises on them) and a model that ``torch.export`` can capture. A Hugging Face
+    model is traced with its ``config.use_cache`` off (a key-value cache cannot cross a
+    boundary) and the setting is restored; a cache returned anyway is refused, naming
+    ``use_cache=False``.
 
     Raises:
         ValueError: inconsistent or missing arguments; the message names the numbers.

@@ -263,7 +263,7 @@ class Stage:
                          ) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None, Any]:
         """A synthesizer built by the recipe from ``example``, its optimizer and that one's scheduler."""
         assert self.recipe is not None
-        synth = self.recipe.build(self.index, example)
+        synth = self.recipe.build(self.index, example, module=self.module)
         params = list(synth.parameters())
         optimizer = self.synth_optimizer_factory(params) if params else None
         return synth, optimizer, _scheduler(self.synth_lr_scheduler_factory, optimizer, f"{self.name}'s synthesizer")

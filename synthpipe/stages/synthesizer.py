@@ -55,15 +55,21 @@ def one_hot_labels(y: torch.Tensor, num_classes: int, like: torch.Tensor) -> tor
     return F.one_hot(y.long().to(like.device), num_classes).to(like.dtype)
 
 
+def _one_value_per_channel(x: torch.Tensor) -> bool:
+    """True where training-mode BatchNorm cannot compute batch statistics (one value per channel)."""
+    return x.numel() == x.shape[1]
+
+
 class _BatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm that falls back to running statistics for a batch of one example.
+    """BatchNorm that falls back to running statistics for one value per channel.
 
     A last batch of size 1 must not crash a stage (training-mode BatchNorm needs more
     than one value per channel); the running statistics are the best estimate then.
+    Takes (B, C) and (B, C, L).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] == 1:
+        if self.training and _one_value_per_channel(x):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         return super().forward(x)
 
@@ -72,7 +78,16 @@ class _BatchNorm2d(nn.BatchNorm2d):
     """2-D version of :class:`_BatchNorm1d` (one value per channel: batch 1 and a 1x1 map)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        if self.training and _one_value_per_channel(x):
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class _BatchNorm3d(nn.BatchNorm3d):
+    """3-D version of :class:`_BatchNorm1d` (batch 1 and a 1x1x1 volume)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _one_value_per_channel(x):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         return super().forward(x)
 
@@ -176,34 +191,46 @@ class MLPSynth(_Conditioned):
         return self.out(self.hidden(z)).view_as(h)
 
 
-class ConvSynth(_Conditioned):
-    """(B, C, H, W) -> (B, C, H, W): shape-preserving convolutions with BN+ReLU.
+# Per spatial rank: the convolution and batch norm of the conv synthesizer.
+_CONV_LAYERS: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
+    1: (nn.Conv1d, _BatchNorm1d), 2: (nn.Conv2d, _BatchNorm2d), 3: (nn.Conv3d, _BatchNorm3d)}
 
+
+class ConvSynth(_Conditioned):
+    """(B, C, *S) -> (B, C, *S): shape-preserving convolutions with BN+ReLU.
+
+    ``S`` has 1, 2 or 3 spatial dimensions: (B, C, L) from a ``Conv1d`` stage, (B, C, H, W),
+    (B, C, D, H, W); the layers are ``Conv1d``/``Conv2d``/``Conv3d`` to match.
     Labels are one-hot and broadcast over space as extra input channels.
+
+    Raises:
+        ValueError: activations without a channel and 1 to 3 spatial dimensions.
     """
 
     def __init__(self, shape: Sequence[int], num_classes: int | None = None,
                  hidden: int = 64, depth: int = 2, kernel_size: int = 5):
         super().__init__(num_classes)
-        if len(shape) != 3:
-            raise ValueError(f"the conv synthesizer needs 4-D (B, C, H, W) activations, got a per-example shape "
-                             f"{tuple(shape)}")
+        spatial = len(shape) - 1
+        if spatial not in _CONV_LAYERS:
+            raise ValueError(f"the conv synthesizer needs (B, C, L), (B, C, H, W) or (B, C, D, H, W) activations, "
+                             f"got a per-example shape {tuple(shape)}; 'mlp', 'lowrank' or 'linear' take any shape")
+        conv, norm = _CONV_LAYERS[spatial]
         channels = shape[0]
         pad = kernel_size // 2
         layers: list[nn.Module] = []
         width = channels + self.label_dim
         for _ in range(depth):
-            layers += [nn.Conv2d(width, hidden, kernel_size, padding=pad),
-                       _BatchNorm2d(hidden), nn.ReLU()]
+            layers += [conv(width, hidden, kernel_size, padding=pad), norm(hidden), nn.ReLU()]
             width = hidden
         self.hidden = nn.Sequential(*layers)
-        self.out = _zero_(nn.Conv2d(width, channels, kernel_size, padding=pad))
+        self.out = _zero_(conv(width, channels, kernel_size, padding=pad))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         z = h
         labels = self._labels(y, h)
         if labels is not None:
-            planes = labels.reshape(len(h), -1, 1, 1).expand(-1, -1, h.shape[2], h.shape[3])
+            spatial = h.shape[2:]
+            planes = labels.reshape(len(h), -1, *(1,) * len(spatial)).expand(-1, -1, *spatial)
             z = torch.cat([z, planes], dim=1)
         return self.out(self.hidden(z))
 
@@ -283,15 +310,49 @@ def _check_linear_size(boundary: int, shape: tuple[int, ...], num_classes: int |
     message = (f"boundary {boundary}: a linear synthesizer of activations of shape (B, "
                f"{', '.join(map(str, shape))}) has {params:,} parameters ({params * 4 / 2 ** 30:.1f} GiB in "
                f"float32, three times that with Adam's state); Synthesizer('lowrank', rank=...) maps the same "
-               f"activations through a bottleneck, and 'auto' picks 'conv' for (B, C, H, W) and 'token' for "
-               f"(B, T, D)")
+               f"activations through a bottleneck, and 'auto' picks 'conv' for convolutions' feature maps and "
+               f"'token' for (B, T, D)")
     if params > LINEAR_MAX_PARAMS:
         raise ValueError(message)
     warnings.warn(message, stacklevel=4)
 
 
-def _auto_kind(ndim: int) -> str:
-    return {4: "conv", 3: "token"}.get(ndim, "linear")
+# Layers that decide what a stage's activations are: channel-first feature maps after a
+# convolution (or a norm over its channels), a (B, T, D) sequence after the others.
+_CHANNEL_LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                   nn.GroupNorm)
+_SEQUENCE_LAYERS = (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention,
+                    nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _channels_of(layer: nn.Module) -> int | None:
+    for name in ("out_channels", "num_features", "num_channels"):
+        value = getattr(layer, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _made_by_convolution(t: torch.Tensor, module: nn.Module | None) -> bool:
+    """Whether ``t`` (B, C, *S) is a convolution's feature map: the last weight or norm layer
+    of ``module`` (the stage that made it, in the order its modules were registered) is a
+    convolution or a norm over channels, and it has ``t.shape[1]`` channels. Activations,
+    pooling and dropout in between keep the channels and are not looked at."""
+    if module is None or t.dim() < 3:
+        return False
+    last = None
+    for layer in module.modules():
+        if isinstance(layer, _CHANNEL_LAYERS + _SEQUENCE_LAYERS):
+            last = layer
+    return isinstance(last, _CHANNEL_LAYERS) and _channels_of(last) == t.shape[1]
+
+
+def _auto_kind(t: torch.Tensor, module: nn.Module | None = None) -> str:
+    """``conv`` for a convolution's feature map of any rank (and 4-D activations), ``token`` for
+    other (B, T, D) activations (a transformer's), ``linear`` otherwise."""
+    if t.dim() in (3, 4, 5) and _made_by_convolution(t, module):
+        return "conv"
+    return {4: "conv", 3: "token"}.get(t.dim(), "linear")
 
 
 def normalize_input(t: torch.Tensor, part: nn.Module) -> torch.Tensor:
@@ -438,9 +499,10 @@ class Synthesizer:
 
     Args:
         kind: ``"linear"``, ``"lowrank"`` (option ``rank``), ``"mlp"`` (options ``hidden``,
-            ``depth``), ``"conv"`` (4-D activations; ``hidden``, ``depth``, ``kernel_size``),
-            ``"token"`` (3-D activations; ``hidden``, ``depth``), ``"auto"`` (conv for 4-D,
-            token for 3-D, linear otherwise), or a callable
+            ``depth``), ``"conv"`` ((B, C, L), (B, C, H, W) or (B, C, D, H, W) activations;
+            ``hidden``, ``depth``, ``kernel_size``), ``"token"`` (3-D activations; ``hidden``,
+            ``depth``), ``"auto"`` (conv for a convolution's feature maps of any rank and for
+            other 4-D activations, token for other 3-D ones, linear otherwise), or a callable
             ``(boundary_index, example_activation) -> nn.Module`` for a custom model whose
             ``forward(h, y)`` returns the per-example gradient of one tensor.
         conditional: cDNI; condition on one-hot labels (needs ``num_classes``).
@@ -481,8 +543,8 @@ class Synthesizer:
         if isinstance(kind, str):
             _check_options(kind, options)
         if kind in ("conv", "auto") and "kernel_size" in options and options["kernel_size"] % 2 == 0:
-            raise ValueError(f"the conv synthesizer's kernel_size must be odd (it keeps H and W with "
-                             f"padding kernel_size // 2), got {options['kernel_size']}")
+            raise ValueError(f"the conv synthesizer's kernel_size must be odd (it keeps the spatial size "
+                             f"with padding kernel_size // 2), got {options['kernel_size']}")
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize must be True or False, got {normalize!r}")
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
@@ -510,11 +572,21 @@ class Synthesizer:
                 f"min_quality={self.min_quality}, "
                 f"**{self.options})")
 
-    def build(self, boundary: int, example: Sequence[torch.Tensor]) -> BoundarySynthesizer:
+    def build(self, boundary: int, example: Sequence[torch.Tensor],
+              module: nn.Module | None = None) -> BoundarySynthesizer:
         """Make the synthesizer for boundary ``boundary`` from an example of its tensors.
 
         Only per-example shapes are used: batch size (and, for "token", sequence length)
         may change afterwards. The module is created on ``example``'s device and dtype.
+
+        Args:
+            boundary: the boundary's index (the stage in front of it), for messages.
+            example: the boundary's tensors, each (B, ...).
+            module: the stage that produced them; ``"auto"`` looks at its layers to tell a
+                convolution's (B, C, L) feature map (``conv``) from a (B, T, D) sequence (``token``).
+
+        Raises:
+            ValueError: an unbatched tensor, or activations the chosen kind cannot take.
         """
         parts: list[nn.Module | None] = []
         shapes: list[tuple[int, ...] | None] = []
@@ -530,7 +602,7 @@ class Synthesizer:
             if callable(self.kind):
                 part = self.kind(boundary, t)
             else:
-                kind = _auto_kind(t.dim()) if self.kind == "auto" else self.kind
+                kind = _auto_kind(t, module) if self.kind == "auto" else self.kind
                 builder = _BUILDERS[kind]
                 options = self.options
                 if self.kind == "auto":  # options of the other kinds do not apply

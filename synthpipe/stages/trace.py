@@ -7,18 +7,24 @@ is captured with ``torch.export`` through ``torch.distributed.pipelining.pipelin
 modules are put back where that is safe, so their train/eval behaviour stays live.
 Each stage is a ``torch.fx.GraphModule``.
 
+``example_input`` is a tensor, a tuple of positional inputs, or a dict of keyword inputs
+(a Hugging Face model's ``input_ids``, ``attention_mask``): the first stage then takes one
+dict with the same keys. A model with a Hugging Face ``config.use_cache`` is traced with
+it off (a key-value cache is not a tensor a stage can hand on) and the config is restored.
+
 :func:`traced_input_shapes` and :func:`traced_output_shapes` tell a traced stage's
 recorded shapes (for error messages); :func:`original_name` maps a traced parameter
 name back to the model's.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import os
 import re
 import warnings
-from typing import Any, Sequence, cast
+from typing import Any, Iterator, Mapping, Sequence, cast
 
 import torch
 import torch.fx as fx
@@ -50,7 +56,7 @@ def split_traced(model: nn.Module, points: list[str], example_input: Any) -> lis
     if example_input is None:
         raise ValueError(f"split points {points} need example_input to trace "
                          f"{type(model).__name__}")
-    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    args, kwargs = _call_inputs(example_input)
 
     # Imported here: only the tracer is used, never a process group.
     from torch.distributed.pipelining import SplitPoint, pipeline
@@ -65,7 +71,8 @@ def split_traced(model: nn.Module, points: list[str], example_input: Any) -> lis
             # Tracing emits deprecation noise from torch internals; not the user's concern.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            pipe = pipeline(model, args, split_spec={p: SplitPoint.BEGINNING for p in points})
+            with _without_cache(model):
+                pipe = pipeline(model, args, kwargs or None, split_spec={p: SplitPoint.BEGINNING for p in points})
     except Exception as e:
         failure: Exception | None = e
     else:
@@ -76,18 +83,20 @@ def split_traced(model: nn.Module, points: list[str], example_input: Any) -> lis
                 m.__dict__.pop(k, None)
             m.__dict__.update(before)
     if failure is not None:
-        raise _why_tracing_failed(model, points, args, failure) from failure
+        raise _why_tracing_failed(model, points, args, kwargs, failure) from failure
 
     if pipe.num_stages != len(points) + 1:
-        _check_points_run_once(model, points, args)
+        _check_points_run_once(model, points, args, kwargs)
         raise ValueError(f"split points {points} gave {pipe.num_stages} stages, expected "
                          f"{len(points) + 1}; every point must run once in forward(), after "
                          f"some computation, and on a distinct boundary")
     try:
         stages = [cast(fx.GraphModule, pipe.get_stage_module(i)) for i in range(pipe.num_stages)]
     except AttributeError as e:  # (a point called twice leaves a stage without its module)
-        raise _why_tracing_failed(model, points, args, e) from e
+        raise _why_tracing_failed(model, points, args, kwargs, e) from e
     _chain(pipe.split_gm, stages)
+    if kwargs:
+        _take_keywords(stages[0], len(args), kwargs)
     for i, stage in enumerate(stages):
         _restore_leaves(stage, model, i)
         _warn_frozen_dropout(stage, model, i)
@@ -147,16 +156,16 @@ def _check_no_parameter_in_two_traced_stages(stages: Sequence[nn.Module]) -> Non
                              f"falls in one stage, or untie the weights")
 
 
-def _run_as_is(model: nn.Module, args: tuple, points: list[str]) -> list[int]:
-    """Run ``model(*args)`` eagerly, as the user would; returns how often each point's
+def _run_as_is(model: nn.Module, args: tuple, kwargs: dict[str, Any], points: list[str]) -> list[int]:
+    """Run ``model(*args, **kwargs)`` eagerly, as the user would; returns how often each point's
     module was called. Parameters and buffers (BatchNorm statistics) are left as they were."""
     calls = [0] * len(points)
     hooks = [model.get_submodule(p).register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, p in enumerate(points)]
     saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     try:
-        with torch.no_grad():
-            model(*args)
+        with torch.no_grad(), _without_cache(model):
+            model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -166,8 +175,8 @@ def _run_as_is(model: nn.Module, args: tuple, points: list[str]) -> list[int]:
     return calls
 
 
-def _check_points_run_once(model: nn.Module, points: list[str], args: tuple) -> None:
-    calls = _run_as_is(model, args, points)
+def _check_points_run_once(model: nn.Module, points: list[str], args: tuple, kwargs: dict[str, Any]) -> None:
+    calls = _run_as_is(model, args, kwargs, points)
     for p, n in zip(points, calls, strict=True):
         if n != 1:
             raise ValueError(f"split point {p!r} is called {n} times by {type(model).__name__}.forward(); a "
@@ -176,22 +185,31 @@ def _check_points_run_once(model: nn.Module, points: list[str], args: tuple) -> 
                              f"one that is never called, cannot mark a boundary)")
 
 
-def _why_tracing_failed(model: nn.Module, points: list[str], args: tuple, error: Exception) -> ValueError:
+def _why_tracing_failed(model: nn.Module, points: list[str], args: tuple, kwargs: dict[str, Any],
+                        error: Exception) -> ValueError:
     """The reason a traced split failed, in the user's terms (torch's own message is a
     graph dump that ends by pointing at torch's manual pipeline API)."""
     name = type(model).__name__
+    call = f"{name}(**example_input)" if kwargs else f"{name}(*example_input)"
     try:
-        _check_points_run_once(model, points, args)
+        _check_points_run_once(model, points, args, kwargs)
     except ValueError as e:
         return e
     except Exception as e:  # the model itself fails on example_input: that is the real error
-        return ValueError(f"{name}(*example_input) fails when run as is, so it cannot be traced for "
+        return ValueError(f"{call} fails when run as is, so it cannot be traced for "
                           f"splitting: {type(e).__name__}: {_first_line(e)} (example_input: "
-                          f"{describe(args)})")
+                          f"{describe([kwargs] if kwargs else args)})")
     root: BaseException = error
     while root.__cause__ is not None:
         root = root.__cause__
     where = _user_frame(root)
+    cache = re.search(r"Found <class '([\w.]*Cache)'> in output", str(root))
+    if cache:  # a Hugging Face model returned its key-value cache
+        return ValueError(f"torch.export could not capture {name}.forward() as one graph, which a split at points "
+                          f"needs: it returns a key-value cache ({cache.group(1)}), which is not a tensor a stage "
+                          f"can hand on. Turn the cache off with use_cache=False: synthpipe sets the model's "
+                          f"config.use_cache to False while tracing, so something else asks for it (a "
+                          f"use_cache=True argument in forward(), or a config that is not the model's own)")
     return ValueError(f"torch.export could not capture {name}.forward() as one graph, which a split at points "
                       f"needs: {type(root).__name__}: {_first_line(root)}{where}. Typical causes: Python control "
                       f"flow on tensor values (`if h.sum() > 0:`; use torch.where), .item() or .tolist(), "
@@ -215,6 +233,97 @@ def _user_frame(error: BaseException) -> str:
         return ""
     f = outside[-1]
     return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _call_inputs(example_input: Any) -> tuple[tuple, dict[str, Any]]:
+    """``example_input`` as positional and keyword inputs: a tuple or list is positional, a
+    dict is keyword (every value a tensor), anything else is the one positional input."""
+    if isinstance(example_input, Mapping):
+        kwargs = dict(example_input)
+        for k, v in kwargs.items():
+            if not isinstance(k, str) or not torch.is_tensor(v):
+                raise ValueError(f"example_input as a dict holds the model's keyword inputs, each a tensor; "
+                                 f"{k!r} is {describe([v])}: set options such as use_cache or return_dict on "
+                                 f"the model (its config), not in the input")
+        if not kwargs:
+            raise ValueError("example_input is an empty dict; give the model's keyword inputs (input_ids=...)")
+        return (), kwargs
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    return (example_input,), {}
+
+
+@contextlib.contextmanager
+def _without_cache(model: nn.Module) -> Iterator[None]:
+    """Trace a Hugging Face model with ``config.use_cache`` off, restored afterwards.
+
+    With it on, the model returns a key-value cache object, which ``torch.export`` cannot
+    return from a graph and a stage could not send on; split stages never decode step by
+    step, so the cache is of no use to them. The model's own configuration objects (its
+    submodules usually share one) are switched, and put back even if tracing fails.
+    """
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", None) is True}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True
+
+
+def _keyword_inputs(inputs: Any, keys: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]) -> tuple:
+    """The values of ``inputs`` (a dict) for ``keys``, in order; called by a traced first stage.
+
+    Raises:
+        ValueError: not a dict, other keys, or other shapes than when traced.
+    """
+    if not isinstance(inputs, Mapping):
+        raise ValueError(f"stage 0 was traced with keyword inputs {list(keys)} and takes them as one dict "
+                                f"(batches (dict_of_inputs, target)), got {describe([inputs])}")
+    if set(inputs) != set(keys):
+        missing, extra = [k for k in keys if k not in inputs], [k for k in inputs if k not in keys]
+        raise ValueError(f"stage 0 was traced with keyword inputs {list(keys)}, got {list(inputs)}"
+                                f"{f'; missing {missing}' if missing else ''}{f'; not traced {extra}' if extra else ''}"
+                                f": give example_input the keys the training batches have")
+    values = tuple(inputs[k] for k in keys)
+    for k, v, shape in zip(keys, values, shapes, strict=True):
+        if not torch.is_tensor(v) or tuple(v.shape) != shape:
+            raise ValueError(
+                f"stage 0 was traced (split at points) with {k} of shape {shape} and is given {describe([v])}; "
+                f"tracing fixes the sizes the model's code computes with, so give example_input the training "
+                f"shapes and drop a smaller last batch (DataLoader(drop_last=True))")
+    return values
+
+
+def _take_keywords(stage: fx.GraphModule, n_args: int, kwargs: dict[str, Any]) -> None:
+    """Make the (chained) first stage take its keyword inputs as one dict: ``stage(inputs)``.
+
+    Its placeholders are the model's inputs in the order they were flattened for tracing,
+    positional first, then ``kwargs`` in their order; the engine hands the first stage the
+    batch's input as one value, so a dict of keyword inputs stays one value.
+    """
+    graph = stage.graph
+    old = [n for n in graph.nodes if n.op == "placeholder"]
+    keys = tuple(kwargs)
+    if n_args or len(old) != len(keys):
+        raise RuntimeError(f"traced first stage has {len(old)} inputs for keyword inputs {list(keys)}")
+    shapes = tuple(tuple(v.shape) for v in kwargs.values())
+    with graph.inserting_before(old[0]):
+        inputs = graph.placeholder("inputs")
+    with graph.inserting_after(old[-1]):
+        values = graph.call_function(_keyword_inputs, (inputs, keys, shapes))
+    with graph.inserting_after(values):
+        for j, node in enumerate(old):
+            item = graph.call_function(operator.getitem, (values, j))
+            item.meta = dict(node.meta)
+            node.replace_all_uses_with(item)
+    for node in old:
+        graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()
+    graph.lint()
+    stage.recompile()
 
 
 Key = tuple[Any, Any]  # ("in", j) for model input j, (stage, index) for a stage output
