@@ -21,7 +21,7 @@ def parse(argv: list[str]) -> dict:
 def test_flags_and_toml_set_the_new_options(tmp_path) -> None:
     given = parse(FLAGS)
     assert given == {"precision": "bf16", "clip_grad_norm": 0.5, "lr_schedule": "cosine", "lr_warmup_steps": 3,
-                     "tensorboard": "runs/a"}
+                     "log_dir": "runs/a"}  # (--tensorboard is the flag of the engine's log_dir)
     assert parse(overrides_to_argv(given)) == given  # (what synthpipe train --nproc hands to torchrun)
     path = tmp_path / "job.toml"
     path.write_text('precision = "fp16"\nclip_grad_norm = 1\nlr_schedule = "linear"\nlr_warmup_steps = 10\n')
@@ -30,7 +30,7 @@ def test_flags_and_toml_set_the_new_options(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"precision": "fp8"}, "precision must be one of fp32, bf16, fp16"),
+    ({"precision": "fp8"}, r"precision must be one of \('fp32', 'bf16', 'fp16'\), got 'fp8'"),
     ({"lr_schedule": "step"}, "lr_schedule must be one of constant, linear, cosine"),
     ({"lr_warmup_steps": -1}, "lr_warmup_steps must be >= 0"),
     ({"clip_grad_norm": 0.0}, "clip_grad_norm must be a positive"),
