@@ -82,7 +82,7 @@ def _split_fingerprint(stages: Sequence[nn.Module]) -> list[list[tuple[str, tupl
 
 # The options that decide each stage's update rule; the others (progress, prefetch, ...) may differ.
 _RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "staleness", "nonfinite",
-                 "precision", "synth_precision", "clip_grad_norm")
+                 "precision", "synth_precision", "clip_grad_norm", "p_update", "p_update_seed")
 
 
 def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int) -> None:
