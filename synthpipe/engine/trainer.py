@@ -223,6 +223,9 @@ class Trainer:
         if world != self.n_stages:
             raise ValueError(f"the job has {world} processes but the model has {self.n_stages} stages; "
                              f"launch one process per stage (--nproc {self.n_stages}) or split into {world} stages")
+        if self.config.synthetic_inputs:  # (before any process group: every rank refuses alike)
+            raise ValueError(f"synthetic_inputs=True runs in the single-process trainer only, not across {world} "
+                             f"processes: run it in one process (no torchrun)")
         self._owns_group = not dist.is_initialized()
         init_process_group(self.device, backend_for(self.device, backend))
         self.rank = dist.get_rank()
