@@ -132,3 +132,26 @@ def refused_across_ranks(rank: int) -> str:
 def test_synthetic_inputs_are_refused_across_processes():
     results = run_ranks(refused_across_ranks, 3, timeout=90)
     assert all("synthetic_inputs=True runs in the single-process trainer only" in m for m in results), results
+
+
+def learning_trainer() -> sp.Trainer:
+    return sp.Trainer(sp.split(make_model(), balance=[2, 2, 1]), nn.CrossEntropyLoss(),
+                      lambda p: torch.optim.Adam(p, lr=1e-2), synthesizer=SYNTH, gradients="synthetic",
+                      synthetic_inputs=True, input_synth_hidden=8, progress=False)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    batches = make_batches(n=8)
+    whole = learning_trainer()
+    whole.fit(batches, epochs=2)
+    first = learning_trainer()
+    first.fit(batches, epochs=1)
+    first.save(str(tmp_path))
+    resumed = learning_trainer().load(str(tmp_path))
+    resumed.fit(batches, epochs=2)
+    for k, v in whole.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    x = batches[0][0]
+    for r in (1, 2):
+        assert torch.allclose(whole.runner.input_synths[r].predict((x,))[0],
+                              resumed.runner.input_synths[r].predict((x,))[0], atol=1e-6), f"stage {r}"

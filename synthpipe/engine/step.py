@@ -122,6 +122,8 @@ class StageStep:
         ``downstream``: stage r + 1's ``(grads, skipped)`` of this step, when it waited for them.
         A non-finite loss or gradient raises :class:`NonFiniteError`, or with
         ``nonfinite="skip"`` leaves the stage as it was and tells stage r - 1 the step was skipped.
+        A step this stage's ``p_update`` draw skips does no backward and no update either
+        (:meth:`_skip_update`).
         """
         cfg, stage, tm, step = self.config, self.stage, self.timers, begun.step
         if begun.loss is None and self.source.owns_update:
