@@ -62,6 +62,20 @@ class TrainConfig:
             whatever ``precision`` is) or ``"bf16"`` (their forward under bf16 autocast).
         clip_grad_norm: clip each stage's gradient to this 2-norm before its step (per
             stage, over that stage's parameters; ``None``: no clipping).
+        p_update: sporadic updates: each stage does its backward and optimizer step at a
+            step with this probability, independently of the other stages (its forward
+            always runs; a skipped step sends stage r - 1 a skipped message, so that step
+            gives stage r - 1's synthesizer no target). ``1.0``: every step (the plain run).
+            Only ``gradients="synthetic"`` and ``"backprop"`` take values below 1.
+        p_update_seed: the seed of the ``p_update`` draws; whether stage r updates at step
+            t is a pure function of ``(p_update_seed, r, t)``, the same in one process and
+            on every rank.
+        synthetic_inputs: forward unlocking (the DNI paper's complete unlock): every stage
+            r > 0 owns an input synthesizer ``I_r(x)`` predicting its input ``h_{r-1}`` from
+            the data ``x``, runs its forward and update on that prediction, and trains
+            ``I_r`` by regression on the real input (docs/paper.md). Needs
+            ``gradients="synthetic"`` and at least 2 stages; single-process trainer only.
+        input_synth_hidden: the hidden width of each input synthesizer (a two-layer MLP).
         log_dir: write TensorBoard scalars into this directory (needs the ``tensorboard``
             package: ``pip install synthpipe[tensorboard]``); ``None``: none.
     """
@@ -82,6 +96,10 @@ class TrainConfig:
     synth_precision: str = "fp32"
     clip_grad_norm: Optional[float] = None
     log_dir: Optional[str] = None
+    p_update: float = 1.0
+    p_update_seed: int = 0
+    synthetic_inputs: bool = False
+    input_synth_hidden: int = 256
 
     def __post_init__(self) -> None:
         if self.gradients not in SOURCES:
@@ -114,6 +132,25 @@ class TrainConfig:
         if self.clip_grad_norm is not None and (isinstance(self.clip_grad_norm, bool) or not isinstance(
                 self.clip_grad_norm, (int, float)) or not 0 < self.clip_grad_norm < math.inf):
             raise ValueError(f"clip_grad_norm must be a positive, finite number (or None), got {self.clip_grad_norm!r}")
+        if isinstance(self.p_update, bool) or not isinstance(self.p_update, (int, float)) or not (
+                0 < self.p_update <= 1):
+            raise ValueError(f"p_update must be a probability in (0, 1], got {self.p_update!r}")
+        self.p_update = float(self.p_update)
+        _check_count("p_update_seed", self.p_update_seed, minimum=0)
+        if self.p_update < 1 and not getattr(SOURCES[self.gradients], "sporadic_updates", False):
+            takes = [n for n, c in SOURCES.items() if getattr(c, "sporadic_updates", False)]
+            raise ValueError(f"p_update={self.p_update} cannot apply to gradients={self.gradients!r}, which runs "
+                             f"its updates itself; sporadic updates take gradients={' or '.join(map(repr, takes))}")
+        _check_count("input_synth_hidden", self.input_synth_hidden, minimum=1)
+        if self.synthetic_inputs not in (True, False):
+            raise ValueError(f"synthetic_inputs must be True or False, got {self.synthetic_inputs!r}")
+        if self.synthetic_inputs and self.gradients != "synthetic":
+            raise ValueError(f"synthetic_inputs=True trains each stage on a predicted input without waiting for "
+                             f"the forward pass, so it cannot also wait for a true gradient: it needs "
+                             f"gradients='synthetic', got gradients={self.gradients!r}")
+        if self.synthetic_inputs and self.warmup_steps:
+            raise ValueError(f"synthetic_inputs=True cannot run warmup_steps={self.warmup_steps} (locked steps "
+                             f"wait for true gradients): leave it 0")
         if self.log_dir is not None and not isinstance(self.log_dir, (str, os.PathLike)):
             raise ValueError(f"log_dir must be a directory path (or None), got {self.log_dir!r}")
         if self.log_dir is not None:

@@ -14,11 +14,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ..stages.stage import NonFiniteError, Stage, as_tuple, restore_training_modes, training_modes
+from ..stages.input_synth import InputSynthesizer
+from ..stages.stage import NonFiniteError, Stage, all_finite, as_tuple, restore_training_modes, training_modes
 from .config import DEFAULT_DELAY, TrainConfig
 from .history import StepLog
 from .metrics import Timers
 from .sources import SOURCES, make_source
+from .sporadic import update_drawn
 from .step import Begun, LiveStats, StageStep
 
 __all__ = ["ReferenceRunner", "batch_metrics", "mean_metrics", "evaluate_model"]
@@ -107,6 +109,20 @@ class ReferenceRunner:
     the targets now due). With
     ``delay=None`` the source's ``default_delay`` is modelled (``DEFAULT_DELAY`` for the
     synthesizer targets), or none where the source has no use for one.
+
+    ``synthetic_inputs``: forward unlocking (docs/paper.md, "Synthetic inputs"). The data
+    ``x`` is at hand in this process; every stage r > 0 owns an
+    :class:`~synthpipe.stages.input_synth.InputSynthesizer` ``I_r`` and, per step, in
+    stage order: runs its forward, synthetic-gradient update (and ``after`` work) on
+    ``I_r(x)``, takes back what that forward did to its norm layers' running statistics,
+    trains ``I_r`` on the real input ``h_{r-1}`` (the real chain's output of stage r - 1,
+    this very step: no delay is modelled for it), then runs the real input through
+    without updating (:meth:`_real_forward`): its output is stage r + 1's real input and
+    ``M_r``'s regression input, and the gradient at the real input, through ``M_r`` (or
+    the loss), is ``M_{r-1}``'s target. So every regression target, and the norm layers'
+    running statistics, come from the real chain, the network :meth:`evaluate` runs;
+    only the updates use predicted inputs. The price: a second forward and an
+    input-only backward per stage r > 0.
     """
 
     drives_data = True
@@ -126,6 +142,13 @@ class ReferenceRunner:
         self.sources = [make_source(s, modelled) for s in self.stages]
         self.steps = [StageStep(s, modelled, src, _HandOff(self, r), self.log, self.stats)
                       for r, (s, src) in enumerate(zip(self.stages, self.sources, strict=True))]
+        self.input_synths: dict[int, InputSynthesizer] = {}
+        if config.synthetic_inputs:
+            if len(self.stages) < 2:
+                raise ValueError("synthetic_inputs=True needs at least 2 stages: it gives every stage r > 0 a "
+                                 "synthetic input, and stage 0, the only stage here, reads the data itself")
+            self.input_synths = {r: InputSynthesizer(r, s.synth_optimizer_factory, config.input_synth_hidden,
+                                                     s.device) for r, s in enumerate(self.stages) if r > 0}
 
     @property
     def caches(self) -> list[Any]:
@@ -152,6 +175,8 @@ class ReferenceRunner:
         """One training step of every stage. Returns the loss (``None`` if skipped)."""
         h = as_tuple(x)
         self.downstream.clear()
+        if self.input_synths:
+            return self._train_unlocked(step, h, y)
         waiting: list[tuple[int, Begun]] = []  # locked stages, waiting for r + 1's gradient
         loss: float | None = None
         try:
@@ -174,6 +199,54 @@ class ReferenceRunner:
         for stage_step in self.steps:
             stage_step.after(step)
         return loss
+
+    def _train_unlocked(self, step: int, x: tuple, y: torch.Tensor) -> float | None:
+        """One step with synthetic inputs: each stage r > 0 trains on ``I_r(x)``, ``I_r`` on the real input."""
+        real, loss = x, None
+        for r, (stage, stage_step) in enumerate(zip(self.stages, self.steps, strict=True)):
+            synth = self.input_synths.get(r)
+            if synth is not None and not synth.ready():
+                synth.build(x, real)
+            begun = stage_step.begin(step, real if synth is None else synth.predict(x), y)
+            stage_step.early(begun)
+            loss = stage_step.update(begun)
+            stage_step.after(step)
+            if synth is None:  # (stage 0: the data is its real input)
+                real = tuple(o.detach() if torch.is_tensor(o) else o for o in begun.outputs)
+                continue
+            stage.undo_forward()  # (running statistics follow the real inputs, below)
+            self.log.put(step, f"input_loss/{r}", synth.train(x, real))
+            real = self._real_forward(r, step, real, y)
+        return loss
+
+    def _real_forward(self, r: int, step: int, real: tuple, y: torch.Tensor) -> tuple:
+        """Stage r on its real input (no update): returns the real output, which becomes
+        ``M_r``'s regression input for this step, and gives stage r - 1 the gradient taken at
+        the real input (through ``M_r``, or the loss on the last stage) as its target,
+        in place of the one taken at the predicted input. Nothing is sent where stage r
+        skipped the step (``p_update``): a skipped stage does no backward."""
+        stage, source, cfg = self.stages[r], self.sources[r], self.config
+        inputs, outputs = stage.forward(real)
+        if update_drawn(cfg.p_update, cfg.p_update_seed, r, step):
+            if stage.is_last:
+                pairs = [(stage.loss(outputs, y), None)]
+            else:
+                pairs = [(o, g) for o, g in zip(outputs, stage.synthetic_gradient(outputs, y), strict=True)
+                         if g is not None and torch.is_tensor(o) and o.requires_grad]
+            leaves = [t for t in inputs if torch.is_tensor(t) and t.requires_grad]
+            found: list[Any] = [None] * len(leaves)
+            if pairs and leaves:
+                found = list(torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                                 allow_unused=True))
+            got = iter(found)
+            target = tuple(next(got) if torch.is_tensor(t) and t.requires_grad else None for t in inputs)
+            self.steps[r - 1].received(step, target, skipped=not all_finite(target))
+        out = tuple(o.detach() if torch.is_tensor(o) else o for o in outputs)
+        cache = getattr(source, "cache", None)
+        if not stage.is_last and cache is not None and cache.get(step) is not None:
+            cache.add(step, out, y)  # (M_r regresses at the real output; its target is still to come)
+        return out
+
     @torch.no_grad()
     def evaluate(self, batches: Iterable[tuple[Any, torch.Tensor]]) -> dict[str, float]:
         """Mean loss and accuracy over ``batches`` (modules in eval mode, restored after)."""
@@ -212,7 +285,8 @@ class ReferenceRunner:
     # -- state ----------------------------------------------------------------------
     def states(self) -> list[tuple[int, dict[str, Any]]]:
         """``[(stage index, state)]`` for every stage (as each rank would save it)."""
-        return [(r, {"stage": s.state_dict(), "cache": src.state_dict()})
+        return [(r, {"stage": s.state_dict(), "cache": src.state_dict(),
+                     **({"input": self.input_synths[r].state_dict()} if r in self.input_synths else {})})
                 for r, (s, src) in enumerate(zip(self.stages, self.sources, strict=True))]
 
     def prepare_load(self, read: Callable[[int], dict[str, Any]],
@@ -238,6 +312,9 @@ class ReferenceRunner:
         for stage, source, state, part in zip(self.stages, self.sources, states, ready, strict=True):
             stage.commit_load(state["stage"], part)
             source.load_state_dict(state["cache"], stage.device)
+        for r, synth in self.input_synths.items():
+            if "input" in states[r]:
+                synth.load_state_dict(states[r]["input"])
         return states[0]
 
     def module_states(self) -> list[dict[str, torch.Tensor]]:

@@ -29,6 +29,7 @@ from .history import StepLog
 from .metrics import NULL_TIMERS, Timers
 from .sources import GradientSource
 from .sources.base import Begun, Links, nonfinite_message
+from .sporadic import update_drawn
 
 __all__ = ["Links", "StageStep", "Begun", "LiveStats", "nonfinite_message"]
 
@@ -128,11 +129,15 @@ class StageStep:
         ``downstream``: stage r + 1's ``(grads, skipped)`` of this step, when it waited for them.
         A non-finite loss or gradient raises :class:`NonFiniteError`, or with
         ``nonfinite="skip"`` leaves the stage as it was and tells stage r - 1 the step was skipped.
+        A step this stage's ``p_update`` draw skips does no backward and no update either
+        (:meth:`_skip_update`).
         """
         cfg, stage, tm, step = self.config, self.stage, self.timers, begun.step
         if begun.loss is None and self.source.owns_update:
             self.source.update(self, begun, downstream)
             return None
+        if not update_drawn(cfg.p_update, cfg.p_update_seed, stage.index, step):
+            return self._skip_update(begun)
         result: float | None = None
         grads: tuple | None = None
         if begun.loss is not None:
@@ -181,6 +186,21 @@ class StageStep:
                 self.log.put(step, f"grad_norm/{stage.index}", norm)
             if lr is not None:
                 self.log.put(step, f"lr/{stage.index}", lr)
+        return result
+
+    def _skip_update(self, begun: Begun) -> float | None:
+        """``p_update``: this stage does no backward and no update at this step (engine/sporadic.py).
+
+        Stage r - 1 is told the step was skipped (nothing waits for a gradient that never
+        comes); the last stage still reports the loss its forward computed.
+        """
+        self.stage.advance_schedule()  # (the LR schedule follows the step id)
+        self._send_back(begun.step, (), skipped=True)
+        if begun.loss is None:
+            return None
+        result = float(begun.loss.detach())
+        self.stats.loss, self.stats.loss_step = result, float(begun.step)
+        self.log.put(begun.step, "loss", result)
         return result
 
     def after(self, step: int) -> None:

@@ -91,7 +91,7 @@ def _split_fingerprint(stages: Sequence[nn.Module]) -> list[list[tuple[str, tupl
 
 # The options that decide each stage's update rule; the others (progress, prefetch, ...) may differ.
 _RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "staleness", "nonfinite",
-                 "precision", "synth_precision", "clip_grad_norm")
+                 "precision", "synth_precision", "clip_grad_norm", "p_update", "p_update_seed")
 
 
 def _check_same_job(stages: Sequence[nn.Module], config: TrainConfig, rank: int) -> None:
@@ -241,6 +241,9 @@ class Trainer:
                 raise ValueError(f"dp={dp} pipelines of {self.n_stages} stages need {dp * self.n_stages} processes "
                                  f"under torchrun; this is one process")
             return ReferenceRunner([make(r) for r in range(self.n_stages)], self.config)
+        if self.config.synthetic_inputs:  # (before any process group: every rank refuses alike)
+            raise ValueError(f"synthetic_inputs=True runs in the single-process trainer only, not across {world} "
+                             f"processes: run it in one process (no torchrun)")
         layout(world, self.n_stages, dp, 0)  # (before the group: a wrong world size is refused at once)
         self._owns_group = not dist.is_initialized()
         init_process_group(self.device, backend_for(self.device, backend))

@@ -15,5 +15,7 @@ __all__ = ["Backprop"]
 class Backprop(GradientSource):
     """Every step waits for the true gradient; nothing else is kept."""
 
+    sporadic_updates = True
+
     def waits(self, step: int) -> bool:
         return True

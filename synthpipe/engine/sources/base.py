@@ -109,6 +109,8 @@ class GradientSource:
         default_delay: the delay the single-process trainer models when ``delay=None``
             (``None``: the engine's default, ``DEFAULT_DELAY``).
         staleness_modes: the ``staleness=`` corrections the source takes (none by default).
+        sporadic_updates: the engine's own update runs every step, so ``p_update < 1`` can
+            skip it (``False``: refused).
     """
 
     name: ClassVar[str] = ""
@@ -117,6 +119,7 @@ class GradientSource:
     uses_delay: ClassVar[bool] = True
     default_delay: ClassVar[Optional[int]] = None
     staleness_modes: ClassVar[tuple[str, ...]] = ()
+    sporadic_updates: ClassVar[bool] = False
     replicas: Any = None
     """Set by a data-parallel runner: the stage's :class:`~synthpipe.engine.data_parallel.Replicas`.
     A source whose work differs between replicas (how many targets it trains on) agrees

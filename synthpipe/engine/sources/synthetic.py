@@ -29,6 +29,8 @@ __all__ = ["Synthetic"]
 class Synthetic(GradientSource):
     """A synthesizer's prediction now; the gradient that comes back trains it."""
 
+    sporadic_updates = True
+
     def __init__(self, stage: Stage, config: Any):
         super().__init__(stage, config)
         self.cache = TargetCache()
