@@ -28,13 +28,13 @@ import torch
 
 from ...stages.stage import NonFiniteError, Stage, all_finite
 from .base import Begun, GradientSource, StepRunner, nonfinite_message, register
-from .local import AuxLoss, check_aux_head, check_loaded
+from .local import AuxHeadState, AuxLoss, check_aux_head
 
 __all__ = ["Interlocking"]
 
 
 @register("interlocking")
-class Interlocking(GradientSource):
+class Interlocking(AuxHeadState, GradientSource):
     """The local loss's gradient at once (one hop back), the next stage's when it comes."""
 
     uses_delay = False
@@ -111,16 +111,6 @@ class Interlocking(GradientSource):
     def in_flight(self) -> int:
         return len(self.local)
 
-    def state_dict(self) -> Any:
-        return {"source": self.name, "aux": self.aux.state_dict()}
-
-    def check_state(self, state: Any) -> None:
-        check_loaded(self.stage, self.name, state)
-        self.aux.prepare(state["aux"])
-
-    def load_state_dict(self, state: Any, device: torch.device) -> None:
-        check_loaded(self.stage, self.name, state)
-        self.aux.commit(self.aux.prepare(state["aux"]))
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from ...stages.aux import AuxHead, floating
 from ...stages.stage import Stage, StageInputError, _check_optimizer_state, _class_name, all_finite, describe
 from .base import GradientSource, register
 
-__all__ = ["AuxLoss", "Local"]
+__all__ = ["AuxLoss", "AuxHeadState", "Local"]
 
 
 class AuxLoss:
@@ -147,8 +147,28 @@ def check_loaded(stage: Stage, name: str, state: Any) -> None:
                          f"gradients={name!r}")
 
 
+class AuxHeadState:
+    """The checkpoint state of a source whose own state is its stage's auxiliary head
+    (``self.aux``, an :class:`AuxLoss`): saved with the source's name, checked on load."""
+
+    name: str
+    stage: Stage
+    aux: AuxLoss
+
+    def state_dict(self) -> Any:
+        return {"source": self.name, "aux": self.aux.state_dict()}
+
+    def check_state(self, state: Any) -> None:
+        check_loaded(self.stage, self.name, state)
+        self.aux.prepare(state["aux"])
+
+    def load_state_dict(self, state: Any, device: torch.device) -> None:
+        check_loaded(self.stage, self.name, state)
+        self.aux.commit(self.aux.prepare(state["aux"]))
+
+
 @register("local")
-class Local(GradientSource):
+class Local(AuxHeadState, GradientSource):
     """The gradient of the stage's own auxiliary loss, at once; nothing is sent back."""
 
     sends_back = False
@@ -168,13 +188,3 @@ class Local(GradientSource):
             self.aux.step_head()
         return grads
 
-    def state_dict(self) -> Any:
-        return {"source": self.name, "aux": self.aux.state_dict()}
-
-    def check_state(self, state: Any) -> None:
-        check_loaded(self.stage, self.name, state)
-        self.aux.prepare(state["aux"])
-
-    def load_state_dict(self, state: Any, device: torch.device) -> None:
-        check_loaded(self.stage, self.name, state)
-        self.aux.commit(self.aux.prepare(state["aux"]))
