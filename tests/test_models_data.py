@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from synthpipe.data import loader, mnist1d, synthetic_classification
-from synthpipe.models import deep_mlp, paper_cnn, paper_mlp
+from synthpipe.models import (LMHead, TokenEmbedding, TransformerBlock, char_gpt, deep_mlp, lm_loss, paper_cnn,
+                              paper_mlp, wide_mlp)
 
 
 # --------------------------------------------------------------------------- models
@@ -68,6 +69,100 @@ def test_models_are_trainable_on_cpu():
         out = model(torch.randn(4, 40))
         nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 3])).backward()
         assert all(p.grad is not None for p in model.parameters())
+
+
+def test_wide_mlp_is_a_flat_wide_bn_mlp():
+    model = wide_mlp()
+    assert isinstance(model, nn.Sequential) and _children_are_leaves(model)
+    assert [type(c) for c in model] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 6 + [nn.Linear]
+    assert model[0].in_features == 40 and model[-1].out_features == 10
+    assert all(m.out_features == 1024 for m in model if isinstance(m, nn.Linear) and m is not model[-1])
+    assert model(torch.randn(4, 40)).shape == (4, 10)
+    assert len(wide_mlp(hidden=8, depth=2)) == 7
+    with pytest.raises(ValueError, match="depth"):
+        wide_mlp(depth=0)
+
+
+def test_char_gpt_layout_and_shapes():
+    model = char_gpt(vocab_size=50, dim=32, n_layers=3, heads=4, max_len=16)
+    kinds = [type(c) for c in model]
+    assert kinds == [TokenEmbedding] + [TransformerBlock] * 3 + [LMHead]
+    idx = torch.randint(0, 50, (2, 11))
+    assert model(idx).shape == (2, 11, 50)
+    # It splits between any two children: every boundary is (B, T, dim), and the children
+    # run one after another give the model's output.
+    h = idx
+    for i, child in enumerate(model):
+        h = child(h)
+        if i < len(model) - 1:
+            assert h.shape == (2, 11, 32) and h.dtype == torch.float32
+    assert torch.allclose(h, model(idx))
+    assert model[0].tokens.weight.data_ptr() != model[-1].head.weight.data_ptr()  # untied head
+
+
+def test_char_gpt_is_causal():
+    torch.manual_seed(0)
+    model = char_gpt(vocab_size=20, dim=16, n_layers=2, heads=2, max_len=12).eval()
+    idx = torch.randint(0, 20, (1, 12))
+    changed = idx.clone()
+    changed[0, 7] = (idx[0, 7] + 1) % 20
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)  # positions before 7 cannot see it
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_char_gpt_refuses_bad_shapes_by_name():
+    with pytest.raises(ValueError, match="divisible"):
+        char_gpt(dim=30, heads=4)
+    with pytest.raises(ValueError, match="n_layers"):
+        char_gpt(n_layers=0)
+    model = char_gpt(vocab_size=10, dim=8, n_layers=1, heads=2, max_len=4)
+    with pytest.raises(ValueError, match="max_len 4"):
+        model(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        model(torch.zeros(5, dtype=torch.long))
+
+
+def test_lm_loss_is_token_cross_entropy():
+    logits = torch.randn(3, 5, 7)
+    y = torch.randint(0, 7, (3, 5))
+    expected = nn.functional.cross_entropy(logits.reshape(15, 7), y.reshape(15))
+    assert torch.allclose(lm_loss(logits, y), expected)
+    assert torch.allclose(lm_loss(torch.zeros(2, 4, 7), y[:2, :4]), torch.log(torch.tensor(7.0)))
+    with pytest.raises(ValueError, match="targets"):
+        lm_loss(logits, y[:, :4])
+
+
+def test_char_gpt_learns_a_repeating_text():
+    torch.manual_seed(0)
+    model = char_gpt(vocab_size=8, dim=32, n_layers=2, heads=2, max_len=16)
+    seq = torch.arange(17) % 8  # 0 1 2 ... 7 0 1 ...: the next byte is a function of this one
+    x, y = seq[None, :-1].repeat(4, 1), seq[None, 1:].repeat(4, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        first = float(lm_loss(model(x), y))
+    for _ in range(60):
+        loss = lm_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 1.5 and float(loss) < 0.2
+
+
+def test_models_train_as_pipeline_stages_in_the_reference_trainer():
+    import synthpipe as sp
+    from synthpipe.data import loader
+
+    torch.manual_seed(0)
+    model = char_gpt(vocab_size=16, dim=16, n_layers=2, heads=2, max_len=8)
+    x = torch.randint(0, 16, (32, 8))
+    data = torch.utils.data.TensorDataset(x, (x + 1) % 16)
+    trainer = sp.Trainer([model[:2], model[2:]], lm_loss, progress=False, delay=1,
+                         synthesizer=sp.Synthesizer("token", conditional=True, num_classes=16, hidden=8))
+    history = trainer.fit(loader(data, 8), epochs=2)
+    losses = [v for v in history.losses if v == v]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert trainer.runner.stages[0].synth is not None  # stage 0 trained on synthetic gradients
 
 
 # --------------------------------------------------------------------------- mnist1d
