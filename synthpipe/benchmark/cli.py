@@ -111,7 +111,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     c.add_argument("--conv-model", default="wide_mlp", choices=["wide_mlp", "paper_mlp"],
                    help="model (default: wide_mlp)")
     c.add_argument("--conv-epochs", type=int, default=None,
-                   help=f"epochs per method (default 6, quick {QUICK_CONV['epochs']})")
+                   help=f"epochs per method (default 5, quick {QUICK_CONV['epochs']})")
     c.add_argument("--conv-target", type=float, default=None,
                    help="target test accuracy (default: single-device backprop's final accuracy minus --conv-margin)")
     c.add_argument("--conv-margin", type=float, default=0.01,

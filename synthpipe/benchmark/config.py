@@ -193,7 +193,7 @@ class BenchConfig:
     converge: bool = True
     conv_workload: Workload = dataclasses.field(default_factory=lambda: Workload(
         model="wide_mlp", in_features=40, hidden=1024, depth=6, batch=256, data="mnist1d", num_samples=20000))
-    conv_epochs: int = 6
+    conv_epochs: int = 5
     conv_target: float | None = None
     conv_margin: float = 0.01
     conv_sources: list[Source] = dataclasses.field(default_factory=_default_sources)
