@@ -475,3 +475,16 @@ def test_nproc_auto_is_one_process_per_stage_when_the_cores_hold_them():
     assert parse_train(["--nproc", "auto"]).nproc is None and parse_train(["--nproc", "3"]).nproc == 3
     with pytest.raises(SystemExit):
         parse_train(["--nproc", "many"])
+
+
+def test_time_to_target_reads_the_first_evaluation_at_or_above_it():
+    from synthpipe.launch.train import pipeline_curve, time_to_target
+
+    history = types.SimpleNamespace(epochs=[
+        {"epoch": 0, "steps": 62, "time": 10.0, "eval_accuracy": 0.70},
+        {"epoch": 1, "steps": 62, "time": 9.0, "eval_accuracy": 0.81},
+        {"epoch": 2, "steps": 62, "time": 9.5, "eval_accuracy": 0.80}])
+    curve = pipeline_curve(history)  # training seconds add up over the epochs; evaluation is not in them
+    assert [(p["epoch"], p["steps"], p["time"]) for p in curve] == [(1, 62, 10.0), (2, 124, 19.0), (3, 186, 28.5)]
+    assert time_to_target(curve, 0.80)["epoch"] == 2
+    assert time_to_target(curve, 0.82) is None

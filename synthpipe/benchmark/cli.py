@@ -128,6 +128,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     c.add_argument("--conv-samples", type=int, default=None,
                    help=f"MNIST-1D samples, train + test (default 20000, quick {QUICK_CONV['samples']})")
     c.add_argument("--conv-lr", type=float, default=1e-3)
+    c.add_argument("--conv-seed", type=int, default=0,
+                   help="seed of the model initialisation, the data and its shuffling (default: 0)")
     s = parser.add_argument_group("simulator")
     s.add_argument("--devices", type=_ints, default=[2, 4, 8, 16],
                    help=f"device counts to predict, 1 to {MAX_DEVICES} each (default: 2,4,8,16)")
@@ -154,7 +156,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
                                  depth=cw.depth if args.conv_depth is None else args.conv_depth,
                                  batch=args.conv_batch, data="mnist1d",
                                  num_samples=cw.num_samples if args.conv_samples is None else args.conv_samples,
-                                 lr=args.conv_lr, optimizer=args.optimizer)
+                                 lr=args.conv_lr, optimizer=args.optimizer, seed=args.conv_seed)
     if args.conv_sources is not None:
         try:
             cfg.conv_sources = [Source.parse(v) for v in args.conv_sources]

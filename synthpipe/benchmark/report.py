@@ -275,7 +275,7 @@ def convergence_markdown(results: dict[str, Any]) -> list[str]:
     lines = [f"{cw.get('model')}(in={cw.get('in_features')}, hidden={cw.get('hidden')}, depth={cw.get('depth')}) on "
              f"{cw.get('data')} ({cw.get('num_samples')} samples), batch {cw.get('batch')}, {cw.get('optimizer')} "
              f"lr {cw.get('lr')}, {cfg.get('conv_epochs')} epochs each, evaluated {cfg.get('conv_evals', 1)}x per "
-             f"epoch; time = training wall-clock (evaluation excluded); one seed.",
+             f"epoch; time = training wall-clock (evaluation excluded); seed {cw.get('seed', 0)}.",
              "",
              f"**Target: {_fmt(None if target is None else 100 * target, 1)}% test accuracy** ({how}). "
              f"x single / x torch: time to target of single-device backprop / of the best torch schedule, "
