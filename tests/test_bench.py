@@ -481,7 +481,9 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
     target = single_conv["final_accuracy"] - 0.01  # the default target: backprop's final minus 1 point
     assert results["conv_target"] == pytest.approx(target)
     assert all(r["target_accuracy"] == pytest.approx(target) for r in results["convergence"])
-    assert single_conv["time_to_target_s"] is not None and single_conv["speedup_vs_single"] == pytest.approx(1.0)
+    assert single_conv["time_to_target_s"] is not None  # its own final accuracy is above its target
+    # (a ratio needs a time above 0: a tiny model may sit at its target before the first step)
+    assert single_conv["speedup_vs_single"] == (pytest.approx(1.0) if single_conv["time_to_target_s"] else None)
     assert by_conv["delayed-predict"]["label"] == "synthpipe delayed gradients (staleness=predict)"
     assert f"**Target: {100 * target:.1f}% test accuracy**" in stdout
     assert set(results["timelines"]["dni"][0]) == {"rank", "origin", "segments"}

@@ -270,13 +270,14 @@ def test_nproc_2_runs_torchrun_and_its_checkpoint_exports_into_the_model(tmp_pat
     assert cli.main(["export", str(tmp_path / "ck"), str(tmp_path / "exported.pt")]) == 0
     assert "tensors" in capsys.readouterr().out
     from synthpipe.launch.train import build_model
-    model = build_model(load_config(None, {}), 40, 10)
+    job = load_config(None, {"model": "paper_mlp"})  # the model TINY trains
+    model = build_model(job, 40, 10)
     state = torch.load(tmp_path / "exported.pt", weights_only=True)
     model.load_state_dict(state, strict=True)
     direct = torch.load(tmp_path / "direct.pt", weights_only=True)
     assert direct.keys() == state.keys()
     assert all(torch.equal(direct[k], state[k]) for k in state)
-    assert not torch.equal(state["0.weight"], build_model(load_config(None, {}), 40, 10)[0].weight)  # trained
+    assert not torch.equal(state["0.weight"], build_model(job, 40, 10)[0].weight)  # trained
 
 
 @pytest.mark.timeout(150)

@@ -271,8 +271,8 @@ class BenchConfig:
         count("baseline_every", self.baseline_every, 0)
         positive("timeout", self.timeout)
         if self.conv_target is not None and (not _is_number(self.conv_target) or not 0 < self.conv_target <= 1):
-            fail("conv_target", f"{n('conv_target')} must be an accuracy in (0, 1] (or None: single-device "
-                                f"backprop's final accuracy minus {n('conv_margin')}); got {_show(self.conv_target)}")
+            fail("conv_target", f"{n('conv_target')} must be an accuracy in (0, 1]; got {_show(self.conv_target)} "
+                                f"(unset, it is single-device backprop's final accuracy minus {n('conv_margin')})")
         if not _is_number(self.conv_margin) or not 0 <= self.conv_margin < 1:
             fail("conv_margin", f"{n('conv_margin')} must be an accuracy in [0, 1); got {_show(self.conv_margin)}")
         count("conv_evals", self.conv_evals, 1)

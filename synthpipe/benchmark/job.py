@@ -162,7 +162,7 @@ def model_accuracy(model: nn.Module, batches: list, device: torch.device) -> tup
 def epoch_parts(batches: list, parts: int) -> list[list]:
     """``batches`` in ``parts`` consecutive, near-equal, non-empty lists (fewer when there are fewer batches)."""
     parts = max(1, min(parts, len(batches)))
-    bounds = [round(i * len(batches) / parts) for i in range(parts + 1)]
+    bounds = [i * len(batches) // parts for i in range(parts + 1)]
     return [batches[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 

@@ -582,8 +582,15 @@ def _compare_with_backprop(cfg: JobConfig, job: _Job, done: _Trained) -> dict[st
 
     print(f"time to {100 * target:.1f}% test accuracy (backprop's final minus 1 point; training time, evaluation "
           f"excluded): {name} on {procs} {said(mine)}, backprop in 1 process {said(theirs)}"
-          + (f": {theirs['time'] / mine['time']:.2f}x sooner" if mine and theirs and mine["time"] > 0 else ""))
+          + (f": {_sooner(theirs['time'] / mine['time'], name)}" if mine and theirs and mine["time"] > 0 else ""))
     return base
+
+
+def _sooner(ratio: float, name: str) -> str:
+    """``ratio`` = backprop's time to target / the pipeline's, in words."""
+    if ratio >= 1:
+        return f"{name} {ratio:.2f}x sooner"
+    return f"backprop {1 / ratio:.2f}x sooner"
 
 
 def _write_outputs(output: str, history: Any, summary: dict[str, Any], title: str) -> None:
