@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="train a model (default: wide BN-MLP on MNIST-1D, delayed gradients with weight "
                       "prediction, 2 stages, one process each when the cores allow, against backprop)",
-        description="Train with synthetic gradients. With --nproc N > 1 (or --nnodes > 1) torchrun starts one "
-                    "process per stage; otherwise every stage runs in this process.")
+        description="Train a pipeline of update-unlocked stages (default: delayed gradients with weight "
+                    "prediction) and compare it with single-process backprop. With --nproc N > 1 (or --nnodes > 1) "
+                    "torchrun starts one process per stage; without --nproc, one process per stage when the cores "
+                    "allow; otherwise every stage runs in this process.")
     add_launcher_arguments(train)
     add_train_arguments(train)
     export = sub.add_parser("export", help="write a checkpoint's model state_dict (for model.load_state_dict)",
