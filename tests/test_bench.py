@@ -405,18 +405,19 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
         "--quick", "--output", str(out), "--in-features", "64", "--hidden", "64", "--depth", "4",
         "--batch", "32", "--steps", "3", "--warmup", "1", "--microbatches", "2,4",
         "--schedules", "gpipe,1f1b,zbv", "--variants", "dni,cdni:lowrank:8",
-        "--conv-epochs", "2", "--conv-samples", "600", "--conv-hidden", "32", "--conv-batch", "64",
+        "--conv-epochs", "2", "--conv-samples", "600", "--conv-hidden", "32", "--conv-depth", "2",
+        "--conv-batch", "64", "--conv-sources", "cdni:lowrank:8,delayed:predict,interlocking", "--conv-evals", "2",
         "--devices", "2,4", "--timeout", "120"])
     assert run_bench(args) == 0
     stdout = capsys.readouterr().out
     assert "## Throughput" in stdout and "## Time to accuracy" in stdout and "## Simulator check" in stdout
 
     for name in ("results.json", "throughput.csv", "convergence.csv", "validation.csv", "simulation.csv",
-                 "profile.json", "timeline.json", "report.md", "accuracy_vs_time.png", "timeline.png",
-                 "scaling.png"):
+                 "profile.json", "timeline.json", "report.md", "accuracy_vs_time.png", "accuracy_vs_steps.png",
+                 "timeline.png", "scaling.png"):
         path = out / name
         assert path.exists() and path.stat().st_size > 0, name
-    for png in ("accuracy_vs_time.png", "timeline.png", "scaling.png"):
+    for png in ("accuracy_vs_time.png", "accuracy_vs_steps.png", "timeline.png", "scaling.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     results = json.loads((out / "results.json").read_text())
@@ -467,11 +468,24 @@ def test_tiny_bench_writes_every_output(tmp_path, capsys) -> None:
     for row in results["convergence"]:
         assert row["error"] is None, row.get("error_detail")
         assert set(CONVERGENCE_KEYS) <= set(row)
-        assert len(row["curve"]) == 3 and row["curve"][0]["time"] == 0.0
+        # 2 epochs, 2 evaluations each (480 training examples: 7 batches of 64, in parts of 3 and 4)
+        assert [p["epoch"] for p in row["curve"]] == [0, 0.5, 1.0, 1.5, 2.0] and row["curve"][0]["time"] == 0.0
+        assert [p["steps"] for p in row["curve"]] == [0, 3, 7, 10, 14]
         assert 0.0 <= row["final_accuracy"] <= 1.0
-    assert {r["method"] for r in results["convergence"]} == {
-        "single", "backprop", "dni", "cdni-lowrank8"} | {f"{s}-m{results['sweep']['best_microbatches'][s]}"
-                                                         for s in ("gpipe", "1f1b")}
+        assert len(row["peak_rss_mb"]) == row["ranks"]
+    by_conv = {r["method"]: r for r in results["convergence"]}
+    assert set(by_conv) == {
+        "single", "backprop", "cdni-lowrank8", "delayed-predict", "interlocking"} | {
+        f"{s}-m{results['sweep']['best_microbatches'][s]}" for s in ("gpipe", "1f1b")}
+    single_conv = by_conv["single"]
+    target = single_conv["final_accuracy"] - 0.01  # the default target: backprop's final minus 1 point
+    assert results["conv_target"] == pytest.approx(target)
+    assert all(r["target_accuracy"] == pytest.approx(target) for r in results["convergence"])
+    assert single_conv["time_to_target_s"] is not None  # its own final accuracy is above its target
+    # (a ratio needs a time above 0: a tiny model may sit at its target before the first step)
+    assert single_conv["speedup_vs_single"] == (pytest.approx(1.0) if single_conv["time_to_target_s"] else None)
+    assert by_conv["delayed-predict"]["label"] == "synthpipe delayed gradients (staleness=predict)"
+    assert f"**Target: {100 * target:.1f}% test accuracy**" in stdout
     assert set(results["timelines"]["dni"][0]) == {"rank", "origin", "segments"}
     assert results["timelines"]["dni"][1]["segments"], "rank 1 recorded no sections"
 
@@ -514,3 +528,54 @@ def test_stages_below_ranks_adds_dp_x_pp_synthpipe_jobs_and_ddp_at_the_same_glob
     x, y = torch.arange(8.0)[:, None], torch.arange(8)
     shares = replica_batches([(x, y)], 2)
     assert [s[1].tolist() for s in shares] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # pipeline d takes chunk d
+
+
+def test_time_to_accuracy_sources_parse_by_name_and_refuse_unknown_ones() -> None:
+    from synthpipe.benchmark.config import Source
+
+    assert Source.parse("delayed:predict") == Source("delayed", staleness="predict")
+    assert Source.parse("delayed:predict").name == "delayed-predict"
+    assert Source.parse("local:mlp").name == "local-mlp" and Source.parse("interlocking").aux_head == "linear"
+    cdni = Source.parse("cdni:lowrank:8")
+    assert cdni.gradients == "synthetic" and cdni.variant is not None and cdni.name == "cdni-lowrank8"
+    for bad, message in (("delayed:nesterov", "staleness correction is one of lr, predict"),
+                         ("local:conv", "the auxiliary head is one of linear, mlp"),
+                         ("pipedream", "unknown gradient source 'pipedream'")):
+        with pytest.raises(ValueError, match=message):
+            Source.parse(bad)
+
+
+def test_epoch_parts_split_an_epoch_in_order_without_losing_a_batch() -> None:
+    from synthpipe.benchmark.job import epoch_parts
+
+    batches = list(range(7))
+    assert epoch_parts(batches, 2) == [[0, 1, 2], [3, 4, 5, 6]]
+    assert epoch_parts(batches, 1) == [batches]
+    assert epoch_parts(batches[:2], 5) == [[0], [1]]  # never an empty part
+
+
+def test_the_target_is_backprop_s_final_accuracy_minus_the_margin_and_ratios_are_to_the_same_run() -> None:
+    from synthpipe.benchmark.bench import set_target
+
+    def row(name, family, schedule, points):
+        curve = [{"time": t, "epoch": i, "steps": 10 * i, "accuracy": a} for i, (t, a) in enumerate(points)]
+        return {"method": name, "family": family, "schedule": schedule, "final_accuracy": curve[-1]["accuracy"],
+                "curve": curve, "error": None}
+
+    rows = [row("single", "baseline", "single", [(0, 0.1), (10, 0.70), (20, 0.80)]),
+            row("1f1b-m4", "torch.distributed.pipelining", "1f1b", [(0, 0.1), (8, 0.70), (16, 0.80)]),
+            row("gpipe-m4", "torch.distributed.pipelining", "gpipe", [(0, 0.1), (9, 0.72), (18, 0.795)]),
+            row("delayed-predict", "synthpipe", "delayed", [(0, 0.1), (5, 0.79), (10, 0.81)]),
+            row("cdni", "synthpipe", "dni", [(0, 0.1), (5, 0.5), (10, 0.6)]),
+            {"method": "local", "error": "RuntimeError: boom"}]
+    assert set_target(rows, None, 0.01) == pytest.approx(0.79)
+    by = {r["method"]: r for r in rows}
+    assert by["single"]["time_to_target_s"] == 20 and by["single"]["speedup_vs_single"] == 1.0
+    assert by["gpipe-m4"]["time_to_target_s"] == 18  # 0.795 >= 0.79; the best torch schedule: 16 s (1f1b)
+    assert by["delayed-predict"]["time_to_target_s"] == 5 and by["delayed-predict"]["steps_to_target"] == 10
+    assert by["delayed-predict"]["speedup_vs_single"] == pytest.approx(4.0)
+    assert by["delayed-predict"]["speedup_vs_torch"] == pytest.approx(16 / 5)
+    assert by["cdni"]["time_to_target_s"] is None and by["cdni"]["speedup_vs_single"] is None
+    assert "time_to_target_s" not in by["local"]  # a failed row is left as it is
+    assert set_target(rows, 0.6, 0.01) == 0.6 and by["cdni"]["epochs_to_target"] == 2  # a given target wins
+    assert set_target(rows[1:], None, 0.01) is None  # no single-device row: no default target

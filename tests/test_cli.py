@@ -19,7 +19,9 @@ from synthpipe.launch.config import FLAGS, JobConfig, load_config, overrides_fro
 from multiprocess import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num-samples", "600", "--epochs", "1", "--no-progress"]
+# Small explicit jobs (not the default one, which is sized to show the point in ~2 minutes).
+SMALL = ["--model", "paper_mlp", "--gradients", "synthetic", "--batch-size", "64"]
+TINY = ["--num-samples", "600", "--epochs", "1", "--no-progress", *SMALL]
 SYNTHPIPE = [sys.executable, "-m", "synthpipe.launch"]  # what the console script runs
 
 
@@ -65,7 +67,7 @@ ALL_FLAGS = ["--model", "deep_mlp", "--depth", "4", "--hidden", "32", "--data", 
              "--log-every", "5", "--prefetch", "3", "--lr-schedule", "cosine", "--lr-warmup-steps", "2",
              "--precision", "bf16", "--synth-precision", "bf16", "--clip-grad-norm", "1.5", "--tensorboard", "tb",
              "--staleness", "none", "--p-update", "0.5", "--p-update-seed", "3",
-             "--no-synthetic-inputs", "--input-synth-hidden", "64"]
+             "--no-synthetic-inputs", "--input-synth-hidden", "64", "--aux-head", "mlp"]
 EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samples=300, features=16, batch_size=32,
                 epochs=2, max_steps=7, lr=0.01, seed=5, n_stages=3, balance=[3, 3, 3], split_by="time",
                 gradients="backprop", synthesizer="mlp", conditional=False, synth_lr=0.002, synthetic_scale=0.5,
@@ -75,7 +77,7 @@ EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samp
                 compare_backprop=False, progress=False, output="out", log_every=5, prefetch=3,
                 lr_schedule="cosine", lr_warmup_steps=2, precision="bf16", synth_precision="bf16", clip_grad_norm=1.5,
                 log_dir="tb", staleness=None, p_update=0.5, p_update_seed=3,
-                synthetic_inputs=False, input_synth_hidden=64)
+                synthetic_inputs=False, input_synth_hidden=64, aux_head="mlp")
 
 
 def parse_train(argv: list[str]):
@@ -92,7 +94,7 @@ def test_every_train_flag_maps_to_its_config_field():
 
 def test_no_flags_is_the_default_job_and_only_given_flags_override(tmp_path):
     args = parse_train([])
-    assert overrides_from_args(args) == {} and args.nproc == 1 and args.config is None
+    assert overrides_from_args(args) == {} and args.nproc is None and args.config is None  # nproc: auto
     config = tmp_path / "job.toml"
     config.write_text("epochs = 3\nlr = 0.01\n")
     args = parse_train(["--config", str(config), "--epochs", "5"])
@@ -180,7 +182,7 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_training(capsys, tmp_
     (["--nproc", "1", "--nnodes", "2"], "--nnodes 2 needs a rendezvous the nodes can reach: --rdzv-endpoint"),
 ])
 def test_values_that_would_hang_or_mislead_are_refused(capsys, flags, message):
-    assert cli.main(["train", "--stages", "2", *TINY, *flags]) == 2
+    assert cli.main(["train", "--nproc", "1", "--stages", "2", *TINY, *flags]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -240,7 +242,7 @@ def test_entry_point_trains_in_one_process(tmp_path):
     code, out, err = run([sys.executable, "-m", "synthpipe.launch.train", *TINY, "--no-compare",
                           "--output", "out"], str(tmp_path))
     assert code == 0, err[-3000:]
-    assert "cDNI test accuracy" in out and "3 stages, 1 process" in out
+    assert "cDNI test accuracy" in out and "2 stages, 1 process" in out
     assert (tmp_path / "out" / "history.json").exists() and (tmp_path / "out" / "summary.json").exists()
     with open(tmp_path / "out" / "training.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"  # the training curves
@@ -270,13 +272,14 @@ def test_nproc_2_runs_torchrun_and_its_checkpoint_exports_into_the_model(tmp_pat
     assert cli.main(["export", str(tmp_path / "ck"), str(tmp_path / "exported.pt")]) == 0
     assert "tensors" in capsys.readouterr().out
     from synthpipe.launch.train import build_model
-    model = build_model(load_config(None, {}), 40, 10)
+    job = load_config(None, {"model": "paper_mlp"})  # the model TINY trains
+    model = build_model(job, 40, 10)
     state = torch.load(tmp_path / "exported.pt", weights_only=True)
     model.load_state_dict(state, strict=True)
     direct = torch.load(tmp_path / "direct.pt", weights_only=True)
     assert direct.keys() == state.keys()
     assert all(torch.equal(direct[k], state[k]) for k in state)
-    assert not torch.equal(state["0.weight"], build_model(load_config(None, {}), 40, 10)[0].weight)  # trained
+    assert not torch.equal(state["0.weight"], build_model(job, 40, 10)[0].weight)  # trained
 
 
 @pytest.mark.timeout(150)
@@ -328,7 +331,8 @@ def test_a_signal_stops_torchrun_s_ranks_after_they_save(tmp_path, sig, to):
     signum = signal.Signals[sig]
 
     proc = start([*SYNTHPIPE, "train", "--nproc", "2", "--stages", "2", "--num-samples", "600", "--epochs", "1000",
-                  "--no-progress", "--no-compare", "--checkpoint", "ck", "--checkpoint-every", "1"], str(tmp_path))
+                  "--no-progress", "--no-compare", "--checkpoint", "ck", "--checkpoint-every", "1", *SMALL],
+                 str(tmp_path))
     meta = tmp_path / "ck" / "meta.json"
     ranks = []
     try:
@@ -394,7 +398,7 @@ sys.exit(train.main(sys.argv[1:]))
 @pytest.mark.timeout(120)
 def test_a_second_sigterm_after_a_stopped_fit_does_not_kill_the_rank(tmp_path):
     code, out, err = run([sys.executable, "-c", _SIGTERM_AGAIN_WHILE_CLOSING, "--num-samples", "600", "--epochs", "50",
-                          "--no-progress", "--no-compare", "--checkpoint", "ck", "--checkpoint-every", "2"],
+                          "--no-progress", "--no-compare", "--checkpoint", "ck", "--checkpoint-every", "2", *SMALL],
                          str(tmp_path))
     assert code == 128 + signal.SIGTERM, (code, err[-3000:])  # -15 if the second SIGTERM killed it
     assert "stopped by SIGTERM on rank 0 at step 4" in err, err[-3000:]
@@ -422,7 +426,8 @@ def interrupt_when(proc: subprocess.Popen, ready, what: str) -> tuple[int, str, 
 def test_ctrl_c_stops_one_process_with_a_checkpoint_it_resumes_from(tmp_path):
     """Ctrl-C (SIGINT) with --checkpoint: the step ends, the checkpoint is saved, the command
     says how to continue and exits with 130, as a shell reports an interrupted command."""
-    args = ["--stages", "2", "--num-samples", "600", "--no-progress", "--no-compare", "--checkpoint", "ck"]
+    args = ["--nproc", "1", "--stages", "2", "--num-samples", "600", "--no-progress", "--no-compare",
+            "--checkpoint", "ck", *SMALL]
     proc = start([*SYNTHPIPE, "train", *args, "--epochs", "1000", "--checkpoint-every", "4"], str(tmp_path))
     code, out, err = interrupt_when(proc, (tmp_path / "ck" / "meta.json").exists, "the first periodic save")
     assert code == 128 + signal.SIGINT, (code, err[-3000:])
@@ -459,7 +464,30 @@ sys.exit(train.main(sys.argv[1:]))
 @pytest.mark.timeout(120)
 def test_ctrl_c_without_a_checkpoint_stops_at_once_and_says_nothing_was_saved(tmp_path):
     code, out, err = run([sys.executable, "-c", _CTRL_C_AT_BATCH_3, "--stages", "2", "--num-samples", "600",
-                          "--epochs", "1000", "--no-compare", "--no-progress"], str(tmp_path))
+                          "--epochs", "1000", "--no-compare", "--no-progress", *SMALL], str(tmp_path))
     assert code == 128 + signal.SIGINT, (code, err[-3000:])
     assert re.search(r"interrupted at step \d+; nothing was saved \(no --checkpoint\)", err), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_nproc_auto_is_one_process_per_stage_when_the_cores_hold_them():
+    assert cli.auto_nproc(2, 1, cores=2) == 2
+    assert cli.auto_nproc(3, 1, cores=2) == 1  # three ranks would share two cores: every stage in one process
+    assert cli.auto_nproc(2, 2, cores=2) == 1  # 2 ranks x 2 threads on 2 cores
+    assert cli.auto_nproc(1, 1, cores=8) == 1
+    assert parse_train(["--nproc", "auto"]).nproc is None and parse_train(["--nproc", "3"]).nproc == 3
+    with pytest.raises(SystemExit):
+        parse_train(["--nproc", "many"])
+
+
+def test_time_to_target_reads_the_first_evaluation_at_or_above_it():
+    from synthpipe.launch.train import pipeline_curve, time_to_target
+
+    history = types.SimpleNamespace(epochs=[
+        {"epoch": 0, "steps": 62, "time": 10.0, "eval_accuracy": 0.70},
+        {"epoch": 1, "steps": 62, "time": 9.0, "eval_accuracy": 0.81},
+        {"epoch": 2, "steps": 62, "time": 9.5, "eval_accuracy": 0.80}])
+    curve = pipeline_curve(history)  # training seconds add up over the epochs; evaluation is not in them
+    assert [(p["epoch"], p["steps"], p["time"]) for p in curve] == [(1, 62, 10.0), (2, 124, 19.0), (3, 186, 28.5)]
+    assert time_to_target(curve, 0.80)["epoch"] == 2
+    assert time_to_target(curve, 0.82) is None

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from synthpipe.engine.config import TrainConfig
-from synthpipe.launch.config import FLAGS, JobConfig, field_docs, load_config, train_options
+from synthpipe.launch.config import ENGINE_DEFAULTS, FLAGS, JobConfig, field_docs, load_config, train_options
 
 
 def write(tmp_path, text: str) -> str:
@@ -18,8 +18,8 @@ def write(tmp_path, text: str) -> str:
 def test_defaults_are_the_documented_main_job():
     cfg = load_config(None, {})
     assert cfg == JobConfig()
-    assert (cfg.model, cfg.data, cfg.n_stages, cfg.gradients, cfg.synthesizer, cfg.conditional) == \
-        ("paper_mlp", "mnist1d", 3, "synthetic", "linear", True)
+    assert (cfg.model, cfg.data, cfg.n_stages, cfg.gradients, cfg.staleness, cfg.num_samples, cfg.batch_size) == \
+        ("wide_mlp", "mnist1d", 2, "delayed", "predict", 20000, 256)
     assert cfg.compare_backprop and cfg.progress and cfg.device == "auto" and cfg.backend is None
 
 
@@ -34,9 +34,21 @@ def test_the_engine_options_are_the_train_config_fields():
     engine = [f.name for f in dataclasses.fields(TrainConfig)]
     job = [f.name for f in dataclasses.fields(JobConfig)]
     assert job[:len(engine)] == engine  # inherited: one name and one default each
-    assert {n: getattr(JobConfig(), n) for n in engine} == dataclasses.asdict(TrainConfig())
+    # one default each: the engine's, but for the main job's gradient source (ENGINE_DEFAULTS)
+    resolved = {**ENGINE_DEFAULTS, "staleness": "predict"}  # "auto" with delayed: weight prediction
+    assert {n: getattr(JobConfig(), n) for n in engine} == {**dataclasses.asdict(TrainConfig()), **resolved}
+    assert set(ENGINE_DEFAULTS) == {"gradients", "staleness"}
     options = train_options(load_config(None, {"gradients": "backprop", "stall_warning": None, "delay": 1}))
-    assert TrainConfig(**options) == TrainConfig(gradients="backprop", stall_warning=None, delay=1)
+    assert TrainConfig(**options) == TrainConfig(gradients="backprop", stall_warning=None, delay=1)  # staleness: None
+
+
+def test_staleness_auto_follows_the_gradient_source():
+    assert JobConfig().gradients == "delayed" and JobConfig().staleness == "predict"
+    assert load_config(None, {"gradients": "synthetic"}).staleness is None  # (predict would be refused)
+    assert load_config(None, {"gradients": "delayed", "staleness": "lr"}).staleness == "lr"
+    assert load_config(None, {"staleness": None}).staleness is None  # delayed, uncorrected
+    with pytest.raises(ValueError, match="staleness='predict' is not a correction of gradients='local'"):
+        load_config(None, {"gradients": "local", "staleness": "predict"})
 
 
 def test_every_engine_flag_takes_its_help_from_the_field_doc():

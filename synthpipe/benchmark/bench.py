@@ -16,9 +16,14 @@ writing files (:mod:`synthpipe.benchmark.report`):
    drift as much as the method;
 4. the simulator's *profile* from those measurements, its check against every measured
    2-rank run, and its prediction for 2..16 devices;
-5. *convergence* on MNIST-1D with the paper's MLP: the same methods (torch schedules at
-   their best micro-batch count) trained for the same number of epochs, test accuracy
-   after every epoch against training wall-clock time.
+5. *time to accuracy* on MNIST-1D with the wide BN-MLP (``wide_mlp``): single-device
+   backprop, torch's gpipe and 1f1b (at their best micro-batch count), synthpipe
+   backprop and every gradient source of ``conv_sources`` (cDNI, delayed, delayed with
+   weight prediction, local, interlocking) trained for the same number of epochs, the
+   test accuracy ``conv_evals`` times per epoch against training wall-clock and steps;
+   the target is single-device backprop's final accuracy minus ``conv_margin`` (1 point)
+   unless ``conv_target`` is given, and each row's time to it is also given as a ratio
+   to single-device backprop's and to the best torch schedule's, measured in the same run.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ from .report import rank_key
 
 __all__ = ["RESULTS_VERSION", "SECTION_KINDS", "unusable_schedules", "throughput_jobs", "converge_jobs",
            "with_baseline_runs", "bracketed_speedups", "throughput_row", "error_row", "baseline_drift_warning",
-           "best_of_sweep", "build_profile", "converge_row", "run_benchmark"]
+           "best_of_sweep", "build_profile", "converge_row", "set_target", "run_benchmark"]
 
 RESULTS_VERSION = 1
 SECTION_KINDS = ("forward", "backward", "update", "synth", "send", "recv", "wait")
@@ -104,7 +109,7 @@ def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
     """The convergence runs: the torch schedules at their best micro-batch count."""
     w = cfg.conv_workload
     common: dict[str, Any] = dict(workload=w, mode="converge", epochs=cfg.conv_epochs, device=cfg.device,
-                                  timeline=False)
+                                  timeline=False, evals_per_epoch=cfg.conv_evals)
     jobs = [JobSpec("single", "single", ranks=1, **common)]
     for sched in ("gpipe", "1f1b"):
         if sched in cfg.schedules:
@@ -115,9 +120,16 @@ def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
                                 **common))
     if cfg.backprop:
         jobs.append(JobSpec("backprop", "synthpipe", ranks=cfg.ranks, gradients="backprop", **common))
-    for v in cfg.variants:
-        jobs.append(JobSpec(v.name, "synthpipe", ranks=cfg.ranks, gradients="synthetic", synth=v.synth,
-                            synth_rank=v.rank, conditional=v.mode == "cdni", max_inflight=cfg.max_inflight, **common))
+    for src in cfg.conv_sources:
+        v = src.variant
+        if v is not None:
+            jobs.append(JobSpec(src.name, "synthpipe", ranks=cfg.ranks, gradients="synthetic", synth=v.synth,
+                                synth_rank=v.rank, conditional=v.mode == "cdni", max_inflight=cfg.max_inflight,
+                                **common))
+        else:
+            jobs.append(JobSpec(src.name, "synthpipe", ranks=cfg.ranks, gradients=src.gradients,
+                                staleness=src.staleness, aux_head=src.aux_head, max_inflight=cfg.max_inflight,
+                                **common))
     if cfg.stages and cfg.stages < cfg.ranks:
         dp = cfg.ranks // cfg.stages
         jobs += [dataclasses.replace(j, name=f"{j.name}-dp{dp}xpp{cfg.stages}", stages=cfg.stages)
@@ -165,7 +177,7 @@ def _schedule_of(spec: JobSpec) -> str:
         return "alone"
     if spec.method == "ddp":
         return "ddp"
-    return "backprop" if spec.gradients == "backprop" else "dni"
+    return {"backprop": "backprop", "synthetic": "dni"}.get(spec.gradients, spec.gradients)
 
 
 def throughput_row(spec: JobSpec, results: list[dict[str, Any]], usage: dict[str, Any],
@@ -336,6 +348,8 @@ def build_profile(cfg: BenchConfig, machine: dict[str, Any], rows: list[dict[str
 
 # -- convergence ----------------------------------------------------------------------------
 def converge_row(spec: JobSpec, results: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """One time-to-accuracy row; :func:`set_target` fills the target columns again once the
+    target is known (the default target comes from single-device backprop's own row)."""
     curve = results[0]["curve"]
     hit = next((p for p in curve if p["accuracy"] >= target), None)
     total = results[0]["wall"]
@@ -347,8 +361,42 @@ def converge_row(spec: JobSpec, results: list[dict[str, Any]], target: float) ->
         "final_accuracy": curve[-1]["accuracy"], "best_accuracy": max(p["accuracy"] for p in curve),
         "final_loss": curve[-1]["loss"], "target_accuracy": target,
         "time_to_target_s": hit["time"] if hit else None, "epochs_to_target": hit["epoch"] if hit else None,
+        "steps_to_target": hit["steps"] if hit else None, "speedup_vs_single": None, "speedup_vs_torch": None,
         "curve": curve, "peak_rss_mb": [r["memory"]["rss_mb"] for r in results], "error": None,
     }
+
+
+def set_target(rows: list[dict[str, Any]], target: float | None, margin: float) -> float | None:
+    """Fill every row's time / epochs / steps to the target and its time-to-target ratios.
+
+    ``target`` ``None``: single-device backprop's final accuracy minus ``margin`` (``None``
+    comes back when that row failed). ``speedup_vs_single`` is single's time to target over
+    the row's; ``speedup_vs_torch`` the best (shortest) torch.distributed.pipelining time to
+    target over the row's; ``None`` where either never reached it.
+    """
+    ok = [r for r in rows if not r.get("error")]
+    single = next((r for r in ok if r["schedule"] == "single"), None)
+    if target is None:
+        if single is None:
+            return None
+        target = single["final_accuracy"] - margin
+    for r in ok:
+        # (a hair below: the target is often an accuracy itself, final minus 0.01, and float rounding
+        # must not decide whether a run that ends exactly on it reached it)
+        hit = next((p for p in r["curve"] if p["accuracy"] >= target - 1e-9), None)
+        r["target_accuracy"] = target
+        r["time_to_target_s"] = hit["time"] if hit else None
+        r["epochs_to_target"] = hit["epoch"] if hit else None
+        r["steps_to_target"] = hit["steps"] if hit else None
+    torch_times = [r["time_to_target_s"] for r in ok
+                   if r["family"] == "torch.distributed.pipelining" and r["time_to_target_s"]]
+    best_torch = min(torch_times) if torch_times else None
+    base = single["time_to_target_s"] if single else None
+    for r in ok:
+        t = r["time_to_target_s"]
+        r["speedup_vs_single"] = base / t if base and t else None
+        r["speedup_vs_torch"] = best_torch / t if best_torch and t else None
+    return target
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -404,7 +452,7 @@ def _new_results(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]
         "version": RESULTS_VERSION, "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "machine": machine, "config": cfg.as_dict(), "warnings": warnings_out,
         "throughput": [], "sweep": {}, "transfer": [], "profile": None, "validation": [], "simulation": [],
-        "convergence": [], "timelines": {},
+        "convergence": [], "conv_target": None, "timelines": {},
     }
 
 
@@ -539,4 +587,5 @@ def _measure_convergence(cfg: BenchConfig, runner: _JobRunner, results: dict[str
             log(f"  {spec.name}: FAILED: {err.strip().splitlines()[-1] if err else ''}")
             results["convergence"].append(error_row(spec, err or "failed"))
             continue
-        results["convergence"].append(converge_row(spec, res, cfg.conv_target))
+        results["convergence"].append(converge_row(spec, res, cfg.conv_target or 1.0))
+    results["conv_target"] = set_target(results["convergence"], cfg.conv_target, cfg.conv_margin)

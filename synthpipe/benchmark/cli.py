@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from .config import QUICK_CONV
 from .profiles import MAX_DEVICES, MAX_MICROBATCHES
 from .workload import Workload
 
@@ -53,7 +54,8 @@ BENCH_OPTIONS = {
     "workload.batch": "--batch", "workload.lr": "--lr",
     "conv_workload.hidden": "--conv-hidden", "conv_workload.depth": "--conv-depth",
     "conv_workload.batch": "--conv-batch", "conv_workload.num_samples": "--conv-samples",
-    "conv_workload.lr": "--conv-lr",
+    "conv_workload.lr": "--conv-lr", "conv_margin": "--conv-margin", "conv_evals": "--conv-evals",
+    "conv_sources": "--conv-sources",
 }
 
 
@@ -65,7 +67,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "markdown table, CSV/JSON and plots, and check the schedule simulator.")
     g = parser.add_argument_group("run")
     g.add_argument("--quick", action="store_true",
-                   help="short run (~1-2 min on 2 cores): 12 timed steps, 1 round, m in {2,4}, 8 epochs")
+                   help="short run (a few minutes on 2 cores): 12 timed steps, 1 round, m in {2,4}, a smaller "
+                        "wide_mlp for the time-to-accuracy runs")
     g.add_argument("--output", "-o", default="bench-results", help="directory for CSV/JSON/PNG (default: %(default)s)")
     g.add_argument("--ranks", type=int, default=2, help="processes (= pipeline stages) per method (default: 2)")
     g.add_argument("--stages", type=int, default=None,
@@ -108,14 +111,29 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="skip the <variant>-alone rows (each variant's stages run alone, no transfers)")
     t.add_argument("--max-inflight", type=int, default=4, help="synthpipe max_inflight (default: 4)")
     t.add_argument("--balance", type=_ints, default=None, help="children per stage for synthpipe, e.g. 8,9")
-    c = parser.add_argument_group("time to accuracy (paper MLP on MNIST-1D)")
-    c.add_argument("--conv-epochs", type=int, default=None, help="epochs per method (default 30, quick 8)")
-    c.add_argument("--conv-target", type=float, default=0.6, help="target test accuracy (default: 0.6)")
-    c.add_argument("--conv-hidden", type=int, default=256)
-    c.add_argument("--conv-depth", type=int, default=3)
-    c.add_argument("--conv-batch", type=int, default=128)
-    c.add_argument("--conv-samples", type=int, default=5000, help="MNIST-1D samples, train + test")
+    c = parser.add_argument_group("time to accuracy (wide BN-MLP on MNIST-1D)")
+    c.add_argument("--conv-model", default="wide_mlp", choices=["wide_mlp", "paper_mlp"],
+                   help="model (default: wide_mlp)")
+    c.add_argument("--conv-epochs", type=int, default=None,
+                   help=f"epochs per method (default 5, quick {QUICK_CONV['epochs']})")
+    c.add_argument("--conv-target", type=float, default=None,
+                   help="target test accuracy (default: single-device backprop's final accuracy minus --conv-margin)")
+    c.add_argument("--conv-margin", type=float, default=0.01,
+                   help="points below single-device backprop's final accuracy the target lies (default: 0.01)")
+    c.add_argument("--conv-sources", type=_strs, default=None,
+                   help="gradient sources to run: cdni, dni, cdni:lowrank:R, delayed, delayed:lr, delayed:predict, "
+                        "local, local:mlp, interlocking (default: cdni,delayed,delayed:predict,local,interlocking)")
+    c.add_argument("--conv-evals", type=int, default=2, help="test evaluations per epoch (default: 2)")
+    c.add_argument("--conv-hidden", type=int, default=None,
+                   help=f"width (default 1024, quick {QUICK_CONV['hidden']})")
+    c.add_argument("--conv-depth", type=int, default=None,
+                   help=f"hidden blocks (default 6, quick {QUICK_CONV['depth']})")
+    c.add_argument("--conv-batch", type=int, default=256)
+    c.add_argument("--conv-samples", type=int, default=None,
+                   help=f"MNIST-1D samples, train + test (default 20000, quick {QUICK_CONV['samples']})")
     c.add_argument("--conv-lr", type=float, default=1e-3)
+    c.add_argument("--conv-seed", type=int, default=0,
+                   help="seed of the model initialisation, the data and its shuffling (default: 0)")
     s = parser.add_argument_group("simulator")
     s.add_argument("--devices", type=_ints, default=[2, 4, 8, 16],
                    help=f"device counts to predict, 1 to {MAX_DEVICES} each (default: 2,4,8,16)")
@@ -128,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     Raises :class:`synthpipe.benchmark.config.BenchConfigError` naming the option and the
     bad value (before anything runs).
     """
-    from .config import BenchConfig, BenchConfigError, Variant, quick_config
+    from .config import BenchConfig, BenchConfigError, Source, Variant, quick_config
 
     cfg = quick_config() if args.quick else BenchConfig()
     cfg.output = args.output
@@ -137,9 +155,18 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg.workload = Workload(model=args.model, in_features=args.in_features, hidden=args.hidden, depth=args.depth,
                             batch=args.batch, lr=args.lr, optimizer=args.optimizer,
                             num_samples=max(args.batch * 16, 4096))
-    cfg.conv_workload = Workload(model="paper_mlp", in_features=40, hidden=args.conv_hidden, depth=args.conv_depth,
-                                 batch=args.conv_batch, data="mnist1d", num_samples=args.conv_samples, lr=args.conv_lr,
-                                 optimizer=args.optimizer)
+    cw = cfg.conv_workload
+    cfg.conv_workload = Workload(model=args.conv_model, in_features=40,
+                                 hidden=cw.hidden if args.conv_hidden is None else args.conv_hidden,
+                                 depth=cw.depth if args.conv_depth is None else args.conv_depth,
+                                 batch=args.conv_batch, data="mnist1d",
+                                 num_samples=cw.num_samples if args.conv_samples is None else args.conv_samples,
+                                 lr=args.conv_lr, optimizer=args.optimizer, seed=args.conv_seed)
+    if args.conv_sources is not None:
+        try:
+            cfg.conv_sources = [Source.parse(v) for v in args.conv_sources]
+        except ValueError as e:
+            raise BenchConfigError("conv_sources", f"--conv-sources: {e}") from None
     for name in ("steps", "warmup", "repeats", "microbatches", "schedules", "conv_epochs"):
         value = getattr(args, name)
         if value is not None:
@@ -154,7 +181,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg.max_inflight = args.max_inflight
     cfg.balance = args.balance
     cfg.throughput, cfg.converge = args.throughput, args.converge
-    cfg.conv_target = args.conv_target
+    cfg.conv_target, cfg.conv_margin, cfg.conv_evals = args.conv_target, args.conv_margin, args.conv_evals
     cfg.devices = args.devices
     cfg.pin, cfg.timeout, cfg.plots = args.pin, args.timeout, args.plots
     cfg.baseline_every = args.baseline_every

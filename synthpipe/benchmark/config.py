@@ -14,8 +14,8 @@ from .pipelining import SCHEDULES as PP_SCHEDULES
 from .profiles import check_devices
 from .workload import Workload
 
-__all__ = ["MNIST1D_FEATURES", "VARIANT_MODES", "VARIANT_SYNTHS", "BenchConfigError", "Variant", "BenchConfig",
-           "model_children", "quick_config"]
+__all__ = ["MNIST1D_FEATURES", "VARIANT_MODES", "VARIANT_SYNTHS", "SOURCE_NAMES", "BenchConfigError", "Variant",
+           "Source", "BenchConfig", "model_children", "quick_config"]
 
 MNIST1D_FEATURES = 40
 
@@ -24,6 +24,10 @@ VARIANT_MODES = ("dni", "cdni")
 # Synthesizer kinds that build on the benchmark's (batch, features) activations (the
 # conv and token kinds need image or sequence activations, which these MLPs never have).
 VARIANT_SYNTHS = ("linear", "lowrank", "mlp")
+# The gradient sources the time-to-accuracy runs take besides the synthetic variants.
+SOURCE_NAMES = ("delayed", "local", "interlocking")
+STALENESS = ("lr", "predict")
+AUX_KINDS = ("linear", "mlp")
 
 
 class BenchConfigError(ValueError):
@@ -43,7 +47,7 @@ def _show(value: Any) -> str:
     """A value as the command line would spell it (lists comma-separated)."""
     if isinstance(value, (list, tuple)):
         return ",".join(_show(v) for v in value) or "''"
-    if isinstance(value, Variant):
+    if isinstance(value, (Variant, Source)):
         return value.name
     return value if isinstance(value, str) and value else repr(value)
 
@@ -105,6 +109,61 @@ class Variant:
 
 
 @dataclasses.dataclass
+class Source:
+    """A gradient source of the time-to-accuracy runs: a synthetic :class:`Variant`, or
+    ``delayed`` (with an optional staleness correction), ``local`` or ``interlocking``
+    (with an auxiliary head kind).
+
+    Attributes:
+        gradients: ``"synthetic"``, ``"delayed"``, ``"local"`` or ``"interlocking"``.
+        variant: the synthetic variant (``gradients="synthetic"`` only).
+        staleness: ``delayed``'s correction, ``None``, ``"lr"`` or ``"predict"``.
+        aux_head: ``"linear"`` or ``"mlp"`` (``local`` and ``interlocking``).
+    """
+
+    gradients: str
+    variant: Variant | None = None
+    staleness: str | None = None
+    aux_head: str = "linear"
+
+    @property
+    def name(self) -> str:
+        if self.variant is not None:
+            return self.variant.name
+        if self.staleness:
+            return f"{self.gradients}-{self.staleness}"
+        return self.gradients + (f"-{self.aux_head}" if self.aux_head != "linear" else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "Source":
+        """``"cdni"``, ``"dni:lowrank:32"`` (see :meth:`Variant.parse`), ``"delayed"``,
+        ``"delayed:lr"``, ``"delayed:predict"``, ``"local"``, ``"local:mlp"``, ``"interlocking"``.
+
+        Raises ``ValueError`` naming ``text`` for anything else.
+        """
+        parts = text.strip().lower().split(":")
+        head, rest = parts[0], parts[1:]
+        if head in VARIANT_MODES:
+            return cls("synthetic", variant=Variant.parse(text))
+        if head not in SOURCE_NAMES:
+            raise ValueError(f"source {text!r}: unknown gradient source {head!r}; choose one of "
+                             f"{', '.join(VARIANT_MODES + SOURCE_NAMES)}")
+        if len(rest) > 1:
+            raise ValueError(f"source {text!r}: expected name[:option]")
+        if head == "delayed":
+            if rest and rest[0] not in STALENESS:
+                raise ValueError(f"source {text!r}: delayed's staleness correction is one of {', '.join(STALENESS)}")
+            return cls("delayed", staleness=rest[0] if rest else None)
+        if rest and rest[0] not in AUX_KINDS:
+            raise ValueError(f"source {text!r}: the auxiliary head is one of {', '.join(AUX_KINDS)}")
+        return cls(head, aux_head=rest[0] if rest else "linear")
+
+
+def _default_sources() -> list[Source]:
+    return [Source.parse(s) for s in ("cdni", "delayed", "delayed:predict", "local", "interlocking")]
+
+
+@dataclasses.dataclass
 class BenchConfig:
     """Everything ``synthpipe bench`` can be told (see :func:`cli.add_bench_arguments`).
 
@@ -134,9 +193,12 @@ class BenchConfig:
     throughput: bool = True
     converge: bool = True
     conv_workload: Workload = dataclasses.field(default_factory=lambda: Workload(
-        model="paper_mlp", in_features=40, hidden=256, depth=3, batch=128, data="mnist1d", num_samples=5000))
-    conv_epochs: int = 30
-    conv_target: float = 0.6
+        model="wide_mlp", in_features=40, hidden=1024, depth=6, batch=256, data="mnist1d", num_samples=20000))
+    conv_epochs: int = 5
+    conv_target: float | None = None
+    conv_margin: float = 0.01
+    conv_sources: list[Source] = dataclasses.field(default_factory=_default_sources)
+    conv_evals: int = 2
     devices: list[int] = dataclasses.field(default_factory=lambda: [2, 4, 8, 16])
     pin: bool = False
     timeout: float = 600.0
@@ -146,6 +208,7 @@ class BenchConfig:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["variants"] = [v.name for v in self.variants]
+        d["conv_sources"] = [v.name for v in self.conv_sources]
         return d
 
     def validate(self, names: dict[str, str] | None = None, check_output: bool = True) -> "BenchConfig":
@@ -190,7 +253,7 @@ class BenchConfig:
                 distinct(field, values)
 
         def distinct(field: str, values: Any) -> None:
-            seen = [v.name if isinstance(v, Variant) else v for v in values]
+            seen = [v.name if isinstance(v, (Variant, Source)) else v for v in values]
             twice = sorted({_show(v) for v in seen if seen.count(v) > 1})
             if twice:
                 fail(field, f"{n(field)} lists {', '.join(twice)} more than once; got {_show(values)}")
@@ -219,8 +282,16 @@ class BenchConfig:
             count(field, getattr(self, field), 1)
         count("baseline_every", self.baseline_every, 0)
         positive("timeout", self.timeout)
-        if not _is_number(self.conv_target) or not 0 < self.conv_target <= 1:
-            fail("conv_target", f"{n('conv_target')} must be an accuracy in (0, 1]; got {_show(self.conv_target)}")
+        if self.conv_target is not None and (not _is_number(self.conv_target) or not 0 < self.conv_target <= 1):
+            fail("conv_target", f"{n('conv_target')} must be an accuracy in (0, 1]; got {_show(self.conv_target)} "
+                                f"(unset, it is single-device backprop's final accuracy minus {n('conv_margin')})")
+        if not _is_number(self.conv_margin) or not 0 <= self.conv_margin < 1:
+            fail("conv_margin", f"{n('conv_margin')} must be an accuracy in [0, 1); got {_show(self.conv_margin)}")
+        count("conv_evals", self.conv_evals, 1)
+        if not isinstance(self.conv_sources, (list, tuple)) or not all(isinstance(v, Source)
+                                                                        for v in self.conv_sources):
+            fail("conv_sources", f"{n('conv_sources')} must be a list of Source; got {_show(self.conv_sources)}")
+        distinct("conv_sources", self.conv_sources)
         for prefix, w in (("workload", self.workload), ("conv_workload", self.conv_workload)):
             if not isinstance(w, Workload):
                 fail(prefix, f"{n(prefix)} must be a Workload; got {type(w).__name__}")
@@ -232,7 +303,7 @@ class BenchConfig:
             if w.data == "mnist1d" and w.in_features != MNIST1D_FEATURES:
                 fail(f"{prefix}.in_features", f"{n(prefix + '.in_features')} must be {MNIST1D_FEATURES} for "
                                               f"MNIST-1D data; got {w.in_features}")
-            if w.model == "paper_mlp" and w.batch < 2:
+            if w.model in ("paper_mlp", "wide_mlp") and w.batch < 2:
                 # training-mode BatchNorm needs more than one example per batch
                 fail(f"{prefix}.batch", f"{n(prefix + '.batch')} must be >= 2 (the paper MLP's BatchNorm needs "
                                         f"two examples); got {w.batch}")
@@ -271,7 +342,7 @@ class BenchConfig:
                 if w.batch % m:
                     raise BenchConfigError("microbatches", f"{n('microbatches')}: {m} does not divide "
                                                            f"{n('workload.batch')} {w.batch}")
-                if w.model == "paper_mlp" and w.batch // m < 2:
+                if w.model in ("paper_mlp", "wide_mlp") and w.batch // m < 2:
                     raise BenchConfigError("microbatches", f"{n('microbatches')}: {m} micro-batches of "
                                                            f"{n('workload.batch')} {w.batch} hold one example each; "
                                                            f"the paper MLP's BatchNorm needs two")
@@ -343,10 +414,17 @@ def model_children(w: Workload) -> int:
     return (2 if w.model == "deep_mlp" else 3) * w.depth + 1
 
 
+# the quick preset's time-to-accuracy workload (the command line's quick defaults read it too)
+QUICK_CONV = {"hidden": 512, "depth": 4, "samples": 20000, "epochs": 5}
+
+
 def quick_config(**overrides: Any) -> BenchConfig:
-    """The ``--quick`` preset: about two minutes on 2 cores."""
+    """The ``--quick`` preset: about two minutes on 2 cores (a narrower, shallower ``wide_mlp``)."""
     cfg = BenchConfig(steps=12, warmup=2, repeats=1, microbatches=[2, 4],
-                      schedules=["gpipe", "1f1b", "zbv"], conv_epochs=8, quick=True)
+                      schedules=["gpipe", "1f1b", "zbv"], conv_epochs=QUICK_CONV["epochs"], quick=True,
+                      conv_workload=Workload(model="wide_mlp", in_features=40, hidden=QUICK_CONV["hidden"],
+                                             depth=QUICK_CONV["depth"], batch=256, data="mnist1d",
+                                             num_samples=QUICK_CONV["samples"]))
     fields = {f.name for f in dataclasses.fields(cfg)}
     for k, v in overrides.items():
         if k not in fields:  # setattr would add a new attribute that nothing reads

@@ -21,7 +21,7 @@ from .monitor import peak_memory, reset_peak_memory
 from .workload import Workload, train_batches
 
 __all__ = ["METHODS", "JobSpec", "rank_device", "synchronize", "timeline_rows", "rank_result", "param_checksum",
-           "model_accuracy", "converge_run"]
+           "model_accuracy", "epoch_parts", "converge_run"]
 
 METHODS = ("single", "synthpipe", "pipelining", "alone", "pingpong", "ddp")
 
@@ -39,6 +39,10 @@ class JobSpec:
         steps, warmup: timed and untimed steps (throughput).
         epochs: training epochs (converge).
         gradients, synth, synth_rank, conditional, max_inflight, balance: synthpipe options.
+        staleness: ``delayed``'s staleness correction (``None``, ``"lr"`` or ``"predict"``).
+        aux_head: the auxiliary head kind of ``local`` and ``interlocking`` (``sp.AuxHead(kind)``).
+        evals_per_epoch: test evaluations per epoch (converge): the time-to-accuracy curve's
+            resolution (evaluation is never timed).
         schedule, microbatches, stages_per_rank: torch.distributed.pipelining options.
         device: ``"cpu"`` or ``"cuda"`` (rank r uses ``cuda:r``).
         timeline: return the per-rank timeline segments.
@@ -60,6 +64,9 @@ class JobSpec:
     conditional: bool = True
     max_inflight: int = 4
     balance: list[int] | None = None
+    staleness: str | None = None
+    aux_head: str = "linear"
+    evals_per_epoch: int = 1
     schedule: str = ""
     microbatches: int = 0
     stages_per_rank: int = 1
@@ -93,6 +100,10 @@ class JobSpec:
             dp = f", {self.dp} pipelines of {self.stages} stages" if self.dp > 1 else ""
             if self.gradients == "backprop":
                 return f"synthpipe backprop (naive model parallel{dp})"
+            if self.gradients == "delayed":
+                return "synthpipe delayed gradients" + (f" (staleness={self.staleness})" if self.staleness else "")
+            if self.gradients in ("local", "interlocking"):
+                return f"synthpipe {self.gradients} ({self.aux_head} auxiliary head)"
             kind = self.synth + (f"-r{self.synth_rank}" if self.synth == "lowrank" else "")
             return f"synthpipe {'cDNI' if self.conditional else 'DNI'} ({kind} synthesizer{dp})"
         if self.method == "pipelining":
@@ -163,16 +174,24 @@ def model_accuracy(model: nn.Module, batches: list, device: torch.device) -> tup
     return metrics["accuracy"], metrics["loss"]
 
 
+def epoch_parts(batches: list, parts: int) -> list[list]:
+    """``batches`` in ``parts`` consecutive, near-equal, non-empty lists (fewer when there are fewer batches)."""
+    parts = max(1, min(parts, len(batches)))
+    bounds = [i * len(batches) // parts for i in range(parts + 1)]
+    return [batches[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
 def converge_run(ctx: RankContext, spec: JobSpec, device: torch.device, initial: tuple[float, float],
                  train_epoch: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], None],
                  evaluate: Callable[[], tuple[float, float]],
                  before_epoch: Callable[[], None] | None = None) -> dict[str, Any]:
     """The time-to-accuracy loop of the unsplit and torch-pipelined methods.
 
-    ``spec.epochs`` epochs of the workload's data; ``train_epoch(batches)`` (which must
-    return synchronised) is the only timed part; ``evaluate()`` gives ``(accuracy, loss)``
-    after each epoch and ``initial`` before the first; ``before_epoch`` runs untimed
-    before each (e.g. a barrier).
+    ``spec.epochs`` epochs of the workload's data, each in ``spec.evals_per_epoch``
+    consecutive parts; ``train_epoch(batches)`` (which must return synchronised) trains
+    one part and is the only timed section; ``evaluate()`` gives ``(accuracy, loss)``
+    after each part and ``initial`` before the first; ``before_epoch`` runs untimed
+    before each part (e.g. a barrier). The curve's ``epoch`` is fractional between parts.
     """
     w = spec.workload
     acc, loss = initial
@@ -181,15 +200,17 @@ def converge_run(ctx: RankContext, spec: JobSpec, device: torch.device, initial:
     reset_peak_memory(device)
     t_start = time.time()
     for epoch in range(spec.epochs):
-        batches = train_batches(w, epoch=epoch)
-        if before_epoch is not None:
-            before_epoch()
-        t0 = time.perf_counter()
-        train_epoch(batches)
-        total += time.perf_counter() - t0
-        steps += len(batches)
-        samples += sum(len(y) for _, y in batches)
-        acc, loss = evaluate()
-        curve.append({"time": total, "epoch": epoch + 1, "steps": steps, "accuracy": acc, "loss": loss})
+        parts = epoch_parts(train_batches(w, epoch=epoch), spec.evals_per_epoch)
+        for i, batches in enumerate(parts):
+            if before_epoch is not None:
+                before_epoch()
+            t0 = time.perf_counter()
+            train_epoch(batches)
+            total += time.perf_counter() - t0
+            steps += len(batches)
+            samples += sum(len(y) for _, y in batches)
+            acc, loss = evaluate()
+            curve.append({"time": total, "epoch": round(epoch + (i + 1) / len(parts), 4), "steps": steps,
+                          "accuracy": acc, "loss": loss})
     return rank_result(ctx, spec, device, wall=total, steps=steps, samples=samples, t_start=t_start,
                        t_end=time.time(), timers=None, curve=curve)

@@ -35,7 +35,17 @@ import torch.nn as nn
 from ..engine.metrics import COMM_KINDS, NULL_TIMERS, WAIT_KINDS, Timers
 from ..engine.sources import make_source
 from ..engine.step import StageStep
-from .job import METHODS, JobSpec, converge_run, model_accuracy, param_checksum, rank_device, rank_result, synchronize
+from .job import (
+    METHODS,
+    JobSpec,
+    converge_run,
+    epoch_parts,
+    model_accuracy,
+    param_checksum,
+    rank_device,
+    rank_result,
+    synchronize,
+)
 from .launcher import RankContext
 from .monitor import reset_peak_memory
 from .pipelining import run_pipelining
@@ -175,9 +185,10 @@ def _synthpipe_trainer(spec: JobSpec, device: torch.device,
 
     w = spec.workload
     stages, synth = split if split is not None else _synthpipe_split(spec)
+    aux = sp.AuxHead(spec.aux_head, num_classes=w.num_classes) if spec.gradients in ("local", "interlocking") else None
     return sp.Trainer(stages, nn.CrossEntropyLoss(), optimizer=make_optimizer(w), synthesizer=synth,
                       gradients=spec.gradients, synth_optimizer=optimizer_factory(w.optimizer, w.synth_lr),
-                      device=device, progress=False,
+                      device=device, progress=False, aux_head=aux, staleness=spec.staleness,
                       max_inflight=spec.max_inflight, failure_timeout=120.0)
 
 
@@ -238,17 +249,27 @@ def _converge_synthpipe(ctx: RankContext, spec: JobSpec, device: torch.device, t
     total, steps, samples = 0.0, 0, 0
     reset_peak_memory(device)
     t_start = time.time()
+    parts = max(1, spec.evals_per_epoch)
+    fits = 0  # each part is one fit of one "epoch" of the trainer's count
     for epoch in range(spec.epochs):
-        batches = replica_batches(train_batches(w, epoch=epoch), trainer.dp) if main else None
-        dist.barrier()
-        t0 = time.perf_counter()
-        history = trainer.fit(batches, epochs=epoch + 1)
-        total += time.perf_counter() - t0
-        row = history.epochs[-1] if history.epochs else {"steps": 0, "samples": 0}
-        steps += int(row["steps"])
-        samples += int(row["samples"])
-        m = trainer.evaluate(test)
-        curve.append({"time": total, "epoch": epoch + 1, "steps": steps, "accuracy": m["accuracy"], "loss": m["loss"]})
+        # every rank must make as many fit calls as rank 0; only the pipelines' first ranks hold data
+        shared = replica_batches(train_batches(w, epoch=epoch), trainer.dp) or []
+        chunks: list[Any] = epoch_parts(shared, parts) if main else []
+        count = [len(chunks)]
+        dist.broadcast_object_list(count, src=0)
+        chunks = chunks or [None] * count[0]
+        for i, batches in enumerate(chunks):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fits += 1
+            history = trainer.fit(batches, epochs=fits)
+            total += time.perf_counter() - t0
+            row = history.epochs[-1] if history.epochs else {"steps": 0, "samples": 0}
+            steps += int(row["steps"])
+            samples += int(row["samples"])
+            m = trainer.evaluate(test)
+            curve.append({"time": total, "epoch": round(epoch + (i + 1) / len(chunks), 4), "steps": steps,
+                          "accuracy": m["accuracy"], "loss": m["loss"]})
     return rank_result(ctx, spec, device, wall=total, steps=steps, samples=samples, t_start=t_start,
                        t_end=time.time(), timers=None, curve=curve)
 

@@ -35,7 +35,10 @@ Files written by :func:`write_outputs` into the output directory:
 * ``simulation`` — predicted ``devices``, ``method``, ``microbatches``, ``step_s``,
   ``bubble``, ``speedup``, ``samples_per_s``;
 * ``convergence`` — one row per method (:data:`CONVERGENCE_KEYS`), with ``curve``: a list
-  of ``{time, epoch, steps, accuracy, loss}`` (time = training seconds so far);
+  of ``{time, epoch, steps, accuracy, loss}`` (time = training seconds so far), and the
+  time-to-target ratios ``speedup_vs_single`` / ``speedup_vs_torch``;
+* ``conv_target`` — the target accuracy of those rows (single-device backprop's final
+  accuracy minus the margin, unless one was given);
 * ``timelines`` — per method, per rank: ``{rank, origin, segments: [[start_s, end_s,
   kind, step], ...]}`` (also ``timeline.json``).
 
@@ -43,9 +46,9 @@ Files written by :func:`write_outputs` into the output directory:
 same rows flattened (per-rank values as ``<key>_r<rank>`` columns; no curves).
 ``profile.json`` — input for ``synthpipe simulate --profile``. ``report.md`` — the
 markdown printed on stdout. Plots: ``accuracy_vs_time.png`` (test accuracy against
-training wall-clock, every method), ``timeline.png`` (per-rank compute / communication /
-waiting over a few steps of each method), ``scaling.png`` (simulated speedup, 2..16
-devices).
+training wall-clock, every method), ``accuracy_vs_steps.png`` (against training steps),
+``timeline.png`` (per-rank compute / communication / waiting over a few steps of each
+method), ``scaling.png`` (simulated speedup, 2..16 devices).
 """
 from __future__ import annotations
 
@@ -60,8 +63,9 @@ from typing import Any, Iterable, Sequence
 from .machine import summary_line
 
 __all__ = ["THROUGHPUT_KEYS", "RANK_KEYS", "CONVERGENCE_KEYS", "KIND_COLORS", "to_json", "write_json",
-           "machine_columns", "write_csv", "markdown", "rank_key", "headline", "simulation_markdown", "plot_accuracy",
-           "timeline_methods", "plot_timeline", "plot_scaling", "OUTPUT_FILES", "write_outputs"]
+           "machine_columns", "write_csv", "markdown", "rank_key", "headline", "simulation_markdown",
+           "convergence_markdown", "plot_accuracy", "timeline_methods", "plot_timeline", "plot_scaling",
+           "OUTPUT_FILES", "write_outputs"]
 
 THROUGHPUT_KEYS = (
     "method", "label", "family", "schedule", "microbatches", "stages_per_rank", "ranks", "threads", "device",
@@ -79,7 +83,7 @@ RANK_KEYS = (
 CONVERGENCE_KEYS = (
     "method", "label", "family", "schedule", "microbatches", "ranks", "epochs", "steps", "train_time_s",
     "samples_per_s", "final_accuracy", "best_accuracy", "final_loss", "target_accuracy", "time_to_target_s",
-    "epochs_to_target", "curve", "peak_rss_mb", "error",
+    "epochs_to_target", "steps_to_target", "speedup_vs_single", "speedup_vs_torch", "curve", "peak_rss_mb", "error",
 )
 
 KIND_COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "update": "#8C613C", "synth": "#8172B3",
@@ -253,25 +257,44 @@ def markdown(results: dict[str, Any]) -> str:
                   simulation_markdown(sim)]
     conv = results.get("convergence") or []
     if conv:
-        cw = cfg["conv_workload"]
-        target = cfg["conv_target"]
-        lines += ["", "## Time to accuracy", "",
-                  f"{cw['model']}(in={cw['in_features']}, hidden={cw['hidden']}, depth={cw['depth']}) on "
-                  f"{cw['data']} ({cw['num_samples']} samples), batch {cw['batch']}, {cw['optimizer']} lr {cw['lr']}, "
-                  f"{cfg['conv_epochs']} epochs each; time = training wall-clock (evaluation excluded).", "",
-                  f"| method | ranks | samples/s | time to {100 * target:.0f}% (s) | epochs to {100 * target:.0f}% | "
-                  f"final accuracy | best accuracy | train time (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in conv:
-            if r.get("error"):
-                lines.append(f"| {r['method']} | {r['ranks']} | failed: {r['error']} | | | | | |")
-                continue
-            lines.append(f"| {r['method']} | {r['ranks']} | {_fmt(r['samples_per_s'], 0)} | "
-                         f"{_fmt(r['time_to_target_s'], 2)} | {_fmt(r['epochs_to_target'])} | "
-                         f"{100 * r['final_accuracy']:.1f}% | {100 * r['best_accuracy']:.1f}% | "
-                         f"{r['train_time_s']:.1f} |")
+        lines += ["", "## Time to accuracy", "", *convergence_markdown(results)]
     lines += ["", f"_{results.get('created', '')}; {results.get('elapsed_s', 0):.0f} s in total._", ""]
     return "\n".join(lines)
+
+
+def convergence_markdown(results: dict[str, Any]) -> list[str]:
+    """The time-to-accuracy section's lines: the workload and target, then one row per method."""
+    cfg = results.get("config", {})
+    cw = cfg.get("conv_workload", {})
+    conv = results.get("convergence") or []
+    target = results.get("conv_target")
+    if target is None:
+        target = cfg.get("conv_target")
+    how = ("given" if cfg.get("conv_target") is not None
+           else f"single-device backprop's final accuracy minus {100 * cfg.get('conv_margin', 0.01):.0f} point")
+    lines = [f"{cw.get('model')}(in={cw.get('in_features')}, hidden={cw.get('hidden')}, depth={cw.get('depth')}) on "
+             f"{cw.get('data')} ({cw.get('num_samples')} samples), batch {cw.get('batch')}, {cw.get('optimizer')} "
+             f"lr {cw.get('lr')}, {cfg.get('conv_epochs')} epochs each, evaluated {cfg.get('conv_evals', 1)}x per "
+             f"epoch; time = training wall-clock (evaluation excluded); seed {cw.get('seed', 0)}.",
+             "",
+             f"**Target: {_fmt(None if target is None else 100 * target, 1)}% test accuracy** ({how}). "
+             f"x single / x torch: time to target of single-device backprop / of the best torch schedule, "
+             f"divided by the row's (above 1: sooner), measured in this run on the machine above.",
+             "",
+             "| method | ranks | time to target (s) | x single | x torch | epochs to target | steps to target | "
+             "final acc. | best acc. | samples/s | peak RSS per rank (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in conv:
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {r['ranks']} | failed: {r['error']} | | | | | | | | |")
+            continue
+        rss = " / ".join(f"{v:.0f}" for v in r.get("peak_rss_mb") or [] if v is not None)
+        lines.append(f"| {r['method']} | {r['ranks']} | {_fmt(r.get('time_to_target_s'), 1)} | "
+                     f"{_fmt(r.get('speedup_vs_single'), 2)} | {_fmt(r.get('speedup_vs_torch'), 2)} | "
+                     f"{_fmt(r.get('epochs_to_target'))} | {_fmt(r.get('steps_to_target'))} | "
+                     f"{100 * r['final_accuracy']:.1f}% | {100 * r['best_accuracy']:.1f}% | "
+                     f"{_fmt(r.get('samples_per_s'), 0)} | {rss} |")
+    return lines
 
 
 def rank_key(row: dict[str, Any]) -> tuple[bool, float, float]:
@@ -367,20 +390,22 @@ def _save(plt: Any, fig: Any, path: str, machine: dict[str, Any] | None,
     plt.close(fig)
 
 
-def plot_accuracy(conv: Sequence[dict[str, Any]], target: float, path: str,
-                  machine: dict[str, Any] | None = None) -> None:
+def plot_accuracy(conv: Sequence[dict[str, Any]], target: float | None, path: str,
+                  machine: dict[str, Any] | None = None, x: str = "time") -> None:
+    """Test accuracy of every method against training wall-clock (``x="time"``) or steps (``x="steps"``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in conv:
         if r.get("error"):
             continue
-        xs = [p["time"] for p in r["curve"]]
+        xs = [p[x] for p in r["curve"]]
         ys = [100 * p["accuracy"] for p in r["curve"]]
         ax.plot(xs, ys, marker="o", markersize=3, label=r["method"])
-    ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.0f}%")
-    ax.set_xlabel("training wall-clock (s)")
+    if target is not None:
+        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.1f}%")
+    ax.set_xlabel("training wall-clock (s)" if x == "time" else "training steps")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy against wall-clock time")
+    ax.set_title("Test accuracy against " + ("wall-clock time" if x == "time" else "steps"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(plt, fig, path, machine)
@@ -457,7 +482,8 @@ def plot_scaling(sim: Sequence[dict[str, Any]], path: str, machine: dict[str, An
 
 # -- all files ------------------------------------------------------------------------------
 OUTPUT_FILES = ("throughput.csv", "convergence.csv", "validation.csv", "simulation.csv", "profile.json",
-                "timeline.json", "accuracy_vs_time.png", "timeline.png", "scaling.png", "report.md", "results.json")
+                "timeline.json", "accuracy_vs_time.png", "accuracy_vs_steps.png", "timeline.png",
+                "scaling.png", "report.md", "results.json")
 
 
 def write_outputs(results: dict[str, Any], directory: str, plots: bool = True) -> dict[str, str]:
@@ -493,8 +519,9 @@ def write_outputs(results: dict[str, Any], directory: str, plots: bool = True) -
             write_json(path("timeline.json"), results["timelines"])
         if plots:
             if results.get("convergence"):
-                plot_accuracy(results["convergence"], results["config"]["conv_target"], path("accuracy_vs_time.png"),
-                              machine)
+                target = results.get("conv_target", results["config"].get("conv_target"))
+                plot_accuracy(results["convergence"], target, path("accuracy_vs_time.png"), machine)
+                plot_accuracy(results["convergence"], target, path("accuracy_vs_steps.png"), machine, x="steps")
             if results.get("timelines"):
                 plot_timeline(results, path("timeline.png"))
             if results.get("simulation"):

@@ -17,7 +17,7 @@ import torch.nn as nn
 __all__ = ["MODELS", "OPTIMIZERS", "DATASETS", "Workload", "build_model", "optimizer_factory", "make_optimizer",
            "train_batches", "test_batches"]
 
-MODELS = ("deep_mlp", "paper_mlp")
+MODELS = ("deep_mlp", "paper_mlp", "wide_mlp")
 OPTIMIZERS = ("adam-fused", "adam", "sgd")
 DATASETS = ("synthetic", "mnist1d")
 
@@ -27,8 +27,9 @@ class Workload:
     """What is trained.
 
     Attributes:
-        model: ``"deep_mlp"`` (Linear+ReLU stack, for speed) or ``"paper_mlp"`` (the DNI
-            paper's MLP with BatchNorm, for convergence).
+        model: ``"deep_mlp"`` (Linear+ReLU stack, for speed), ``"paper_mlp"`` (the DNI
+            paper's MLP with BatchNorm) or ``"wide_mlp"`` (the same made wide and deep: the
+            convergence workload, heavy enough that a pipeline pays off).
         in_features, hidden, depth, num_classes: the model's shape.
         batch: global batch size (the same for every method; pipelines split it).
         data: ``"synthetic"`` (random inputs, teacher labels) or ``"mnist1d"``.
@@ -71,11 +72,13 @@ class Workload:
 
 def build_model(w: Workload) -> nn.Sequential:
     """The seeded model (identical in every process)."""
-    from ..models import deep_mlp, paper_mlp
+    from ..models import deep_mlp, paper_mlp, wide_mlp
 
     torch.manual_seed(w.seed)
     if w.model == "deep_mlp":
         return deep_mlp(in_features=w.in_features, hidden=w.hidden, depth=w.depth, num_classes=w.num_classes)
+    if w.model == "wide_mlp":
+        return wide_mlp(in_features=w.in_features, num_classes=w.num_classes, hidden=w.hidden, depth=w.depth)
     return paper_mlp(in_features=w.in_features, num_classes=w.num_classes, hidden=w.hidden, depth=w.depth)
 
 

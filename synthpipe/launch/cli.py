@@ -31,7 +31,7 @@ from .._version import __version__
 from .config import add_train_arguments, load_config, overrides_from_args, overrides_to_argv, read_toml
 
 __all__ = ["TORCHRUN_FLAGS", "BENCH_COMMANDS", "add_launcher_arguments", "build_parser", "torchrun_command",
-           "run_train", "run_export", "run_benchmark_command", "main"]
+           "run_train", "run_export", "run_benchmark_command", "usable_cores", "auto_nproc", "main"]
 
 # (flag, alias, dest, type): torchrun's options that `synthpipe train` passes through.
 TORCHRUN_FLAGS = (
@@ -49,8 +49,10 @@ BENCH_COMMANDS = ("bench", "simulate")
 
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("launcher options (passed to torchrun when it is used)")
-    group.add_argument("--nproc", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, default=1,
-                       metavar="N", help="processes on this node; N > 1 runs torchrun (default: 1, in this process)")
+    group.add_argument("--nproc", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=_nproc, default=None,
+                       metavar="N", help="processes on this node; N > 1 runs torchrun (default: auto, one process "
+                                         "per stage when this machine has a core for each rank's threads, "
+                                         "else 1, every stage in this process)")
     for flag, alias, dest, kind in TORCHRUN_FLAGS:
         names = [flag] + ([alias] if alias else [])
         group.add_argument(*names, dest=f"torchrun_{dest}", type=kind, default=argparse.SUPPRESS,
@@ -64,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     train = sub.add_parser(
-        "train", help="train a model (default: paper MLP on MNIST-1D, cDNI, 3 stages, CPU)",
-        description="Train with synthetic gradients. With --nproc N > 1 (or --nnodes > 1) torchrun starts one "
-                    "process per stage; otherwise every stage runs in this process.")
+        "train", help="train a model (default: wide BN-MLP on MNIST-1D, delayed gradients with weight "
+                      "prediction, 2 stages, one process each when the cores allow, against backprop)",
+        description="Train a pipeline of update-unlocked stages (default: delayed gradients with weight "
+                    "prediction) and compare it with single-process backprop. With --nproc N > 1 (or --nnodes > 1) "
+                    "torchrun starts one process per stage; without --nproc, one process per stage when the cores "
+                    "allow; otherwise every stage runs in this process.")
     add_launcher_arguments(train)
     add_train_arguments(train)
     export = sub.add_parser("export", help="write a checkpoint's model state_dict (for model.load_state_dict)",
@@ -86,6 +91,31 @@ def _error(command: str, message: str) -> int:
 
 
 # -- train --------------------------------------------------------------------------------
+
+def _nproc(text: str) -> int | None:
+    """``--nproc``: a number, or ``auto`` (``None``: see :func:`auto_nproc`)."""
+    if text.lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or auto; got {text!r}") from None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_nproc(n_stages: int, threads: int, cores: int | None = None) -> int:
+    """``--nproc auto``: one process per stage when ``cores`` (default: :func:`usable_cores`)
+    hold ``n_stages x threads`` threads, else 1 (every stage in this process)."""
+    cores = usable_cores() if cores is None else cores
+    return n_stages if n_stages > 1 and n_stages * threads <= cores else 1
+
 
 def _nnodes(text: str) -> int | None:
     """``--nnodes`` as a number, or ``None`` for an elastic range such as ``1:2``."""
@@ -121,10 +151,15 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     except ValueError as e:
         return _error("train", str(e))
-    if args.nproc < 1:
-        return _error("train", f"--nproc must be >= 1; got {args.nproc}")
     nnodes_text = str(torchrun.get("nnodes", "1"))
     nnodes = _nnodes(nnodes_text)
+    if args.nproc is None:  # auto
+        args.nproc = auto_nproc(cfg.n_stages, cfg.threads) if nnodes == 1 else 1
+        if args.nproc > 1:
+            print(f"synthpipe train: {cfg.n_stages} stages, {usable_cores()} usable cores: one process per stage "
+                  f"(--nproc 1 runs every stage in this process)", file=sys.stderr, flush=True)
+    if args.nproc < 1:
+        return _error("train", f"--nproc must be >= 1; got {args.nproc}")
     if nnodes is not None and nnodes < 1:
         return _error("train", f"--nnodes must be >= 1; got {nnodes_text}")
     if nnodes != 1 and not any(k in torchrun for k in ("rdzv_endpoint", "master_addr")):

@@ -42,9 +42,16 @@ from ..stages.synthesizer import KINDS
 
 __all__ = ["JobConfig", "load_config", "read_toml", "add_train_arguments", "overrides_from_args",
            "overrides_to_argv", "train_options", "engine_flags", "field_docs", "check_type", "Flag", "FLAGS",
-           "MODELS", "DATASETS"]
+           "MODELS", "DATASETS", "AUX_HEADS", "ENGINE_DEFAULTS", "AUTO"]
 
-MODELS = ("paper_mlp", "paper_cnn", "deep_mlp")
+MODELS = ("wide_mlp", "paper_mlp", "paper_cnn", "deep_mlp")
+AUX_HEADS = ("linear", "mlp")
+AUTO = "auto"
+# The engine options whose launcher default differs from TrainConfig's (the main job's
+# gradient source; "auto" resolves by the source: see JobConfig.staleness).
+ENGINE_DEFAULTS: dict[str, Any] = {"gradients": "delayed", "staleness": AUTO}
+# The main job's size: about two minutes on 2 cores, the pipeline and the backprop comparison together.
+MAIN_JOB: dict[str, int] = {"num_samples": 20000, "epochs": 4}
 DATASETS = ("mnist1d", "synthetic")
 SPLIT_BY = ("params", "time")
 SYNTHESIZERS = KINDS
@@ -58,19 +65,29 @@ class JobConfig(TrainConfig):
 
     The engine's training options (``gradients``, ``delay``, ``stall_warning``, ...) are
     the fields of :class:`~synthpipe.engine.config.TrainConfig`, inherited with their
-    names, defaults, documentation and checks; each has the flag ``--name-with-dashes``
+    names, documentation and checks; each has the flag ``--name-with-dashes``
     (``synthetic_scale`` also ``--scale``), and an optional one takes ``none`` for
-    ``None`` (``--stall-warning off`` turns the stall warning off). The fields below are
-    the launcher's own.
+    ``None`` (``--stall-warning off`` turns the stall warning off). Two defaults differ
+    from the engine's (:data:`ENGINE_DEFAULTS`), picked from measurements of the main job
+    (docs/guide.md, "Which gradient source?"): ``gradients="delayed"``, and ``staleness``
+    ``"auto"``, which becomes ``"predict"`` (weight prediction) with ``delayed`` and
+    ``None`` with every other source. The fields below are the launcher's own.
 
     Model:
-        model: ``"paper_mlp"`` (the DNI paper's MLP: Linear-BN-ReLU blocks),
-            ``"paper_cnn"`` (the paper's small CNN, 1-D) or ``"deep_mlp"`` (a deep
-            Linear-ReLU stack for speed tests). Flag ``--model``.
-        depth: hidden blocks (``paper_mlp``/``deep_mlp`` ``depth``, ``paper_cnn``
-            ``blocks``); ``None``: the model's default (3, 2 and 8). Flag ``--depth``.
-        hidden: width (``paper_mlp``/``deep_mlp`` ``hidden``, ``paper_cnn``
-            ``channels``); ``None``: the model's default (256, 64 and 1024). Flag ``--hidden``.
+        model: ``"wide_mlp"`` (the convergence workload: a wide, deep BN-MLP,
+            40 -> 1024 x 6 -> 10), ``"paper_mlp"`` (the DNI paper's MLP: Linear-BN-ReLU
+            blocks), ``"paper_cnn"`` (the paper's small CNN, 1-D) or ``"deep_mlp"`` (a
+            deep Linear-ReLU stack for speed tests). Flag ``--model``.
+        depth: hidden blocks (``wide_mlp``/``paper_mlp``/``deep_mlp`` ``depth``,
+            ``paper_cnn`` ``blocks``); ``None``: the model's default (6, 3, 2 and 8).
+            Flag ``--depth``.
+        hidden: width (``wide_mlp``/``paper_mlp``/``deep_mlp`` ``hidden``, ``paper_cnn``
+            ``channels``); ``None``: the model's default (1024, 256, 64 and 1024).
+            Flag ``--hidden``.
+        aux_head: the auxiliary head of every stage but the last for ``gradients="local"``
+            and ``"interlocking"``: ``"linear"`` (the activation -> 10 logits) or ``"mlp"``
+            (through one hidden layer of 128 units); other sources ignore it.
+            Flag ``--aux-head``.
 
     Data:
         data: ``"mnist1d"`` (MNIST-1D generated locally, 40 features, 10 classes, fixed
@@ -134,24 +151,28 @@ class JobConfig(TrainConfig):
             ``summary.json`` (config and results). Flag ``--output``.
     """
 
+    # engine options with the launcher's own default (ENGINE_DEFAULTS)
+    gradients: str = ENGINE_DEFAULTS["gradients"]
+    staleness: Optional[str] = ENGINE_DEFAULTS["staleness"]
     # model
-    model: str = "paper_mlp"
+    model: str = "wide_mlp"
     depth: Optional[int] = None
     hidden: Optional[int] = None
+    aux_head: str = "linear"
     # data
     data: str = "mnist1d"
-    num_samples: int = 5000
+    num_samples: int = MAIN_JOB["num_samples"]
     features: Optional[int] = None
-    batch_size: int = 64
+    batch_size: int = 256
     # training
-    epochs: int = 20
+    epochs: int = MAIN_JOB["epochs"]
     max_steps: Optional[int] = None
     lr: float = 1e-3
     seed: int = 0
     lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
     # pipeline
-    n_stages: int = 3
+    n_stages: int = 2
     balance: Optional[list[int]] = None
     split_by: str = "params"
     # synthesizer
@@ -181,10 +202,12 @@ class JobConfig(TrainConfig):
         """
         if self.backend == "auto":
             self.backend = None
+        if self.staleness == AUTO:
+            self.staleness = "predict" if self.gradients == "delayed" else None
         for f in dataclasses.fields(self):
             check_type(f.name, getattr(self, f.name))
         TrainConfig.__post_init__(self)
-        for name, choices in (("model", MODELS), ("data", DATASETS), ("split_by", SPLIT_BY),
+        for name, choices in (("model", MODELS), ("data", DATASETS), ("split_by", SPLIT_BY), ("aux_head", AUX_HEADS),
                               ("synthesizer", SYNTHESIZERS), ("device", DEVICES), ("lr_schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
@@ -403,6 +426,7 @@ LAUNCHER_FLAGS: tuple[Flag, ...] = (
     Flag("model", "--model", "model to train", str, MODELS, group="model"),
     Flag("depth", "--depth", "hidden blocks of the model", int, metavar="N", group="model", none="the model's own"),
     Flag("hidden", "--hidden", "hidden width / channels", int, metavar="N", group="model", none="the model's own"),
+    Flag("aux_head", "--aux-head", "auxiliary head of local / interlocking", str, AUX_HEADS, group="model"),
     Flag("data", "--data", "data set", str, DATASETS, group="data"),
     Flag("num_samples", "--num-samples", "examples in train + test (80/20 split)", int, metavar="N", group="data"),
     Flag("features", "--features", "input size of the synthetic data", int, metavar="N", group="data", none="40"),

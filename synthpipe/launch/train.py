@@ -31,7 +31,8 @@ from .config import JobConfig, add_train_arguments, load_config, overrides_from_
 
 __all__ = ["MNIST1D_FEATURES", "NUM_CLASSES", "EVAL_BATCH", "LaunchError", "env_rank", "env_world", "data_shape",
            "resolve_device", "preflight", "build_model", "build_data", "check_labels", "train_loader", "eval_loader",
-           "choose_balance", "method_name", "train_backprop", "stop_exit_code", "run", "build_parser", "main"]
+           "choose_balance", "method_name", "aux_head_for", "train_backprop", "time_to_target",
+           "pipeline_curve", "stop_exit_code", "run", "build_parser", "main"]
 
 MNIST1D_FEATURES = 40
 NUM_CLASSES = 10
@@ -128,6 +129,13 @@ def build_model(cfg: JobConfig, in_features: int, num_classes: int) -> Any:
     from .. import models
 
     torch.manual_seed(cfg.seed)
+    if cfg.model == "wide_mlp":
+        kw0: dict[str, Any] = {"in_features": in_features, "num_classes": num_classes}
+        if cfg.depth is not None:
+            kw0["depth"] = cfg.depth
+        if cfg.hidden is not None:
+            kw0["hidden"] = cfg.hidden
+        return models.wide_mlp(**kw0)
     if cfg.model == "paper_mlp":
         kw: dict[str, Any] = {"in_features": in_features, "num_classes": num_classes}
         if cfg.depth is not None:
@@ -251,15 +259,36 @@ def lr_scheduler_for(cfg: JobConfig) -> Any:
 
 
 def method_name(cfg: JobConfig) -> str:
+    """The gradient source as the report names it (``"delayed (predict)"``, ``"cDNI"``, ...)."""
     if cfg.gradients == "backprop":
         return "pipeline backprop"
-    return "cDNI" if cfg.conditional else "DNI"
+    if cfg.gradients == "synthetic":
+        return "cDNI" if cfg.conditional else "DNI"
+    return cfg.gradients + (f" ({cfg.staleness})" if cfg.staleness else "")
+
+
+def aux_head_for(cfg: JobConfig, num_classes: int | None) -> Any:
+    """The ``Trainer(aux_head=...)`` recipe of ``local`` and ``interlocking`` (``None`` for the other sources)."""
+    import synthpipe as sp
+
+    if cfg.gradients not in ("local", "interlocking"):
+        return None
+    if num_classes is None:
+        raise LaunchError(f"gradients={cfg.gradients!r} trains on a local loss with class labels, but data "
+                          f"{cfg.data!r} has none")
+    return sp.AuxHead(cfg.aux_head, num_classes=num_classes, hidden=128 if cfg.aux_head == "mlp" else None)
 
 
 # -- plain backprop baseline ------------------------------------------------------------------
 
-def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, device: Any) -> dict[str, float]:
-    """The unsplit model, plain single-process backprop, same init and batch order, ``steps`` steps."""
+def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, device: Any) -> dict[str, Any]:
+    """The unsplit model, plain single-process backprop, same init and batch order, ``steps`` steps.
+
+    Returns ``accuracy``, ``loss``, ``steps``, ``time`` (training seconds, evaluation
+    excluded) and ``curve``: the test accuracy after every full epoch (and at the end), as
+    ``{"epoch", "steps", "time", "accuracy"}``, the points at which the pipeline's own
+    run is evaluated, for the time to a target accuracy.
+    """
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
@@ -267,12 +296,24 @@ def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, de
     model = build_model(cfg, in_features, num_classes or NUM_CLASSES).to(device)
     optimizer = adam(cfg.lr)(model.parameters())
     loader = train_loader(cfg, train_set)
+    from ..engine.reference import evaluate_model
+
+    curve: list[dict[str, float]] = []
+    elapsed = 0.0
+    step = epoch = 0
+    metrics: dict[str, float] = {}
+
+    def evaluate() -> None:
+        nonlocal metrics
+        metrics = evaluate_model(model, eval_loader(test_set), device)  # (leaves the model in eval mode)
+        model.train()
+        curve.append({"epoch": epoch, "steps": step, "time": elapsed, "accuracy": metrics["accuracy"]})
+
     model.train()
-    start = time.perf_counter()
-    step = 0
     with tqdm(total=steps, disable=not cfg.progress, unit="step", desc="backprop x1", dynamic_ncols=True,
               file=sys.stderr, leave=False) as bar:
         while step < steps and len(loader) > 0:
+            start = time.perf_counter()
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
                 optimizer.zero_grad(set_to_none=True)
@@ -282,11 +323,30 @@ def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, de
                 bar.update(1)
                 if step >= steps:
                     break
-    elapsed = time.perf_counter() - start
-    from ..engine.reference import evaluate_model
+            elapsed += time.perf_counter() - start
+            epoch += 1
+            evaluate()
+    if not curve:
+        evaluate()
+    return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "steps": step, "time": elapsed,
+            "curve": curve}
 
-    metrics = evaluate_model(model, eval_loader(test_set), device)
-    return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "steps": step, "time": elapsed}
+
+def time_to_target(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """The first point of ``curve`` (``{"epoch", "steps", "time", "accuracy"}``) at or above ``target``, or ``None``."""
+    return next((p for p in curve if p["accuracy"] >= target - 1e-9), None)
+
+
+def pipeline_curve(history: Any) -> list[dict[str, float]]:
+    """The pipeline run's test accuracy after each epoch, with the training seconds up to it."""
+    curve, elapsed, steps = [], 0.0, 0
+    for e in history.epochs:
+        elapsed += float(e["time"])
+        steps += int(e["steps"])
+        if e.get("eval_accuracy") is not None:
+            curve.append({"epoch": int(e["epoch"]) + 1, "steps": steps, "time": elapsed,
+                          "accuracy": float(e["eval_accuracy"])})
+    return curve
 
 
 # -- the job ------------------------------------------------------------------------------
@@ -401,6 +461,7 @@ def _build(cfg: JobConfig, world: int, rank: int) -> _Job:
             raise LaunchError(str(e)) from None
     trainer = sp.Trainer(stages, loss_fn=nn.CrossEntropyLoss(), optimizer=adam(cfg.lr), synthesizer=synthesizer,
                          synth_lr=cfg.synth_lr, device=device, backend=cfg.backend,
+                         aux_head=aux_head_for(cfg, num_classes),
                          lr_scheduler=lr_scheduler_for(cfg), **train_options(cfg))
     job = _Job(trainer, world, rank)
     if trainer.drives_data:  # every pipeline's first rank: each reads its own share
@@ -490,14 +551,39 @@ def _report(cfg: JobConfig, job: _Job, done: _Trained) -> None:
                        title=f"{name}: {cfg.model} on {cfg.data}, {cfg.n_stages} stages, {procs}")
 
 
-def _compare_with_backprop(cfg: JobConfig, job: _Job, done: _Trained) -> dict[str, float]:
-    """Train the unsplit model with plain backprop for as many steps and print both accuracies."""
+def _compare_with_backprop(cfg: JobConfig, job: _Job, done: _Trained) -> dict[str, Any]:
+    """Train the unsplit model with plain backprop for as many steps; print both accuracies
+    and both times to the target (backprop's final accuracy minus 1 point)."""
     name, accuracy = method_name(cfg), done.metrics["accuracy"]
     base = train_backprop(cfg, job.train_set, job.test_set, done.steps_total, job.trainer.device)
     print(f"backprop (1 process, unsplit): {base['steps']} steps in {base['time']:.1f} s, "
           f"test accuracy {100 * base['accuracy']:.2f}%")
     print(f"{name} test accuracy {100 * accuracy:.1f}% vs backprop {100 * base['accuracy']:.1f}% (same steps)")
+    target = base["accuracy"] - 0.01
+    mine = time_to_target(pipeline_curve(done.history), target) if cfg.resume is None else None
+    theirs = time_to_target(base["curve"], target)
+    base["target_accuracy"] = target
+    base["time_to_target"] = theirs["time"] if theirs else None
+    base["pipeline_time_to_target"] = mine["time"] if mine else None
+    if cfg.resume is not None:
+        return base  # this fit's epochs are not the run's: no time to target to compare
+    procs = f"{job.world} processes" if job.world > 1 else "1 process"
+
+    def said(hit: dict[str, float] | None) -> str:
+        return (f"{hit['time']:.1f} s (epoch {hit['epoch']:.0f}, step {hit['steps']:.0f})" if hit
+                else "not reached")
+
+    print(f"time to {100 * target:.1f}% test accuracy (backprop's final minus 1 point; training time, evaluation "
+          f"excluded): {name} on {procs} {said(mine)}, backprop in 1 process {said(theirs)}"
+          + (f": {_sooner(theirs['time'] / mine['time'], name)}" if mine and theirs and mine["time"] > 0 else ""))
     return base
+
+
+def _sooner(ratio: float, name: str) -> str:
+    """``ratio`` = backprop's time to target / the pipeline's, in words."""
+    if ratio >= 1:
+        return f"{name} {ratio:.2f}x sooner"
+    return f"backprop {1 / ratio:.2f}x sooner"
 
 
 def _write_outputs(output: str, history: Any, summary: dict[str, Any], title: str) -> None:
