@@ -70,6 +70,25 @@ def job_function(spec: JobSpec) -> Callable[[RankContext, JobSpec], dict[str, An
     raise ValueError(f"unknown method {spec.method!r}; choose one of {METHODS}")
 
 
+def _timed_steps(step: Callable[[torch.Tensor, torch.Tensor], Any], batches: list, warmup: int,
+                 device: torch.device, timers: Timers, after_warmup: Callable[[], Any] | None = None
+                 ) -> tuple[list[Any], float, float, float]:
+    """``warmup`` untimed steps, then the rest of ``batches`` timed (peak memory and timers
+    reset in between; ``after_warmup`` lines the ranks up). Returns the timed steps'
+    losses, the wall-clock seconds, and the start and end times (epoch seconds)."""
+    for x, y in batches[:warmup]:
+        step(x, y)
+    if after_warmup is not None:
+        after_warmup()
+    synchronize(device)
+    reset_peak_memory(device)
+    timers.reset()
+    t_start, t0 = time.time(), time.perf_counter()
+    losses = [step(x, y) for x, y in batches[warmup:]]
+    synchronize(device)
+    return losses, time.perf_counter() - t0, t_start, time.time()
+
+
 def run_single(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
     """The unsplit model, one process, plain ``forward / backward / step`` (the baseline)."""
     w = spec.workload
@@ -93,16 +112,7 @@ def run_single(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
     if spec.mode == "converge":
         return _converge_single(ctx, spec, device, model, step)
     batches = train_batches(w, count=spec.warmup + spec.steps)
-    for x, y in batches[:spec.warmup]:
-        step(x, y)
-    synchronize(device)
-    reset_peak_memory(device)
-    timers.reset()
-    t_start, t0 = time.time(), time.perf_counter()
-    losses = [step(x, y) for x, y in batches[spec.warmup:]]
-    synchronize(device)
-    wall = time.perf_counter() - t0
-    t_end = time.time()
+    losses, wall, t_start, t_end = _timed_steps(step, batches, spec.warmup, device, timers)
     checksum = param_checksum([model])
     chunks = chunk_times(model, loss_fn, batches[0], spec.chunk_sweep, device)
     return rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
@@ -310,18 +320,9 @@ def run_ddp(ctx: RankContext, spec: JobSpec) -> dict[str, Any]:
             return loss.detach()
 
         batches = train_batches(w, count=spec.warmup + spec.steps)
-        for x, y in batches[:spec.warmup]:
-            step(x, y)
-        dist.barrier()
-        synchronize(device)
-        reset_peak_memory(device)
-        timers.reset()
-        t_start, t0 = time.time(), time.perf_counter()
-        losses = [step(x, y) for x, y in batches[spec.warmup:]]
-        synchronize(device)
-        wall = time.perf_counter() - t0
+        losses, wall, t_start, t_end = _timed_steps(step, batches, spec.warmup, device, timers, dist.barrier)
         return rank_result(ctx, spec, device, wall=wall, steps=spec.steps, samples=spec.steps * w.batch,
-                           t_start=t_start, t_end=time.time(), timers=timers, losses=[float(v) for v in losses],
+                           t_start=t_start, t_end=t_end, timers=timers, losses=[float(v) for v in losses],
                            param_checksum=param_checksum([model.module]) if ctx.rank == 0 else [0.0, 0.0])
     finally:
         dist.destroy_process_group()
