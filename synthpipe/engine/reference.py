@@ -20,8 +20,8 @@ from .config import DEFAULT_DELAY, TrainConfig
 from .history import StepLog
 from .metrics import Timers
 from .sources import SOURCES, make_source
-from .sporadic import update_drawn
 from .step import Begun, LiveStats, StageStep
+from .synthetic_inputs import input_seed, real_forward
 
 __all__ = ["ReferenceRunner", "batch_metrics", "mean_metrics", "evaluate_model"]
 
@@ -148,7 +148,8 @@ class ReferenceRunner:
                 raise ValueError("synthetic_inputs=True needs at least 2 stages: it gives every stage r > 0 a "
                                  "synthetic input, and stage 0, the only stage here, reads the data itself")
             self.input_synths = {r: InputSynthesizer(r, s.synth_optimizer_factory, config.input_synth_hidden,
-                                                     s.device) for r, s in enumerate(self.stages) if r > 0}
+                                                     s.device, seed=input_seed(r))
+                                 for r, s in enumerate(self.stages) if r > 0}
 
     @property
     def caches(self) -> list[Any]:
@@ -220,31 +221,13 @@ class ReferenceRunner:
         return loss
 
     def _real_forward(self, r: int, step: int, real: tuple, y: torch.Tensor) -> tuple:
-        """Stage r on its real input (no update): returns the real output, which becomes
-        ``M_r``'s regression input for this step, and gives stage r - 1 the gradient taken at
-        the real input (through ``M_r``, or the loss on the last stage) as its target,
-        in place of the one taken at the predicted input. Nothing is sent where stage r
-        skipped the step (``p_update``): a skipped stage does no backward."""
-        stage, source, cfg = self.stages[r], self.sources[r], self.config
-        inputs, outputs = stage.forward(real)
-        if update_drawn(cfg.p_update, cfg.p_update_seed, r, step):
-            if stage.is_last:
-                pairs = [(stage.loss(outputs, y), None)]
-            else:
-                pairs = [(o, g) for o, g in zip(outputs, stage.synthetic_gradient(outputs, y), strict=True)
-                         if g is not None and torch.is_tensor(o) and o.requires_grad]
-            leaves = [t for t in inputs if torch.is_tensor(t) and t.requires_grad]
-            found: list[Any] = [None] * len(leaves)
-            if pairs and leaves:
-                found = list(torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
-                                                 allow_unused=True))
-            got = iter(found)
-            target = tuple(next(got) if torch.is_tensor(t) and t.requires_grad else None for t in inputs)
+        """Stage r on its real input (:func:`~synthpipe.engine.synthetic_inputs.real_forward`):
+        hands stage r - 1 its target, returns the real output (stage r + 1's real input).
+        Nothing is sent where stage r skipped the step (``p_update``): its predicted pass
+        already said so."""
+        out, target = real_forward(self.stages[r], self.sources[r], self.config, step, real, y)
+        if target is not None:
             self.steps[r - 1].received(step, target, skipped=not all_finite(target))
-        out = tuple(o.detach() if torch.is_tensor(o) else o for o in outputs)
-        cache = getattr(source, "cache", None)
-        if not stage.is_last and cache is not None and cache.get(step) is not None:
-            cache.add(step, out, y)  # (M_r regresses at the real output; its target is still to come)
         return out
 
     @torch.no_grad()

@@ -213,6 +213,11 @@ class Channel:
         self._max_sends = n
 
     @property
+    def expected(self) -> int:
+        """Messages expected (:meth:`expect`) and not yet taken by :meth:`recv`."""
+        return self._expected
+
+    @property
     def sends_in_flight(self) -> int:
         """Messages sent on this channel whose buffers are still held (at most :attr:`max_sends`)."""
         return len(self._pending_sends)

@@ -31,13 +31,15 @@ class InputSynthesizer:
         optimizer: factory ``params -> Optimizer`` for its parameters.
         hidden: the width of each MLP head.
         device: where it lives.
+        seed: the seed of its initialisation (``None``: the global random state), so that
+            processes that each build one build the same weights.
 
     Raises:
         ValueError: ``index`` is 0.
     """
 
     def __init__(self, index: int, optimizer: OptimizerFactory, hidden: int = 256,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", seed: int | None = None):
         if index <= 0:
             raise ValueError(f"stage {index}: a synthetic input needs a stage before it; stage 0 reads "
                              f"the data itself, so it has no input to predict")
@@ -45,6 +47,7 @@ class InputSynthesizer:
         self.optimizer_factory = optimizer
         self.hidden = hidden
         self.device = torch.device(device)
+        self.seed = seed
         self.model: nn.ModuleList | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.shapes: list[tuple[int, ...]] = []
@@ -81,9 +84,13 @@ class InputSynthesizer:
 
     def _make(self, shapes: list[tuple[int, ...]], in_features: int) -> None:
         self.shapes, self.in_features = shapes, in_features
-        self.model = nn.ModuleList(
-            nn.Sequential(nn.Linear(self.in_features, self.hidden), nn.ReLU(),
-                          nn.Linear(self.hidden, math.prod(s))) for s in self.shapes).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # (built on the CPU, then moved)
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            model = nn.ModuleList(
+                nn.Sequential(nn.Linear(self.in_features, self.hidden), nn.ReLU(),
+                              nn.Linear(self.hidden, math.prod(s))) for s in self.shapes)
+        self.model = model.to(self.device)
         self.optimizer = self.optimizer_factory(self.model.parameters())
 
     def ready(self) -> bool:
