@@ -1,6 +1,8 @@
 """Synthetic inputs (stages/input_synth.py, ``synthetic_inputs=True``): forward-unlocked training."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -120,24 +122,84 @@ def test_a_boundary_an_input_synthesizer_cannot_predict_is_named():
         synth.predict((torch.randn(4, 7),))
 
 
-def refused_across_ranks(rank: int) -> str:
+def refused_with_replicas(rank: int) -> str:
     try:
-        frozen_trainer()
+        sp.Trainer(sp.split(make_model(), balance=[3, 2]), nn.CrossEntropyLoss(), synthesizer=SYNTH,
+                   gradients="synthetic", synthetic_inputs=True, progress=False)
     except ValueError as e:
         return str(e)
     return "not refused"
 
 
 @pytest.mark.timeout(120)
-def test_synthetic_inputs_are_refused_across_processes():
-    results = run_ranks(refused_across_ranks, 3, timeout=90)
-    assert all("synthetic_inputs=True runs in the single-process trainer only" in m for m in results), results
+def test_synthetic_inputs_with_replicas_are_refused_on_every_rank():
+    results = run_ranks(refused_with_replicas, 4, timeout=90)
+    assert all("synthetic_inputs=True runs one pipeline, not dp=2" in m for m in results), results
 
 
-def learning_trainer() -> sp.Trainer:
+class Slow(nn.Module):
+    """Stage 1 takes its time: stage 2, whose data comes straight from rank 0, runs ahead on predicted inputs."""
+
+    def forward(self, x):
+        time.sleep(0.05)
+        return x
+
+
+def unlocked_across_ranks(rank: int, batches: list, options: dict, evaluate: bool, slow: bool = False) -> dict:
+    trainer = learning_trainer(**options)
+    if slow and rank == 1:
+        trainer.runner.stage.module = nn.Sequential(Slow(), trainer.runner.stage.module)
+    history = trainer.fit(batches, epochs=2, eval_loader=batches[:2] if evaluate else None)
+    metrics = trainer.evaluate(batches[:3])
+    state = trainer.state_dict()
+    worker = trainer.runner
+    synth = worker.input_synth
+    out = {"model": state, "losses": [s["loss"] for s in history.steps], "metrics": metrics,
+           "input": None if synth is None else synth.predict((batches[0][0],))[0],
+           "most_unreal": worker.most_unreal, "lag": worker.unlock_lag,
+           "left": (len(worker._unreal), len(worker._reals), worker.outstanding)}
+    trainer.close()
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_synthetic_inputs_across_processes_with_a_fixed_delay_equal_the_single_process_trainer():
+    batches = make_batches(n=8)
+    options = {"delay": 2}
+    results = run_ranks(unlocked_across_ranks, 3, batches, options, True, timeout=150)
+    reference = learning_trainer(**options)
+    history = reference.fit(batches, epochs=2, eval_loader=batches[:2])
+    expected = reference.state_dict()
+    assert any(not torch.equal(v, make_model().state_dict()[k]) for k, v in expected.items()), "nothing trained"
+    for r in results:
+        for k, v in expected.items():
+            assert torch.allclose(r["model"][k], v, atol=1e-5), k
+        assert r["metrics"]["accuracy"] == pytest.approx(reference.evaluate(batches[:3])["accuracy"])
+        assert r["most_unreal"] == 0 and r["lag"] == 0, "each real input runs right after its step"
+        assert r["left"] == (0, 0, 0), "nothing is left waiting after the fit"
+    for rank in (1, 2):
+        assert torch.allclose(results[rank]["input"], reference.runner.input_synths[rank].predict((batches[0][0],))[0],
+                              atol=1e-5), f"stage {rank}'s input synthesizer"
+    assert results[0]["losses"] == pytest.approx([s["loss"] for s in history.steps], abs=1e-5)
+
+
+@pytest.mark.timeout(180)
+def test_free_running_ranks_run_at_most_max_inflight_batches_ahead_of_their_real_inputs():
+    batches = make_batches(n=12)
+    results = run_ranks(unlocked_across_ranks, 3, batches, {"max_inflight": 2}, True, True, timeout=150)
+    for rank in (1, 2):
+        assert results[rank]["lag"] == 2 and results[rank]["most_unreal"] <= 2, results[rank]["most_unreal"]
+        assert results[rank]["left"] == (0, 0, 0), "every real input ran before the fit ended"
+    assert results[2]["most_unreal"] == 2, "behind a slow stage 1, stage 2 runs as far ahead as allowed"
+    losses = results[0]["losses"]
+    assert len(losses) == 24 and all(v == v for v in losses), "every step has a loss"
+    assert results[0]["metrics"] == results[2]["metrics"], "every rank gets the same evaluation"
+
+
+def learning_trainer(**options) -> sp.Trainer:
     return sp.Trainer(sp.split(make_model(), balance=[2, 2, 1]), nn.CrossEntropyLoss(),
                       lambda p: torch.optim.Adam(p, lr=1e-2), synthesizer=SYNTH, gradients="synthetic",
-                      synthetic_inputs=True, input_synth_hidden=8, progress=False)
+                      synthetic_inputs=True, input_synth_hidden=8, progress=False, **options)
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -155,3 +217,29 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     for r in (1, 2):
         assert torch.allclose(whole.runner.input_synths[r].predict((x,))[0],
                               resumed.runner.input_synths[r].predict((x,))[0], atol=1e-6), f"stage {r}"
+
+
+def resumed_across_ranks(rank: int, batches: list, path: str) -> dict:
+    first = learning_trainer(delay=2)
+    first.fit(batches, epochs=1)
+    first.save(path)
+    first.close()
+    resumed = learning_trainer(delay=2).load(path)
+    resumed.fit(batches, epochs=2)
+    synth = resumed.runner.input_synth
+    out = {"model": resumed.state_dict(), "input": None if synth is None else synth.predict((batches[0][0],))[0]}
+    resumed.close()
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_a_run_across_processes_resumes_its_input_synthesizers(tmp_path):
+    batches = make_batches(n=8)
+    results = run_ranks(resumed_across_ranks, 3, batches, str(tmp_path), timeout=150)
+    whole = learning_trainer(delay=2)
+    whole.fit(batches, epochs=2)
+    for k, v in whole.state_dict().items():
+        assert torch.allclose(results[0]["model"][k], v, atol=1e-5), k
+    for r in (1, 2):
+        assert torch.allclose(results[r]["input"], whole.runner.input_synths[r].predict((batches[0][0],))[0],
+                              atol=1e-5), f"stage {r}'s input synthesizer"

@@ -74,7 +74,8 @@ class TrainConfig:
             r > 0 owns an input synthesizer ``I_r(x)`` predicting its input ``h_{r-1}`` from
             the data ``x``, runs its forward and update on that prediction, and trains
             ``I_r`` by regression on the real input (docs/paper.md). Needs
-            ``gradients="synthetic"`` and at least 2 stages; single-process trainer only.
+            ``gradients="synthetic"`` and at least 2 stages; one pipeline (``dp`` 1). Across
+            processes rank 0 sends each batch straight to every later rank.
         input_synth_hidden: the hidden width of each input synthesizer (a two-layer MLP).
         log_dir: write TensorBoard scalars into this directory (needs the ``tensorboard``
             package: ``pip install synthpipe[tensorboard]``); ``None``: none.

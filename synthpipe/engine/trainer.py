@@ -241,10 +241,10 @@ class Trainer:
                 raise ValueError(f"dp={dp} pipelines of {self.n_stages} stages need {dp * self.n_stages} processes "
                                  f"under torchrun; this is one process")
             return ReferenceRunner([make(r) for r in range(self.n_stages)], self.config)
-        if self.config.synthetic_inputs:  # (before any process group: every rank refuses alike)
-            raise ValueError(f"synthetic_inputs=True runs in the single-process trainer only, not across {world} "
-                             f"processes: run it in one process (no torchrun)")
-        layout(world, self.n_stages, dp, 0)  # (before the group: a wrong world size is refused at once)
+        planned = layout(world, self.n_stages, dp, 0)  # (before the group: a wrong world size is refused at once)
+        if self.config.synthetic_inputs and planned.dp > 1:  # (before any process group: every rank refuses alike)
+            raise ValueError(f"synthetic_inputs=True runs one pipeline, not dp={planned.dp} of them: the input "
+                             f"synthesizers' regression is not averaged over replicas; run {self.n_stages} processes")
         self._owns_group = not dist.is_initialized()
         init_process_group(self.device, backend_for(self.device, backend))
         self.rank = dist.get_rank()
@@ -261,7 +261,8 @@ class Trainer:
             if lay.pp_rank == 0:
                 self._drivers = replicas
         runner = PipelineWorker(make(lay.pp_rank), self.config,
-                                Channels(self.rank, world, channel_device, self.n_stages),
+                                Channels(self.rank, world, channel_device, self.n_stages,
+                                         data=self.config.synthetic_inputs),
                                 replicas=replicas, pipeline_group=self.mesh.get_group("pp") if lay.dp > 1 else None)
         prefix = "synthpipe/{}/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
                                              os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), Trainer._instances)

@@ -131,7 +131,7 @@ class PipelineWorker:
         self._unreal: deque[tuple[int, tuple, torch.Tensor]] = deque()
         self._reals: dict[int, tuple] = {}
         self._predicting = False  # a pass on predicted inputs sends nothing
-        self.most_unreal = 0  # the most batches ever waiting for their real input (at most the lag bound)
+        self.most_unreal = 0  # the most batches left waiting for their real input after a step (<= unlock_lag)
 
     @property
     def stages(self) -> list[Stage]:
@@ -369,7 +369,6 @@ class PipelineWorker:
                 self._receive_real()
             synth.build(x, self._reals[step])
         self._unreal.append((step, x, y))
-        self.most_unreal = max(self.most_unreal, len(self._unreal))
         runner = self.step_runner
         self._predicting = True
         try:
@@ -384,6 +383,7 @@ class PipelineWorker:
         while self._unreal and (len(self._unreal) > self.unlock_lag or self._unreal[0][0] in self._reals
                                 or self.ch.act_in.ready()):
             self._run_real()
+        self.most_unreal = max(self.most_unreal, len(self._unreal))
 
     def _receive_real(self) -> None:
         """Take the next real input from rank r - 1 (they come in step order)."""
