@@ -125,8 +125,16 @@ def test_delayed_weight_versions_are_bounded_and_counted(n_stages, delay):
     trainer = trainer_for(n_stages, "delayed", model=model, delay=delay, max_inflight=(n_stages - 1) * delay + 1)
     sources = trainer.runner.sources
     peaks: list[list[int]] = [[] for _ in sources]
+    stashes: list[set[int]] = [set() for _ in sources]  # the weight tensors each forward ran on
     for r, src in enumerate(sources):
         original = src.update
+        stash = src.forward_parameters
+
+        def forward_parameters(step, src=src, stash=stash, r=r):
+            params = stash(step)
+            stashes[r].add(next(iter(params.values())).data_ptr())
+            return params
+        src.forward_parameters = forward_parameters
 
         def update(runner, begun, downstream, src=src, original=original, r=r):
             peaks[r].append(src.versions())  # after the forward of this step, before its update
@@ -138,6 +146,8 @@ def test_delayed_weight_versions_are_bounded_and_counted(n_stages, delay):
         assert max(peaks[r]) == lag + 1 == sources[r].most_versions  # one version per step in flight, never more
         assert peaks[r][:lag + 1] == list(range(1, lag + 2))
         assert sources[r].in_flight() == lag and sources[r].versions() == 0  # drained: gradients, no weights
+        # a version whose backward is done is refilled by a later stash, never allocated anew
+        assert len(stashes[r]) == lag + 1 == sources[r].held_versions()
 
 
 def test_delayed_refuses_too_small_a_max_inflight_and_other_options_by_name():

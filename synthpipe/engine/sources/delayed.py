@@ -95,8 +95,9 @@ class Delayed(GradientSource):
         self.lag = (stage.n_stages - 1 - stage.index) * hop_delay(config)
         self.flights: dict[int, _InFlight] = {}
         self.most_versions = 0  # the most weight versions held at once (versions() at its peak)
-        self.velocity: dict[str, torch.Tensor] | None = None  # the last update, for staleness="predict"
+        self._before: dict[str, torch.Tensor] | None = None  # the weights before the last update ("predict")
         self._finishing: "StepRunner | None" = None  # set while a fit ends: backward on arrival
+        self._spare: list[dict[str, torch.Tensor]] = []  # weight versions done with, refilled by the next stash
         if config.staleness == "lr" and stage.optimizer is not None and any(
                 "lr" not in g for g in stage.optimizer.param_groups):
             raise ValueError(f"{stage.name}: staleness='lr' scales the learning rate, but the stage's optimizer "
@@ -122,22 +123,40 @@ class Delayed(GradientSource):
         """Stashed weight versions held now (one per step whose backward has not run)."""
         return sum(1 for f in self.flights.values() if f.params is not None)
 
+    def held_versions(self) -> int:
+        """Weight versions allocated: those in flight and those kept to refill at the next stash."""
+        return self.versions() + len(self._spare)
+
     def in_flight(self) -> int:
         return len(self.flights)
 
     # -- the forward: on a stashed copy of the weights -------------------------------------
     def forward_parameters(self, step: int) -> dict[str, torch.Tensor]:
         self._finishing = None
-        ahead = self.lag if self.config.staleness == "predict" and self.velocity is not None else 0
+        ahead = self.lag if self.config.staleness == "predict" and self._before is not None else 0
+        named = list(self.stage.module.named_parameters())
+        # A weight version whose backward is done is refilled in place: a stash costs one
+        # pass over the weights, and no fresh allocation of their size on every step.
+        params = self._spare.pop() if self._spare else None
         with torch.no_grad():
-            params = {}
-            velocity = self.velocity if ahead else None
-            for name, p in self.stage.module.named_parameters():
-                w = p.detach().clone() if velocity is None else p.detach() + ahead * velocity[name]
-                params[name] = w.requires_grad_(p.requires_grad)
+            if params is None:
+                params = {n: torch.empty_like(p.detach()).requires_grad_(p.requires_grad) for n, p in named}
+            if ahead:  # W + lag (W - W_before), in the same one pass: lerp(W_before, W, 1 + lag)
+                assert self._before is not None
+                for n, p in named:
+                    torch.lerp(self._before[n], p.detach(), float(1 + ahead), out=params[n])
+            else:
+                torch._foreach_copy_(list(params.values()), [p.detach() for _, p in named])
         self.flights[step] = _InFlight(step, params)
         self.most_versions = max(self.most_versions, self.versions())
         return params
+
+    @property
+    def velocity(self) -> dict[str, torch.Tensor] | None:
+        """The last update, ``W - W_before`` per parameter (``None`` before the first; ``staleness="predict"``)."""
+        if self._before is None:
+            return None
+        return {n: p.detach() - self._before[n] for n, p in self.stage.module.named_parameters()}
 
     def received(self, step: int, grads: tuple, skipped: bool) -> None:
         flight = self.flights.get(step)
@@ -193,21 +212,24 @@ class Delayed(GradientSource):
         else:
             flight.skipped = True
             runner.send_back(step, (), skipped=True)
-        flight.params = flight.inputs = flight.outputs = None  # (the weight version and the graph go)
+        if flight.params is not None:  # (the graph goes; the weight version is kept for a later stash)
+            for t in flight.params.values():
+                t.grad = None
+            self._spare.append(flight.params)
+        flight.params = flight.inputs = flight.outputs = None
         flight.grads = None
 
     def _step(self, param_grads: dict[str, torch.Tensor | None]) -> None:
         stage = self.stage
-        before = None
-        if self.config.staleness == "predict":
-            before = {n: p.detach().clone() for n, p in stage.module.named_parameters()}
-        for name, p in stage.module.named_parameters():
+        named = list(stage.module.named_parameters())
+        if self.config.staleness == "predict":  # keep W_before (in place: one pass)
+            if self._before is None:
+                self._before = {n: torch.empty_like(p.detach()) for n, p in named}
+            torch._foreach_copy_([self._before[n] for n, _ in named], [p.detach() for _, p in named])
+        for name, p in named:
             p.grad = param_grads[name]
         with self._scaled_lr():
             stage.step()
-        if before is not None:
-            with torch.no_grad():
-                self.velocity = {n: p.detach() - before[n] for n, p in stage.module.named_parameters()}
 
     @contextmanager
     def _scaled_lr(self) -> Iterator[None]:
@@ -254,7 +276,9 @@ class Delayed(GradientSource):
             grads = None if f["param_grads"] is None else {n: to(t) for n, t in f["param_grads"].items()}
             self.flights[f["step"]] = _InFlight(f["step"], None, skipped=f["skipped"], param_grads=grads)
         self.most_versions = state["most_versions"]
-        self.velocity = None if state["velocity"] is None else {n: t.to(device) for n, t in state["velocity"].items()}
+        velocity = state["velocity"]  # (the stage's weights are loaded: W_before = W - velocity)
+        self._before = None if velocity is None else {
+            n: p.detach() - velocity[n].to(device) for n, p in self.stage.module.named_parameters()}
         self._finishing = None
 
 
