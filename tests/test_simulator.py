@@ -323,3 +323,141 @@ def test_simulate_command_predicts_layouts_with_the_stated_bandwidth(tmp_path, c
     out = capsys.readouterr().out
     assert "8.0 MiB of gradients; ring all-reduce, 2.5 GB/s per link, 5 us per step" in out
     assert "| 4 | dp2xpp2 | dni |" in out and "| 4 | dp4xpp1 | ddp |" in out
+
+
+# -- forward unlocking (dni-inputs): fill time, run-ahead bound, stragglers ------------------
+def _updates(events: list, schedule: str, p: int) -> list[list[float]]:
+    return [sim.update_times(events, schedule, r) for r in range(p)]
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_forward_unlocking_fills_in_one_hop_not_a_chain_of_forwards(p: int) -> None:
+    stages = equal(p, 1.0, 2.0)
+    ev = sim.trace("dni-inputs", stages)
+    # every rank's first update is its own predicted step: forward + backward = 3, no wait
+    assert [u[0] for u in _updates(ev, "dni-inputs", p)] == pytest.approx([3.0] * p)
+    # the data crosses once, from rank 0 to each rank, whatever the depth
+    ev = sim.trace("dni-inputs", stages, transfer=0.25, data_transfer=0.5)
+    assert [u[0] for u in _updates(ev, "dni-inputs", p)] == pytest.approx([3.0] + [3.5] * (p - 1))
+    # plain DNI: the last rank's first update waits for the p - 1 forwards above it
+    ev = sim.trace("dni", stages)
+    assert _updates(ev, "dni", p)[-1][0] == pytest.approx((p - 1) * 1.0 + 3.0)
+    # the engine sizes I_r from the first real input: the first step then waits the whole chain
+    ev = sim.trace("dni-inputs", stages, first_real=True)
+    last = _updates(ev, "dni-inputs", p)[-1][0]
+    assert last > (p - 1) * 1.0 + 3.0 - 1e-9
+
+
+def test_forward_unlocking_costs_a_second_forward_and_an_input_backward() -> None:
+    # rank r > 0: predicted forward + backward + update (1 + 2 + 0.5) and the real forward
+    # + input-only backward (1 + 2 * (1 - 0.25)) + input synthesizer (0.4) + comm (0.2)
+    stages = [StageCost(1.0, 2.0, update=0.5, comm=0.2, weight_fraction=0.25, input_synth=0.4) for _ in range(3)]
+    pred = simulate("dni-inputs", stages)
+    per_rank = 3.5 + 2.5 + 0.4 + 0.2
+    assert pred.step_s == pytest.approx(per_rank)
+    assert pred.busy_s[1:] == pytest.approx([per_rank, per_rank])
+    assert pred.busy_s[0] == pytest.approx(stages[0].total)  # rank 0 works as in dni
+
+
+@pytest.mark.parametrize("lag", [0, 1, 2, 4])
+def test_predicted_steps_never_run_more_than_lag_ahead_of_the_real_chain(lag: int) -> None:
+    p = 4
+    # rank 1 three times slower: the real chain of ranks 2 and 3 waits for it, their
+    # predicted steps would run away without the bound
+    ev = sim.trace("dni-inputs", equal(p), steps=30, lag=lag, slowdown=sim.straggler(1, 3.0))
+    for r in range(2, p):
+        real_done = sorted(e.finish for e in ev if e.rank == r and e.kind == "R")
+        ahead = [e.step - sum(f <= e.start + 1e-12 for f in real_done)
+                 for e in ev if e.rank == r and e.kind == "P"]
+        assert max(ahead) <= lag
+        if r == p - 1:  # (no synthesizer to wait for on the last rank: the bound is what binds)
+            assert max(ahead) == lag
+    with pytest.raises(ValueError, match="lag must be a whole number >= 0"):
+        simulate("dni-inputs", equal(2), lag=-1)
+
+
+@pytest.mark.parametrize("schedule", ["dni", "dni-inputs"])
+def test_a_persistent_straggler_bounds_the_step_at_its_own_work(schedule: str) -> None:
+    p = 4
+    base = simulate(schedule, equal(p), steps=48)
+    slow = simulate(schedule, equal(p), steps=48, slowdown=sim.straggler(1, 2.0))
+    # every rank does the same work; the real chain must pass through rank 1 every step
+    assert slow.step_s == pytest.approx(2.0 * base.step_s)
+    assert slow.busy_s[1] == pytest.approx(2.0 * base.busy_s[1])
+
+
+@pytest.mark.parametrize("schedule", ["dni", "dni-inputs"])
+def test_an_intermittent_straggler_costs_only_its_own_extra_work_with_slack(schedule: str) -> None:
+    p, every, f = 4, 8, 3.0
+    base = simulate(schedule, equal(p), steps=48).step_s
+    # rank 1 three times slower in one step of 8: it does (7 + 3) / 8 of its work per step
+    one = simulate(schedule, equal(p), steps=48, slowdown=sim.straggler(1, f, every)).step_s
+    assert one == pytest.approx(base * (every - 1 + f) / every)
+    # the same extra work on every rank, each in its own steps, is absorbed the same way
+    spread = simulate(schedule, equal(p), steps=48, slowdown=sim.rotating_straggler(f, every)).step_s
+    assert spread == pytest.approx(base * (every - 1 + f) / every)
+    # with one target in flight a rank waits for the next one's step: the straggles add up
+    tight = simulate(schedule, equal(p), steps=48, max_inflight=1, slowdown=sim.rotating_straggler(f, every)).step_s
+    assert tight > spread * (1 + 1e-6)
+
+
+def test_a_flushed_pipeline_pays_every_straggle_in_its_own_step() -> None:
+    p, m, every, f = 4, 4, 4, 2.0
+    base = simulate("1f1b", equal(p), microbatches=m, steps=8).step_s
+    always = simulate("1f1b", equal(p), microbatches=m, steps=8, slowdown=sim.straggler(1, f)).step_s
+    once = simulate("1f1b", equal(p), microbatches=m, steps=8, slowdown=sim.straggler(1, f, every)).step_s
+    # steps are independent (each flushes): one slow step in `every` costs its own step time
+    assert once == pytest.approx(((every - 1) * base + always) / every)
+    # a straggle on a different rank in every step: every step is slow
+    spread = simulate("1f1b", equal(p), microbatches=m, steps=8, slowdown=sim.rotating_straggler(f, every)).step_s
+    assert spread > once * (1 + 1e-6)
+    dni = simulate("dni", equal(p), steps=48)
+    dni_spread = simulate("dni", equal(p), steps=48, slowdown=sim.rotating_straggler(f, every))
+    assert dni_spread.step_s / dni.step_s < spread / base
+
+
+def test_straggler_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="straggler factor must be a finite number > 0"):
+        sim.straggler(1, 0.0)
+    with pytest.raises(ValueError, match="straggler every must be a whole number >= 1"):
+        sim.rotating_straggler(2.0, 0)
+    with pytest.raises(ValueError, match=r"slowdown\(0, 0\) must be a finite number > 0"):
+        simulate("dni", equal(2), slowdown=lambda r, k: math.nan)
+    with pytest.raises(ValueError, match="max_inflight must be a whole number >= 1"):
+        simulate("dni-inputs", equal(2), max_inflight=0)
+
+
+def test_unlock_table_from_a_free_profile() -> None:
+    rows = sim.unlock_table(profile(), devices=[2, 4], factors=[2.0])
+    by = {(r["devices"], r["schedule"]): r for r in rows}
+    assert {r["schedule"] for r in rows} == set(sim.UNLOCK_METHODS)
+    for n in (2, 4):
+        dni, unl = by[(n, "dni")], by[(n, "dni-inputs")]
+        assert dni["method"] == "cdni" and unl["method"] == "cdni + inputs"
+        # stage: forward 1/n, backward 2/n; dni's last rank waits n - 1 forwards first
+        assert dni["fill_s"] == pytest.approx((n - 1) / n + 3.0 / n)
+        assert unl["fill_s"] == pytest.approx(3.0 / n)
+        assert unl["fill_engine_s"] > unl["fill_s"] and dni["fill_engine_s"] is None
+        # a second forward and half a backward per step on ranks > 0
+        assert unl["step_s"] == pytest.approx(5.0 / n)
+        for r in (dni, unl):
+            assert r["persistent_2x"] == pytest.approx(2.0)
+            assert r["intermittent_2x"] == pytest.approx(9 / 8)
+    md = sim.unlock_markdown(rows)
+    assert md.count("\n") == len(rows) + 1 and "| 4 | cdni + inputs | 1 | 1250.0 | 750.0 (" in md
+
+
+def test_simulate_command_prints_the_unlock_table(tmp_path, capsys) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile(input_synth_s=0.0, data_bytes=1024)))
+    import argparse
+    parser = add_simulate_arguments(argparse.ArgumentParser())
+    assert run_simulate(parser.parse_args(["--profile", str(path), "--devices", "2", "--unlock"])) == 0
+    out = capsys.readouterr().out
+    assert "Forward unlocking" in out and "| 2 | cdni + inputs |" in out
+    assert run_simulate(parser.parse_args(["--profile", str(path), "--devices", "2", "--unlock", "--json"])) == 0
+    rows = json.loads(capsys.readouterr().out)["unlock"]
+    assert [r["schedule"] for r in rows] == list(sim.UNLOCK_METHODS)
+    path.write_text(json.dumps(profile(input_synth_s=-1.0)))
+    assert run_simulate(parser.parse_args(["--profile", str(path), "--unlock"])) == 2
+    assert "'input_synth_s' must be a finite number >= 0" in capsys.readouterr().err

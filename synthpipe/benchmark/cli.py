@@ -262,6 +262,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                              f"and be at most {MAX_MICROBATCHES} (default: 1..64, powers of 2)")
     parser.add_argument("--validate", action="store_true", help="also compare with the profile's measured runs")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of markdown")
+    parser.add_argument("--unlock", action="store_true",
+                        help="also predict what forward unlocking (dni-inputs) buys: fill time and the slowdown "
+                             "from a straggling rank, against backprop, 1f1b and dni")
     dp = parser.add_argument_group("data parallel x pipeline parallel")
     dp.add_argument("--layouts", action="store_true",
                     help="also predict every dp x pp layout of each device count (same global batch), with "
@@ -316,8 +319,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.layouts:
         param_bytes = args.param_bytes if args.param_bytes is not None else _param_bytes(profile)
         layout_rows = simulator.predict_layouts(profile, devices, ring, param_bytes)
+    unlock_rows = simulator.unlock_table(profile, devices) if args.unlock else []
     if args.json:
         out: dict[str, Any] = {"simulation": rows, "validation": val}
+        if args.unlock:
+            out["unlock"] = unlock_rows
         if args.layouts:
             out.update(layouts=layout_rows, allreduce={"model": ring.describe(), "param_bytes": param_bytes})
         json.dump(out, sys.stdout, indent=1)
@@ -342,6 +348,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         for r in layout_rows:
             print(f"| {r['devices']} | {r['layout']} | {r['method']} | {r['step_s'] * 1e3:.1f} | "
                   f"{r['allreduce_s'] * 1e3:.2f} | {r['samples_per_s']:.0f} | {r['speedup']:.2f} |")
+    if unlock_rows:
+        print("\nForward unlocking: steady step time, when every rank has made its first and 8th update, and "
+              "the step time with rank 1 slower (persistent: every step; intermittent: every 8th; rotating: "
+              "every rank every 8th, each in its own steps) over the step time without:\n")
+        print(simulator.unlock_markdown(unlock_rows))
     if val:
         print("\n| run | schedule | m | measured ms | predicted ms | error |\n|---|---|---|---|---|---|")
         for v in val:

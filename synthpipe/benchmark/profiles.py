@@ -126,7 +126,8 @@ def check_profile(profile: Any, source: str = "profile") -> dict[str, Any]:
         names = machine.get("device_names")
         if names is not None and not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
             raise ProfileError(f"'machine.device_names' must be a list of strings; got {names!r:.60}")
-        for key in ("boundary_bytes", "message_s", "pp_message_s", "op_overhead_s", "step_overhead_s"):
+        for key in ("boundary_bytes", "data_bytes", "message_s", "pp_message_s", "op_overhead_s", "step_overhead_s",
+                    "input_synth_s"):
             if key in p:
                 _seconds(p[key], f"'{key}'")
         if "weight_fraction" in p:

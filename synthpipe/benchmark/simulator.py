@@ -24,6 +24,35 @@ Schedules (:data:`SCHEDULES`):
   gradient + backward + update, and synthesizer training per batch without waiting for
   the backward pass; rank r only waits for the activations of its batch and, when
   ``max_inflight`` targets are outstanding, for the oldest target from rank r + 1.
+* ``dni-inputs`` — synthpipe with synthetic gradients and synthetic inputs (forward
+  unlocking). Rank 0 sends each batch's data to every rank (one transfer, ``data_transfer``
+  seconds) before its own step, which is that of ``dni``. Rank r > 0 has two chains:
+
+  - *predicted* ``P(r, k)``: forward on the predicted input ``I_r(x)``, synthetic gradient
+    (the loss on the last rank), backward, update, the input synthesizer's prediction
+    (a quarter of ``input_synth``) and ``M_r``'s prediction (half of ``synth``); then
+    ``S(r, k)``, ``M_r``'s training (the other half), which, as in ``dni``, waits for the
+    target of step ``k - max_inflight + 1`` from rank r + 1. ``P(r, k)`` waits for the data
+    of step k (rank 0's send + ``data_transfer``) and for the real step ``R(r, k - lag - 1)``
+    of this rank: at most ``lag`` batches (default ``max_inflight``; 0 models a fixed
+    ``delay``) run on predicted inputs ahead of their real input.
+  - *real* ``R(r, k)``: ``I_r``'s regression step (three quarters of ``input_synth``), the
+    forward on the real input, ``M_r`` at the real output (half of ``synth``) and an
+    input-only backward (``1 - weight_fraction`` of ``backward``), and every boundary
+    message (``comm``). It waits for ``P(r, k)`` and for the real output of step k from
+    rank r - 1 (``R(r - 1, k)``, or rank 0's forward) + ``transfer``; its target goes back
+    to rank r - 1, its output on to rank r + 1. A rank runs an arrived real input before
+    its next predicted step (priority on ties).
+
+  Rank 0's send of step k's data waits, as the engine's bounded channels do, until every
+  rank has taken the data of step ``k - max_inflight - 2``. ``first_real`` makes each
+  rank's first predicted step wait for its first real input (the engine sizes ``I_r``
+  from it).
+
+Stragglers: ``slowdown(rank, step)`` multiplies the duration of every operation of that
+rank in that step (:func:`unlock_table` uses it for a persistent or an intermittent slow
+rank). Fill time: :func:`trace` returns every operation's start and finish, and
+:func:`update_times` the times at which a rank finishes its updates.
 
 Costs (:class:`StageCost`) are per step at the full batch; a micro-batched schedule
 divides forward/backward/communication into m equal chunks. :func:`scaled_stages` spreads
@@ -41,11 +70,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .profiles import check_devices, check_microbatches
 
-__all__ = ["SCHEDULES", "StageCost", "Prediction", "Transfer", "simulate", "profile_transfer", "stage_cost",
-           "model_chunk", "scaled_stages", "predict", "best_microbatches", "predict_table", "predict_run",
-           "validate"]
+__all__ = ["SCHEDULES", "StageCost", "Prediction", "Transfer", "Event", "simulate", "trace", "update_times",
+           "profile_transfer", "stage_cost", "model_chunk", "scaled_stages", "predict", "best_microbatches",
+           "predict_table", "predict_run", "validate", "straggler", "rotating_straggler",
+           "UNLOCK_METHODS", "unlock_table", "unlock_markdown"]
 
-SCHEDULES = ("single", "backprop", "gpipe", "1f1b", "zb", "dni")
+SCHEDULES = ("single", "backprop", "gpipe", "1f1b", "zb", "dni", "dni-inputs")
 
 
 @dataclasses.dataclass
@@ -57,7 +87,10 @@ class StageCost:
         synth: synthesizer prediction + training (DNI only; 0 on the last stage).
         comm: CPU time spent sending/receiving messages (not the transfer latency).
         other: per-step overhead outside those (Python glue), charged once per step.
-        weight_fraction: share of ``backward`` that is the weight gradient (zero bubble).
+        weight_fraction: share of ``backward`` that is the weight gradient (zero bubble;
+            ``dni-inputs``: the real input's backward is the other share).
+        input_synth: the input synthesizer's prediction + regression step per step
+            (``dni-inputs`` only, ranks > 0).
     """
 
     forward: float = 0.0
@@ -67,9 +100,11 @@ class StageCost:
     comm: float = 0.0
     other: float = 0.0
     weight_fraction: float = 0.5
+    input_synth: float = 0.0
 
     @property
     def total(self) -> float:
+        """Seconds per step of the schedules that update once per step (``input_synth`` excluded)."""
         return self.forward + self.backward + self.update + self.synth + self.comm + self.other
 
 
@@ -234,9 +269,12 @@ class _Engine:
 
 
 def _steady(engine: _Engine, steps: int, n_ranks: int, schedule: str, devices: int, m: int) -> Prediction:
+    """Step time and bubble over the second half of steps ``0 .. steps - 1`` (later steps are ignored)."""
     ends = [0.0] * steps
     busy = [[0.0] * n_ranks for _ in range(steps)]
     for op in engine.ops.values():
+        if op.step >= steps:
+            continue
         ends[op.step] = max(ends[op.step], op.finish)
         busy[op.step][op.rank] += op.dur
     first = steps // 2
@@ -250,9 +288,69 @@ def _steady(engine: _Engine, steps: int, n_ranks: int, schedule: str, devices: i
 
 
 # -- schedules ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One simulated operation.
+
+    Attributes:
+        kind: ``F`` forward, ``B`` backward (``zb``: its input-gradient part), ``W`` weight
+            gradient, ``U`` update (flushed schedules), ``C`` synthetic gradient + backward
+            + update (``dni``; rank 0 of ``dni-inputs``), ``S`` synthesizer training, ``X``
+            rank 0 sends the data (``dni-inputs``), ``D`` the data taken, ``P`` the step on
+            the predicted input (its update included), ``R`` the real input's step.
+        rank, micro, step: where it runs, its micro-batch and its step.
+        start, finish: seconds from the start of the run.
+    """
+
+    kind: str
+    rank: int
+    micro: int
+    step: int
+    start: float
+    finish: float
+
+
+def _build(schedule: str, stages: Sequence[StageCost], microbatches: int,
+           transfer: float | Callable[[int], float], max_inflight: int, steps: int | None,
+           lag: int | None, data_transfer: float | None, slowdown: Callable[[int, int], float] | None,
+           first_real: bool) -> tuple[_Engine, int, int]:
+    if schedule not in SCHEDULES or schedule == "single":
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+        raise ValueError(f"max_inflight must be a whole number >= 1; got {max_inflight!r}")
+    if lag is not None and (isinstance(lag, bool) or not isinstance(lag, int) or lag < 0):
+        raise ValueError(f"lag must be a whole number >= 0; got {lag!r}")
+    m = max(1, int(microbatches)) if schedule in ("gpipe", "1f1b", "zb") else 1
+    t = transfer(m) if callable(transfer) else float(transfer)
+    steps = steps or (24 if schedule in ("dni", "dni-inputs") else 3)
+    # dni-inputs: the last lag + 2 steps' real inputs run after every update is done (nothing
+    # left to run ahead of), faster than in steady state; simulated, not measured
+    extra = (max_inflight if lag is None else lag) + 2 if schedule == "dni-inputs" else 0
+    if schedule == "dni":
+        engine = _dni(stages, t, max_inflight, steps)
+    elif schedule == "dni-inputs":
+        engine = _dni_inputs(stages, t, t if data_transfer is None else float(data_transfer), max_inflight,
+                             max_inflight if lag is None else lag, steps + extra, first_real)
+    elif schedule == "backprop":
+        engine = _microbatched(stages, 1, t, steps, order="gpipe")  # m=1; the update follows the send
+    elif schedule == "zb":
+        engine = _zero_bubble(stages, m, t, steps)
+    else:
+        engine = _microbatched(stages, m, t, steps, order=schedule)
+    if slowdown is not None:
+        for op in engine.ops.values():
+            factor = float(slowdown(op.rank, op.step))
+            if not (math.isfinite(factor) and factor > 0):
+                raise ValueError(f"slowdown({op.rank}, {op.step}) must be a finite number > 0; got {factor!r}")
+            op.dur *= factor
+    engine.run()
+    return engine, steps, m
+
+
 def simulate(schedule: str, stages: Sequence[StageCost], microbatches: int = 1,
              transfer: float | Callable[[int], float] = 0.0, max_inflight: int = 4,
-             steps: int | None = None) -> Prediction:
+             steps: int | None = None, *, lag: int | None = None, data_transfer: float | None = None,
+             slowdown: Callable[[int, int], float] | None = None, first_real: bool = False) -> Prediction:
     """Steady-state step time of ``schedule`` with one stage per device.
 
     Args:
@@ -262,31 +360,66 @@ def simulate(schedule: str, stages: Sequence[StageCost], microbatches: int = 1,
         microbatches: m for ``gpipe``, ``1f1b`` and ``zb``.
         transfer: one-way time of a boundary message, or a function of m giving it
             (messages of a micro-batch are 1/m of the batch).
-        max_inflight: synthpipe's bound on outstanding targets (``dni``).
-        steps: steps simulated (default: 6, or 24 for ``dni``).
+        max_inflight: synthpipe's bound on outstanding targets (``dni``, ``dni-inputs``).
+        steps: steps simulated (default: 6, or 24 for ``dni`` and ``dni-inputs``).
+        lag: ``dni-inputs``: the most batches a rank runs on predicted inputs ahead of
+            their real input (default ``max_inflight``; 0 for a fixed delay).
+        data_transfer: ``dni-inputs``: one-way time of a batch's data from rank 0
+            (default: ``transfer``).
+        slowdown: ``(rank, step) -> factor`` multiplying that rank's operations in that
+            step (a straggler); default 1 everywhere.
+        first_real: ``dni-inputs``: each rank's first predicted step waits for its first
+            real input.
+
+    Raises:
+        ValueError: an unknown schedule, no stages, ``max_inflight < 1``, ``lag < 0``,
+            or a slowdown factor that is not a finite number > 0.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     stages = list(stages)
     if not stages:
         raise ValueError("need at least one stage")
-    m = max(1, int(microbatches)) if schedule in ("gpipe", "1f1b", "zb") else 1
-    t = transfer(m) if callable(transfer) else float(transfer)
-    p = len(stages)
     if schedule == "single":
         total = sum(s.forward + s.backward + s.update + s.other for s in stages)
         return Prediction("single", 1, 1, total, 0.0, [total])
-    steps = steps or (24 if schedule == "dni" else 3)
-    if schedule == "dni":
-        engine = _dni(stages, t, max_inflight, steps)
-    elif schedule == "backprop":
-        engine = _microbatched(stages, 1, t, steps, order="gpipe")  # m=1; the update follows the send
-    elif schedule == "zb":
-        engine = _zero_bubble(stages, m, t, steps)
-    else:
-        engine = _microbatched(stages, m, t, steps, order=schedule)
-    engine.run()
-    return _steady(engine, steps, p, schedule, p, m)
+    engine, steps, m = _build(schedule, stages, microbatches, transfer, max_inflight, steps, lag, data_transfer,
+                              slowdown, first_real)
+    return _steady(engine, steps, len(stages), schedule, len(stages), m)
+
+
+def trace(schedule: str, stages: Sequence[StageCost], microbatches: int = 1,
+          transfer: float | Callable[[int], float] = 0.0, max_inflight: int = 4, steps: int | None = None,
+          *, lag: int | None = None, data_transfer: float | None = None,
+          slowdown: Callable[[int, int], float] | None = None, first_real: bool = False) -> list[Event]:
+    """Every operation :func:`simulate` schedules, ordered by start (then rank).
+
+    Takes the arguments of :func:`simulate`; ``single`` has no pipeline to trace.
+
+    Raises:
+        ValueError: as :func:`simulate`, and for ``single`` or no stages.
+    """
+    stages = list(stages)
+    if not stages:
+        raise ValueError("need at least one stage")
+    engine, _, _ = _build(schedule, stages, microbatches, transfer, max_inflight, steps, lag, data_transfer,
+                          slowdown, first_real)
+    events = [Event(str(op.key[0]), op.rank, int(op.key[2]), op.step, op.start, op.finish)
+              for op in engine.ops.values()]
+    return sorted(events, key=lambda e: (e.start, e.rank, e.finish))
+
+
+def _update_kind(schedule: str, rank: int) -> str:
+    if schedule == "dni-inputs" and rank > 0:
+        return "P"
+    return "C" if schedule in ("dni", "dni-inputs") else "U"
+
+
+def update_times(events: Sequence[Event], schedule: str, rank: int) -> list[float]:
+    """When ``rank`` finishes its update of step 0, 1, ... in a :func:`trace` of ``schedule``."""
+    kind = _update_kind(schedule, rank)
+    done = {e.step: e.finish for e in events if e.rank == rank and e.kind == kind}
+    return [done[k] for k in sorted(done)]
 
 
 def _chunk(s: StageCost, m: int) -> tuple[float, float, float]:
@@ -399,6 +532,56 @@ def _dni(stages: Sequence[StageCost], t: float, max_inflight: int, steps: int) -
     return eng
 
 
+def _real_out(r: int, k: int) -> tuple:
+    """The operation that produces rank ``r``'s real output of step ``k`` (``dni-inputs``)."""
+    return ("F", 0, 0, k) if r == 0 else ("R", r, 0, k)
+
+
+def _dni_inputs(stages: Sequence[StageCost], t: float, td: float, max_inflight: int, lag: int, steps: int,
+                first_real: bool) -> _Engine:
+    p = len(stages)
+    eng = _Engine(p)
+    eng.all_pairs = True  # (rank 0's data reaches every rank)
+    s0 = stages[0]
+    ops: list[_Op] = []
+    for k in range(steps):
+        # a channel holds max_inflight + 1 sends: the send of step k waits until that of
+        # k - max_inflight - 1 has crossed, which its receiver posts on taking the one before
+        back = k - max_inflight - 2
+        xdeps = [(("D", r, 0, back), td) for r in range(1, p)] if back >= 0 else []
+        ops.append(_Op(("X", 0, 0, k), 0, 0.0, xdeps, prio=1, step=k))
+        ops.append(_Op(("F", 0, 0, k), 0, s0.forward + s0.comm / 2, [], prio=1, step=k))
+        ops.append(_Op(("C", 0, 0, k), 0, s0.backward + s0.update + s0.comm / 2 + s0.other + s0.synth / 2, [],
+                       prio=1, step=k))
+        if p > 1:
+            oldest = k - max_inflight + 1
+            sdeps = [(("R", 1, 0, oldest), t)] if oldest >= 0 else []
+            ops.append(_Op(("S", 0, 0, k), 0, s0.synth / 2, sdeps, prio=1, step=k))
+    eng.chain(0, ops)
+    for r in range(1, p):
+        s = stages[r]
+        pred: list[_Op] = []
+        real: list[_Op] = []
+        for k in range(steps):
+            pred.append(_Op(("D", r, 0, k), r, 0.0, [(("X", 0, 0, k), td)], prio=1, step=k))
+            pdeps = [(("R", r, 0, k - lag - 1), 0.0)] if k - lag - 1 >= 0 else []
+            if first_real and k == 0:
+                pdeps.append((_real_out(r - 1, 0), t))
+            pred.append(_Op(("P", r, 0, k), r, s.forward + s.backward + s.update + s.other + s.synth / 2
+                            + s.input_synth / 4, pdeps, prio=1, step=k))
+            if r < p - 1:
+                oldest = k - max_inflight + 1
+                sdeps = [(("R", r + 1, 0, oldest), t)] if oldest >= 0 else []
+                pred.append(_Op(("S", r, 0, k), r, s.synth / 2, sdeps, prio=1, step=k))
+            rdur = (s.forward + s.backward * (1.0 - s.weight_fraction) + s.comm + s.synth / 2
+                    + 3 * s.input_synth / 4)
+            real.append(_Op(("R", r, 0, k), r, rdur, [(("P", r, 0, k), 0.0), (_real_out(r - 1, k), t)],
+                            prio=0, step=k))
+        eng.chain(r, pred)
+        eng.chain(r, real)
+    return eng
+
+
 # -- predictions from a profile -----------------------------------------------------------
 def profile_transfer(profile: dict[str, Any]) -> Transfer:
     pts = [(p["bytes"], p["one_way_s"]) for p in profile.get("transfer", [])]
@@ -442,7 +625,10 @@ def scaled_stages(profile: dict[str, Any], devices: int, schedule: str, microbat
     """The single-device work of ``profile`` spread over ``devices`` balanced stages.
 
     Compute (forward, backward, update) is divided evenly; every stage but the last gets
-    the per-boundary synthesizer time (``dni``); each message costs the profile's
+    the per-boundary synthesizer time (``dni``, ``dni-inputs``); each stage r > 0 of
+    ``dni-inputs`` gets the profile's ``input_synth_s`` (else the synthesizer's time, a
+    network of the same order), its data message costs ``message_s`` on rank 0 (once per
+    rank) and on rank r; each message costs the profile's
     per-message CPU time (``message_s``; ``pp_message_s`` per posted micro-batch
     operation for torch schedules). Micro-batched schedules use the measured per-micro-
     batch forward/backward times (:func:`model_chunk`), divided by ``devices``, plus the
@@ -457,10 +643,20 @@ def scaled_stages(profile: dict[str, Any], devices: int, schedule: str, microbat
     out = []
     for r in range(n):
         neighbours = (r > 0) + (r < n - 1)
-        if schedule == "dni":
-            synth_s = profile.get("synth_s", {}).get(synth or "cdni", 0.0) if r < n - 1 else 0.0
-            comm = neighbours * profile.get("message_s", 0.0)
-            out.append(StageCost(f, b, u, synth_s, comm, other, wf))
+        if schedule in ("dni", "dni-inputs"):
+            synths = profile.get("synth_s", {})
+            synth_s = synths.get(synth or "cdni", 0.0) if r < n - 1 else 0.0
+            msg = profile.get("message_s", 0.0)
+            comm = neighbours * msg
+            if schedule == "dni":
+                out.append(StageCost(f, b, u, synth_s, comm, other, wf))
+                continue
+            # rank 0 sends each batch's data to every rank; rank r > 0 takes it on its predicted path
+            if r == 0:
+                out.append(StageCost(f, b, u, synth_s, comm + (n - 1) * msg, other, wf))
+            else:
+                inp = profile.get("input_synth_s", synths.get(synth or "cdni", 0.0))
+                out.append(StageCost(f, b, u, synth_s, comm, other + msg, wf, input_synth=inp))
         elif schedule == "backprop":
             comm = neighbours * profile.get("message_s", 0.0)
             out.append(StageCost(f, b, u, 0.0, comm, other, wf))
@@ -471,6 +667,18 @@ def scaled_stages(profile: dict[str, Any], devices: int, schedule: str, microbat
             comm = 2 * neighbours * m * profile.get("pp_message_s", 0.0)
             out.append(StageCost(m * (cf / n + ov), m * (cb / n + ov), u, 0.0, comm, 0.0, wf))
     return out
+
+
+def _data_bytes(profile: dict[str, Any]) -> float:
+    """Bytes of one batch's data (``x`` and int64 labels): the profile's ``data_bytes``, else
+    float32 rows of the workload's ``in_features``, else the boundary message's size."""
+    if "data_bytes" in profile:
+        return float(profile["data_bytes"])
+    w = profile.get("workload", {})
+    if "in_features" in w:
+        batch = int(w.get("batch", 256))
+        return float(batch * int(w["in_features"]) * 4 + batch * 8)
+    return float(profile.get("boundary_bytes", 0))
 
 
 def _message_bytes(profile: dict[str, Any], m: int) -> float:
@@ -488,7 +696,8 @@ def predict(profile: dict[str, Any], devices: int, schedule: str, microbatches: 
     stages = scaled_stages(profile, devices, schedule, microbatches, synth)
     inflight = max_inflight or profile.get("max_inflight", 4)
     return simulate(schedule, stages, microbatches, transfer=lambda m: tr(_message_bytes(profile, m)),
-                    max_inflight=inflight)
+                    max_inflight=inflight,
+                    data_transfer=tr(_data_bytes(profile)) if schedule == "dni-inputs" else None)
 
 
 def best_microbatches(profile: dict[str, Any], devices: int, schedule: str,
@@ -530,6 +739,127 @@ def predict_table(profile: dict[str, Any], devices: Sequence[int] = (2, 4, 8, 16
                          "bubble": p.bubble, "speedup": single.step_s / p.step_s if p.step_s > 0 else math.nan,
                          "samples_per_s": batch / p.step_s if p.step_s > 0 else math.nan})
     return rows
+
+
+def straggler(rank: int, factor: float, every: int | None = None) -> Callable[[int, int], float]:
+    """A ``slowdown`` for :func:`simulate`: ``rank`` takes ``factor`` times as long, in every
+    step (``every=None``: a persistent straggler) or in each ``every``-th step (steps
+    ``every - 1``, ``2 every - 1``, ...: an intermittent one).
+
+    Raises:
+        ValueError: ``factor`` not a finite number > 0, or ``every`` not a whole number >= 1.
+    """
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise ValueError(f"straggler factor must be a finite number > 0; got {factor!r}")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"straggler every must be a whole number >= 1; got {every!r}")
+
+    def slowdown(r: int, k: int) -> float:
+        return float(factor) if r == rank and (every is None or k % every == every - 1) else 1.0
+    return slowdown
+
+
+def rotating_straggler(factor: float, every: int) -> Callable[[int, int], float]:
+    """A ``slowdown`` for :func:`simulate`: every rank is ``factor`` times slower in each
+    ``every``-th step, rank r in steps ``k`` with ``k % every == r % every`` (the same work
+    per rank as :func:`straggler` with ``every``, but spread over the ranks' steps).
+
+    Raises:
+        ValueError: as :func:`straggler`.
+    """
+    straggler(0, factor, every)  # (the same checks)
+
+    def slowdown(r: int, k: int) -> float:
+        return float(factor) if k % every == r % every else 1.0
+    return slowdown
+
+
+UNLOCK_METHODS = ("backprop", "1f1b", "dni", "dni-inputs")
+
+
+def unlock_table(profile: dict[str, Any], devices: Sequence[int] = (2, 4, 8, 16),
+                 factors: Sequence[float] = (1.5, 2.0, 4.0), every: int = 8, straggler_rank: int = 1,
+                 kth: int = 8, synth: str | None = None) -> list[dict[str, Any]]:
+    """What forward unlocking buys: fill time and straggler slowdown, per device count.
+
+    One row per device count and method (:data:`UNLOCK_METHODS`; ``1f1b`` at its best
+    micro-batch count without a straggler, kept for the straggler runs; ``dni`` and
+    ``dni-inputs`` with the synthesizer ``synth``, default ``cdni`` if the profile has
+    it, else its first). Keys:
+
+    * ``devices``, ``method``, ``microbatches``, ``step_s`` (steady state, no straggler);
+    * ``fill_s``: when every rank has made its first update; ``fill_k_s``: its ``kth``;
+      ``fill_engine_s`` (``dni-inputs`` only, else ``None``): ``fill_s`` when each
+      rank's first predicted step waits for its first real input, as the engine does;
+    * ``persistent_<f>x`` / ``intermittent_<f>x`` / ``rotating_<f>x`` for each factor f:
+      steady-state step time, divided by ``step_s``, with rank ``straggler_rank`` (the
+      last rank if there are fewer) ``f`` times slower in every step / in every
+      ``every``-th step (:func:`straggler`), or with every rank so, each in its own
+      steps (:func:`rotating_straggler`).
+
+    Raises:
+        ValueError: bad ``devices`` (:func:`check_devices`), ``every`` or ``kth`` below 1,
+            or a factor that is not a finite number > 0.
+    """
+    devices = check_devices(devices)
+    for name, v in (("every", every), ("kth", kth)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a whole number >= 1; got {v!r}")
+    synths = sorted(profile.get("synth_s", {}))
+    variant = synth or ("cdni" if "cdni" in synths else (synths[0] if synths else None))
+    tr = profile_transfer(profile)
+    inflight = int(profile.get("max_inflight", 4))
+    rows = []
+    for n in devices:
+        slow_rank = min(straggler_rank, n - 1)
+        for method in UNLOCK_METHODS:
+            m = best_microbatches(profile, n, method).microbatches if method == "1f1b" else 1
+            stages = scaled_stages(profile, n, method, m, variant)
+            flushed = method in ("backprop", "1f1b")
+            # whole straggler periods in the measured second half of the run
+            steps = max(2 * every, 2 * kth) if flushed else max(6 * every, 2 * kth, 24)
+            steps += (-steps) % (2 * every)
+            kw: dict[str, Any] = dict(microbatches=m, transfer=lambda mm: tr(_message_bytes(profile, mm)),
+                                      max_inflight=inflight, steps=steps)
+            if method == "dni-inputs":
+                kw["data_transfer"] = tr(_data_bytes(profile))
+            base = simulate(method, stages, **kw)
+            events = trace(method, stages, **kw)
+            ups = [update_times(events, method, r) for r in range(n)]
+            row: dict[str, Any] = {"devices": n, "method": method if method != "dni" or not variant else variant,
+                                   "schedule": method, "microbatches": m, "step_s": base.step_s,
+                                   "fill_s": max(u[0] for u in ups), "fill_k_s": max(u[kth - 1] for u in ups),
+                                   "fill_engine_s": None}
+            if method == "dni-inputs":
+                row["method"] = f"{variant} + inputs" if variant else method
+                late = trace(method, stages, **kw, first_real=True)
+                row["fill_engine_s"] = max(update_times(late, method, r)[0] for r in range(n))
+            for f in factors:
+                for kind, slow in (("persistent", straggler(slow_rank, f)),
+                                   ("intermittent", straggler(slow_rank, f, every)),
+                                   ("rotating", rotating_straggler(f, every))):
+                    pred = simulate(method, stages, **kw, slowdown=slow)
+                    row[f"{kind}_{f:g}x"] = pred.step_s / base.step_s if base.step_s > 0 else math.nan
+            rows.append(row)
+    return rows
+
+
+def unlock_markdown(rows: Sequence[dict[str, Any]], kth: int = 8) -> str:
+    """:func:`unlock_table` rows as a markdown table (milliseconds; slowdowns as ratios)."""
+    if not rows:
+        return ""
+    factors = [k for k in rows[0] if k.startswith(("persistent_", "intermittent_", "rotating_"))]
+    head = ["devices", "method", "m", "step ms", "first update ms (all ranks)", f"update {kth} ms",
+            *[k.replace("_", " ") for k in factors]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        fill = f"{r['fill_s'] * 1e3:.1f}"
+        if r.get("fill_engine_s") is not None:
+            fill += f" ({r['fill_engine_s'] * 1e3:.1f} engine)"
+        cells = [str(r["devices"]), r["method"], str(r["microbatches"]), f"{r['step_s'] * 1e3:.1f}", fill,
+                 f"{r['fill_k_s'] * 1e3:.1f}", *[f"{r[k]:.2f}" for k in factors]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def predict_run(run: dict[str, Any], profile: dict[str, Any]) -> Prediction | None:
