@@ -10,6 +10,7 @@ import torch.nn as nn
 import synthpipe as sp
 from synthpipe import data, models
 from synthpipe.engine.config import TrainConfig
+from synthpipe.engine.synthetic_inputs import meta_input
 from synthpipe.stages.input_synth import InputSynthesizer
 from synthpipe.stages.stage import StageInputError
 
@@ -135,6 +136,52 @@ def refused_with_replicas(rank: int) -> str:
 def test_synthetic_inputs_with_replicas_are_refused_on_every_rank():
     results = run_ranks(refused_with_replicas, 4, timeout=90)
     assert all("synthetic_inputs=True runs one pipeline, not dp=2" in m for m in results), results
+
+
+class SlowStart(nn.Module):
+    """Stage 0's first forward takes half a second."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.5)
+        return x
+
+
+def first_step_across_ranks(rank: int, batches: list) -> dict:
+    trainer = learning_trainer()
+    if rank == 0:
+        trainer.runner.stage.module = nn.Sequential(SlowStart(), trainer.runner.stage.module)
+    trainer.fit(batches)
+    worker = trainer.runner
+    out = {"before_build": worker.reals_before_build, "received": worker.reals_received}
+    trainer.close()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_sizes_its_input_synthesizer_without_waiting_for_the_first_real_input():
+    results = run_ranks(first_step_across_ranks, 3, make_batches(n=3), timeout=90)
+    for rank in (1, 2):
+        assert results[rank]["before_build"] == 0, "built from the meta run's shapes, before any real input"
+        assert results[rank]["received"] == 3
+
+
+def test_meta_input_gives_the_boundary_shapes_or_none():
+    model = nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.Tanh(), nn.Linear(24, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    h = meta_input([model[:2], model[2:]], (torch.randn(8, 12),))
+    assert h is not None and [(t.shape, t.dtype, t.device.type) for t in h] == [((8, 16), torch.float32, "meta")]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "nothing real ran"
+
+    class Selects(nn.Module):
+        def forward(self, x):
+            return x[x > 0]  # (a data-dependent shape: meta cannot say)
+    assert meta_input([Selects()], (torch.randn(8, 12),)) is None
 
 
 class Slow(nn.Module):

@@ -18,16 +18,18 @@ one hop after it is read, without waiting for a forward. In one process it is at
 """
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import Any, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..stages.stage import Stage
 from .config import TrainConfig
 from .sources import GradientSource
 from .sporadic import update_drawn
 
-__all__ = ["real_forward", "input_seed"]
+__all__ = ["real_forward", "input_seed", "meta_input"]
 
 
 def input_seed(index: int) -> int:
@@ -38,6 +40,27 @@ def input_seed(index: int) -> int:
     single-process trainer builds.
     """
     return (torch.initial_seed() + 7919 * index) % (2 ** 63)
+
+
+def meta_input(upstream: Sequence[nn.Module], x: tuple) -> tuple | None:
+    """Stage r's input for the data ``x``, shapes and dtypes only: ``upstream`` (the modules
+    of stages 0..r-1) run on the meta device, which computes nothing.
+
+    A rank sizes its input synthesizer from it at its first step, instead of waiting for
+    the first real input to arrive (N - 1 forwards later on the last rank). Returns
+    ``None`` where a module cannot run on meta tensors (an operation without a meta
+    kernel, a data-dependent shape): the first step then waits for the real input.
+    """
+    h: tuple = tuple(t.to("meta") if torch.is_tensor(t) else t for t in x)
+    try:
+        for module in upstream:
+            state = {n: torch.empty_like(t, device="meta")
+                     for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
+            out = torch.func.functional_call(module, state, h)
+            h = out if isinstance(out, tuple) else (out,)
+    except Exception:  # (any failure only means: wait for the real input, as without this)
+        return None
+    return h
 
 
 def real_forward(stage: Stage, source: GradientSource, config: TrainConfig, step: int, real: tuple,

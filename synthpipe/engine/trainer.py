@@ -263,7 +263,8 @@ class Trainer:
         runner = PipelineWorker(make(lay.pp_rank), self.config,
                                 Channels(self.rank, world, channel_device, self.n_stages,
                                          data=self.config.synthetic_inputs),
-                                replicas=replicas, pipeline_group=self.mesh.get_group("pp") if lay.dp > 1 else None)
+                                replicas=replicas, pipeline_group=self.mesh.get_group("pp") if lay.dp > 1 else None,
+                                upstream=stages[:lay.pp_rank] if self.config.synthetic_inputs else ())
         prefix = "synthpipe/{}/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
                                              os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), Trainer._instances)
         self.watchdog = Watchdog(open_store(self.config.failure_timeout), self.rank, world,

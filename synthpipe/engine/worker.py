@@ -12,10 +12,11 @@ show them in its progress bar without any extra communication.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from ..stages.input_synth import InputSynthesizer
 from ..stages.stage import Stage, all_finite, as_tuple, restore_training_modes, training_modes
@@ -26,7 +27,7 @@ from .metrics import Timers
 from .reference import batch_metrics, mean_metrics
 from .sources import make_source
 from .step import LiveStats, StageStep
-from .synthetic_inputs import input_seed, real_forward
+from .synthetic_inputs import input_seed, meta_input, real_forward
 from .transport import EVAL, EVAL_END, FIT_END, FLAG_SKIPPED, KIND_NAMES, TRAIN, Channel, Message, limit_sends
 
 __all__ = ["Channels", "PipelineWorker"]
@@ -93,7 +94,8 @@ class PipelineWorker:
     """
 
     def __init__(self, stage: Stage, config: TrainConfig, channels: Channels,
-                 replicas: Replicas | None = None, pipeline_group: Any = None):
+                 replicas: Replicas | None = None, pipeline_group: Any = None,
+                 upstream: Sequence[nn.Module] = ()):
         self.stage = stage
         self.config = config
         self.rank = stage.index
@@ -128,8 +130,11 @@ class PipelineWorker:
         if config.synthetic_inputs and not stage.is_first:
             self.input_synth = InputSynthesizer(self.rank, stage.synth_optimizer_factory, config.input_synth_hidden,
                                                 stage.device, seed=input_seed(self.rank))
+        self.upstream = list(upstream)  # stages 0..r-1's modules: the input's shapes, before it arrives
         self._unreal: deque[tuple[int, tuple, torch.Tensor]] = deque()
         self._reals: dict[int, tuple] = {}
+        self.reals_received = 0
+        self.reals_before_build: int | None = None  # real inputs in when I_r was sized (0: from meta shapes)
         self._predicting = False  # a pass on predicted inputs sends nothing
         self.most_unreal = 0  # the most batches left waiting for their real input after a step (<= unlock_lag)
 
@@ -219,8 +224,8 @@ class PipelineWorker:
         """Rank 0's entry point (the others get their steps through :meth:`serve`)."""
         x = as_tuple(x)
         for ch in self.ch.data_out:  # synthetic inputs: the data goes to every stage first
-            with self.timers.section("send", step):
-                ch.send(TRAIN, step, (*x, y))
+            with self.timers.section("send", step):  # (its tensors: all an input synthesizer reads)
+                ch.send(TRAIN, step, (*(t for t in x if torch.is_tensor(t)), y))
         return self._train(step, x, y)
 
     def _train(self, step: int, x: tuple, y: torch.Tensor) -> float | None:
@@ -365,9 +370,11 @@ class PipelineWorker:
         self.next_step = step + 1
         self.progress += 1
         if not synth.ready():
-            while step not in self._reals:
+            shaped = meta_input(self.upstream, x) if self.upstream else None
+            while shaped is None and step not in self._reals:
                 self._receive_real()
-            synth.build(x, self._reals[step])
+            synth.build(x, shaped if shaped is not None else self._reals[step])
+            self.reals_before_build = self.reals_received
         self._unreal.append((step, x, y))
         runner = self.step_runner
         self._predicting = True
@@ -395,6 +402,7 @@ class PipelineWorker:
                                f"{self.rank - 1}, got {KIND_NAMES.get(msg.kind, msg.kind)}")
         self.ch.act_in.expect()  # another message always follows
         self._reals[msg.step] = msg.tensors[:-1]
+        self.reals_received += 1
 
     def _run_real(self) -> None:
         """The oldest predicted batch's real input: train ``I_r`` on it, run it through (no
