@@ -579,3 +579,23 @@ def test_the_target_is_backprop_s_final_accuracy_minus_the_margin_and_ratios_are
     assert "time_to_target_s" not in by["local"]  # a failed row is left as it is
     assert set_target(rows, 0.6, 0.01) == 0.6 and by["cdni"]["epochs_to_target"] == 2  # a given target wins
     assert set_target(rows[1:], None, 0.01) is None  # no single-device row: no default target
+
+
+@pytest.mark.timeout(240)
+def test_the_forward_unlocking_benchmark_measures_every_row(tmp_path) -> None:
+    """benchmarks/forward_unlock.py --quick on 3 gloo ranks: every method and stall scenario, each figure taken."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "forward_unlock.py"
+    out = tmp_path / "unlock.json"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], capture_output=True,
+                          text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| cDNI + synthetic inputs |" in done.stdout
+    rows = json.loads(out.read_text())
+    scenarios = ("none", "intermittent", "persistent")
+    assert sorted(rows) == sorted(f"{m}/{s}" for m in ("cdni", "inputs") for s in scenarios)
+    for row in rows.values():
+        assert set(row) == {"fill_ms", "latency_ms", "step_ms"} and all(v > 0 for v in row.values()), row
