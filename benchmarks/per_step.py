@@ -31,11 +31,16 @@ cDNI within 2 points. One process, one torch thread::
     python benchmarks/per_step.py --quick              # a smoke test (seconds)
     python benchmarks/per_step.py --workloads paper --stages 4 --sources backprop,delayed,delayed:predict
     python benchmarks/per_step.py --json per_step.json --resume   # keep going after an interruption
+    python benchmarks/per_step.py --cut blocks         # stages cut only after a block's ReLU
+
+``sp.split(model, n_stages=n)`` balances the parameters, and on these models it can cut
+between a Linear and its BatchNorm; ``--cut blocks`` cuts only after a ReLU.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -109,12 +114,49 @@ CDNI = "cdni"
 EPS = 1e-9
 
 
-def run_one(w: PerStepWorkload, source: str, n_stages: int, seed: int, train: Any, test: Any) -> dict[str, Any]:
+CUTS = ("params", "blocks")
+
+
+def block_balance(model: nn.Module, n_stages: int) -> list[int]:
+    """Children per stage, cutting only after a block's ReLU (the activation the next Linear
+    reads), with the largest stage's parameter count as small as it can be.
+
+    Both workloads are ``depth`` x (Linear, BatchNorm1d, ReLU) then a Linear: the cut
+    points are after children 3, 6, ..., 3 * depth.
+
+    Raises:
+        ValueError: fewer blocks than stages.
+    """
+    sizes = [sum(p.numel() for p in c.parameters()) for c in model.children()]
+    ends = list(range(3, len(sizes), 3))
+    if len(ends) < n_stages - 1:
+        raise ValueError(f"{len(ends)} blocks cannot make {n_stages} stages cut after a ReLU")
+    best: list[int] | None = None
+    for cuts in itertools.combinations(ends, n_stages - 1):
+        bounds = [0, *cuts, len(sizes)]
+        balance = [b - a for a, b in itertools.pairwise(bounds)]
+        cost = max(sum(sizes[a:b]) for a, b in itertools.pairwise(bounds))
+        if best is None or cost < best[0]:
+            best = [cost, *balance]
+    assert best is not None
+    return best[1:]
+
+
+def split(model: nn.Module, n_stages: int, cut: str) -> list[nn.Module]:
+    """``sp.split(model, n_stages=n)`` (``cut="params"``, balanced by parameters, which may
+    cut between a Linear and its BatchNorm) or cut after ReLUs only (``"blocks"``)."""
+    if cut == "blocks":
+        return sp.split(model, balance=block_balance(model, n_stages))
+    return sp.split(model, n_stages=n_stages)
+
+
+def run_one(w: PerStepWorkload, source: str, n_stages: int, seed: int, train: Any, test: Any,
+            cut: str = "params") -> dict[str, Any]:
     """Train ``w`` split into ``n_stages`` with ``source`` from ``seed``; the final test accuracy."""
     torch.manual_seed(seed)
     model = w.model()
     options = SOURCES[source][1]()
-    trainer = sp.Trainer(sp.split(model, n_stages=n_stages), nn.CrossEntropyLoss(),
+    trainer = sp.Trainer(split(model, n_stages, cut), nn.CrossEntropyLoss(),
                          optimizer_factory("adam-fused", w.lr), device="cpu", progress=False, **options)
     try:
         t0 = time.perf_counter()
@@ -124,8 +166,8 @@ def run_one(w: PerStepWorkload, source: str, n_stages: int, seed: int, train: An
         steps = trainer.step
     finally:
         trainer.close()
-    return {"workload": w.name, "source": source, "stages": n_stages, "seed": seed, "accuracy": m["accuracy"],
-            "loss": m["loss"], "steps": steps, "seconds": seconds}
+    return {"workload": w.name, "source": source, "stages": n_stages, "seed": seed, "cut": cut,
+            "accuracy": m["accuracy"], "loss": m["loss"], "steps": steps, "seconds": seconds}
 
 
 def summarize(results: list[dict[str, Any]], workload: str, n_stages: int, sources: list[str]
@@ -200,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma list of {', '.join(SOURCES)}")
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (torch and the batch order)")
     p.add_argument("--data-seed", type=int, default=0, help="the MNIST-1D generator's seed (every seed's data)")
+    p.add_argument("--cut", choices=CUTS, default="params",
+                   help="where stages are cut: sp.split's parameter balance, or only after a block's ReLU")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",
                    help="tiny: 1,000 samples, 1 epoch, 2 stages, seed 0 (a smoke test of the script)")
@@ -233,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and os.path.exists(args.json):
         with open(args.json) as f:
             results = json.load(f)["results"]
-    done = {(r["workload"], r["source"], r["stages"], r["seed"]) for r in results}
+    done = {(r["workload"], r["source"], r["stages"], r["seed"], r.get("cut", "params")) for r in results}
 
     def save() -> None:
         if args.json:
@@ -245,18 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         for n in stage_counts:
             for source in sources:
                 for seed in seeds:
-                    if (w.name, source, n, seed) in done:
+                    if (w.name, source, n, seed, args.cut) in done:
                         continue
-                    r = run_one(w, source, n, seed, train, test)
+                    r = run_one(w, source, n, seed, train, test, args.cut)
                     results.append(r)
                     save()
                     print(f"# {w.name} {n} stages {source} seed {seed}: {100 * r['accuracy']:.1f}% "
                           f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
     print("Final test accuracy after the same steps as backprop, single-process reference trainer, fused Adam "
-          f"{workloads[0].lr:g}, MNIST-1D data seed {args.data_seed}.\n")
+          f"{workloads[0].lr:g}, MNIST-1D data seed {args.data_seed}, stages cut by {args.cut}.\n")
+    shown = [r for r in results if r.get("cut", "params") == args.cut]
     for w in workloads:
         for n in stage_counts:
-            text = table(results, w, n, sources)
+            text = table(shown, w, n, sources)
             if text:
                 print(text + "\n")
     print(f"Machine: {summary_line(machine)}")
