@@ -276,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     if args.resume and os.path.exists(args.json):
         with open(args.json) as f:
-            results = json.load(f)["results"]
+            saved = json.load(f)
+        for key in ("quick", "data_seed"):  # (other sizes or data: their runs are not these)
+            if saved["args"].get(key) != getattr(args, key):
+                p.error(f"--resume: {args.json} was written with {key}={saved['args'].get(key)!r}, "
+                        f"this run has {key}={getattr(args, key)!r}")
+        results = saved["results"]
     done = {(r["workload"], r["source"], r["stages"], r["seed"], r.get("cut", "params")) for r in results}
 
     def save() -> None:
