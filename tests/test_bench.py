@@ -599,3 +599,64 @@ def test_the_forward_unlocking_benchmark_measures_every_row(tmp_path) -> None:
     assert sorted(rows) == sorted(f"{m}/{s}" for m in ("cdni", "inputs") for s in scenarios)
     for row in rows.values():
         assert set(row) == {"fill_ms", "latency_ms", "step_ms"} and all(v > 0 for v in row.values()), row
+
+
+# -- benchmarks/per_step.py ------------------------------------------------------------------
+def _per_step_script():
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "per_step.py")
+    spec = importlib.util.spec_from_file_location("per_step", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["per_step"] = module  # (its dataclass looks its module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_per_step_differences_are_paired_by_seed_and_marks_use_the_best_source() -> None:
+    ps = _per_step_script()
+
+    def r(source, seed, acc, stages=2):
+        return {"workload": "paper", "source": source, "stages": stages, "seed": seed, "accuracy": acc,
+                "steps": 10, "seconds": 1.0}
+
+    results = [r("backprop", 0, 0.60), r("backprop", 1, 0.70), r("cdni", 0, 0.57), r("cdni", 1, 0.69),
+               r("delayed", 0, 0.605), r("delayed", 1, 0.69), r("backprop", 0, 0.1, stages=3)]
+    rows = {row["source"]: row for row in ps.summarize(results, "paper", 2, ["backprop", "cdni", "delayed"])}
+    assert rows["backprop"]["mean"] == pytest.approx(65.0) and rows["backprop"]["mean_diff"] == pytest.approx(0.0)
+    assert rows["cdni"]["diffs"] == pytest.approx([-3.0, -1.0]) and rows["cdni"]["mean_diff"] == pytest.approx(-2.0)
+    assert (rows["delayed"]["min"], rows["delayed"]["max"]) == pytest.approx((60.5, 69.0))
+    mk = ps.marks(list(rows.values()))
+    assert mk["best"] == "delayed" and mk["best_diff"] == pytest.approx(-0.25) and mk["best_within_1"]
+    assert mk["cdni_within_2"] and ps.marks([rows["backprop"], dict(rows["cdni"], mean_diff=-2.01)])[
+        "cdni_within_2"] is False
+
+
+def test_per_step_quick_runs_every_source_for_backprop_s_steps(tmp_path, capsys) -> None:
+    ps = _per_step_script()
+    out = tmp_path / "per_step.json"
+    assert ps.main(["--quick", "--workloads", "paper", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert sorted(r["source"] for r in results) == sorted(ps.SOURCES)
+    assert {(r["stages"], r["seed"], r["steps"]) for r in results} == {(2, 0, 7)}  # 800 training samples, batch 128
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results)
+    text = capsys.readouterr().out
+    assert "paper_mlp() (the DNI paper's MLP)" in text and "cDNI within 2 points:" in text
+
+
+def test_per_step_block_cuts_fall_after_a_relu_and_balance_the_largest_stage() -> None:
+    import torch.nn as nn
+
+    from synthpipe import models
+
+    ps = _per_step_script()
+    paper = models.paper_mlp()  # 3 x (Linear, BatchNorm1d, ReLU), Linear: the first block is the smallest
+    assert ps.block_balance(paper, 4) == [3, 3, 3, 1]
+    assert ps.block_balance(paper, 2) == [6, 4]
+    for n in (2, 3, 4):
+        stages = ps.split(models.wide_mlp(hidden=64, depth=4), n, "blocks")
+        assert len(stages) == n
+        assert all(isinstance(list(s.children())[-1], nn.ReLU) for s in stages[:-1])
+    with pytest.raises(ValueError, match="3 blocks cannot make 5 stages"):
+        ps.block_balance(paper, 5)
