@@ -31,16 +31,17 @@ cDNI within 2 points. One process, one torch thread::
     python benchmarks/per_step.py --quick              # a smoke test (seconds)
     python benchmarks/per_step.py --workloads paper --stages 4 --sources backprop,delayed,delayed:predict
     python benchmarks/per_step.py --json per_step.json --resume   # keep going after an interruption
-    python benchmarks/per_step.py --cut blocks         # stages cut only after a block's ReLU
+    python benchmarks/per_step.py --cut params         # the parameter balance child by child
 
-``sp.split(model, n_stages=n)`` balances the parameters, and on these models it can cut
-between a Linear and its BatchNorm; ``--cut blocks`` cuts only after a ReLU.
+``sp.split(model, n_stages=n)`` balances the parameters between whole layers (a Linear
+with its BatchNorm and ReLU), so on these models every cut falls after a ReLU
+(``--cut layers``, the default); ``--cut params`` balances child by child, as
+``sp.split`` did before, which can cut between a Linear and its BatchNorm.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import statistics
@@ -55,6 +56,7 @@ import synthpipe as sp
 from synthpipe import data, models
 from synthpipe.benchmark.machine import describe, summary_line
 from synthpipe.benchmark.workload import optimizer_factory
+from synthpipe.stages.balance import partition
 
 NUM_CLASSES = 10
 MLP_HEAD_HIDDEN = 128  # synthpipe train's --aux-head mlp
@@ -114,44 +116,21 @@ CDNI = "cdni"
 EPS = 1e-9
 
 
-CUTS = ("params", "blocks")
-
-
-def block_balance(model: nn.Module, n_stages: int) -> list[int]:
-    """Children per stage, cutting only after a block's ReLU (the activation the next Linear
-    reads), with the largest stage's parameter count as small as it can be.
-
-    Both workloads are ``depth`` x (Linear, BatchNorm1d, ReLU) then a Linear: the cut
-    points are after children 3, 6, ..., 3 * depth.
-
-    Raises:
-        ValueError: fewer blocks than stages.
-    """
-    sizes = [sum(p.numel() for p in c.parameters()) for c in model.children()]
-    ends = list(range(3, len(sizes), 3))
-    if len(ends) < n_stages - 1:
-        raise ValueError(f"{len(ends)} blocks cannot make {n_stages} stages cut after a ReLU")
-    best: list[int] | None = None
-    for cuts in itertools.combinations(ends, n_stages - 1):
-        bounds = [0, *cuts, len(sizes)]
-        balance = [b - a for a, b in itertools.pairwise(bounds)]
-        cost = max(sum(sizes[a:b]) for a, b in itertools.pairwise(bounds))
-        if best is None or cost < best[0]:
-            best = [cost, *balance]
-    assert best is not None
-    return best[1:]
+CUTS = ("layers", "params")
 
 
 def split(model: nn.Module, n_stages: int, cut: str) -> list[nn.Module]:
-    """``sp.split(model, n_stages=n)`` (``cut="params"``, balanced by parameters, which may
-    cut between a Linear and its BatchNorm) or cut after ReLUs only (``"blocks"``)."""
-    if cut == "blocks":
-        return sp.split(model, balance=block_balance(model, n_stages))
+    """``sp.split(model, n_stages=n)`` (``cut="layers"``: balanced by parameters between whole
+    layers) or balanced child by child (``"params"``, which may cut between a Linear and
+    its BatchNorm)."""
+    if cut == "params":
+        costs = [1 + sum(p.numel() for p in c.parameters()) for c in model.children()]
+        return sp.split(model, balance=partition(costs, n_stages))
     return sp.split(model, n_stages=n_stages)
 
 
 def run_one(w: PerStepWorkload, source: str, n_stages: int, seed: int, train: Any, test: Any,
-            cut: str = "params") -> dict[str, Any]:
+            cut: str = "layers") -> dict[str, Any]:
     """Train ``w`` split into ``n_stages`` with ``source`` from ``seed``; the final test accuracy."""
     torch.manual_seed(seed)
     model = w.model()
@@ -242,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma list of {', '.join(SOURCES)}")
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (torch and the batch order)")
     p.add_argument("--data-seed", type=int, default=0, help="the MNIST-1D generator's seed (every seed's data)")
-    p.add_argument("--cut", choices=CUTS, default="params",
-                   help="where stages are cut: sp.split's parameter balance, or only after a block's ReLU")
+    p.add_argument("--cut", choices=CUTS, default="layers",
+                   help="where stages are cut: sp.split's balance between whole layers (default), or the "
+                        "parameter balance child by child")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",
                    help="tiny: 1,000 samples, 1 epoch, 2 stages, seed 0 (a smoke test of the script)")
@@ -282,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--resume: {args.json} was written with {key}={saved['args'].get(key)!r}, "
                         f"this run has {key}={getattr(args, key)!r}")
         results = saved["results"]
-    done = {(r["workload"], r["source"], r["stages"], r["seed"], r.get("cut", "params")) for r in results}
+    done = {(r["workload"], r["source"], r["stages"], r["seed"], r.get("cut", "layers")) for r in results}
 
     def save() -> None:
         if args.json:
@@ -303,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
     print("Final test accuracy after the same steps as backprop, single-process reference trainer, fused Adam "
           f"{workloads[0].lr:g}, MNIST-1D data seed {args.data_seed}, stages cut by {args.cut}.\n")
-    shown = [r for r in results if r.get("cut", "params") == args.cut]
+    shown = [r for r in results if r.get("cut", "layers") == args.cut]
     for w in workloads:
         for n in stage_counts:
             text = table(shown, w, n, sources)

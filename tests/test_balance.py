@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from synthpipe.stages.balance import balance_by_params, balance_by_time, block_sums, partition
+from synthpipe.stages.balance import balance_by_params, balance_by_time, block_sums, partition, whole_layers
 
 
 def brute_force_best(costs, n_parts):
@@ -165,3 +165,26 @@ def test_a_meta_built_model_balances_by_params_but_not_by_time():
     assert balance_by_params(model, 2) == balance_by_params(copy.deepcopy(model).to_empty(device="cpu"), 2)
     with pytest.raises(ValueError, match="built on the meta device"):
         balance_by_time(model, 2, torch.randn(3, 8))
+
+
+def test_whole_layers_keep_a_layer_with_its_norm_activation_and_dropout():
+    children = [nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 8), nn.LayerNorm(8),
+                nn.GELU(), nn.MultiheadAttention(8, 2), nn.Tanh(), nn.Linear(8, 2)]
+    assert whole_layers(children) == [4, 3, 2, 1]
+    assert whole_layers([nn.ReLU(), nn.Linear(2, 2)]) == [1, 1]  # (a first child starts a layer, whatever it is)
+
+
+def test_balance_cuts_between_whole_layers_only_where_it_can():
+    # By parameters alone the best cut of 3 blocks is inside the middle one (between its Linear and its
+    # BatchNorm, as the costs alone would put it); kept whole, the cut falls after a ReLU.
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU())],
+                          nn.Linear(64, 2))
+    costs = [1 + sum(p.numel() for p in c.parameters()) for c in model]
+    assert partition(costs, 2) == [4, 6], "the unconstrained partition cuts before a BatchNorm"
+    balance = balance_by_params(model, 2)
+    assert balance == [6, 4] and isinstance(model[sum(balance[:1]) - 1], nn.ReLU)
+    for n in (2, 3, 4):
+        cuts = itertools.accumulate(balance_by_params(model, n))
+        assert all(isinstance(model[c - 1], nn.ReLU) for c in list(cuts)[:-1]), n
+    # fewer whole layers than stages: the children are balanced one by one
+    assert balance_by_params(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Tanh()), 3) == [1, 1, 1]

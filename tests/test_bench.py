@@ -645,18 +645,15 @@ def test_per_step_quick_runs_every_source_for_backprop_s_steps(tmp_path, capsys)
     assert "paper_mlp() (the DNI paper's MLP)" in text and "cDNI within 2 points:" in text
 
 
-def test_per_step_block_cuts_fall_after_a_relu_and_balance_the_largest_stage() -> None:
+def test_per_step_cuts_whole_layers_by_default_and_child_by_child_on_request() -> None:
     import torch.nn as nn
 
     from synthpipe import models
 
     ps = _per_step_script()
-    paper = models.paper_mlp()  # 3 x (Linear, BatchNorm1d, ReLU), Linear: the first block is the smallest
-    assert ps.block_balance(paper, 4) == [3, 3, 3, 1]
-    assert ps.block_balance(paper, 2) == [6, 4]
     for n in (2, 3, 4):
-        stages = ps.split(models.wide_mlp(hidden=64, depth=4), n, "blocks")
+        stages = ps.split(models.wide_mlp(hidden=64, depth=4), n, "layers")
         assert len(stages) == n
         assert all(isinstance(list(s.children())[-1], nn.ReLU) for s in stages[:-1])
-    with pytest.raises(ValueError, match="3 blocks cannot make 5 stages"):
-        ps.block_balance(paper, 5)
+    paper = ps.split(models.paper_mlp(), 4, "params")  # (the child-by-child balance cuts before a BatchNorm)
+    assert any(isinstance(list(s.children())[0], nn.BatchNorm1d) for s in paper[1:])

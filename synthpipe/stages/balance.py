@@ -8,9 +8,18 @@ that minimises the most expensive stage, since the slowest stage sets the pipeli
 Costs come either from parameter counts (:func:`balance_by_params`, free and
 deterministic) or from profiling forward+backward time on an example input
 (:func:`balance_by_time`, closer to what the pipeline actually waits for).
+
+Both keep a layer together with the normalisation, activation and dropout layers right
+after it (:func:`whole_layers`): a stage boundary then carries a block's output (after
+its ReLU), never a Linear's output before its BatchNorm or activation. A gradient source
+that models the boundary's gradient (a synthesizer, an auxiliary head) learns far
+better there: the gradient of a pre-BatchNorm activation passes through the batch's
+normalisation, which a linear synthesizer cannot follow. Where there are fewer whole
+layers than stages, the children are balanced one by one.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -21,7 +30,7 @@ import torch.nn as nn
 
 from .materialize import on_meta
 
-__all__ = ["partition", "balance_by_params", "balance_by_time", "block_sums"]
+__all__ = ["partition", "balance_by_params", "balance_by_time", "block_sums", "whole_layers"]
 
 
 def _check_costs(costs: Sequence[float], n_parts: int) -> list[float]:
@@ -115,19 +124,56 @@ def sequential_children(model: nn.Sequential) -> list[tuple[str, nn.Module]]:
     return [(name, child) for name, child in model._modules.items() if child is not None]
 
 
+def _follows_a_layer(child: nn.Module) -> bool:
+    """Is ``child`` a normalisation, activation or dropout layer (which belongs to the layer before it)?"""
+    if isinstance(child, nn.MultiheadAttention):  # (defined among the activations, but a layer)
+        return False
+    return (isinstance(child, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+                               nn.modules.dropout._DropoutNd))
+            or type(child).__module__ == "torch.nn.modules.activation"
+            or getattr(nn, "RMSNorm", None) is not None and isinstance(child, nn.RMSNorm))
+
+
+def whole_layers(children: Sequence[nn.Module]) -> list[int]:
+    """``children`` grouped into whole layers: each group is a layer and the normalisation,
+    activation and dropout layers right after it. Returns the group sizes (summing to
+    ``len(children)``); e.g. Linear, BatchNorm1d, ReLU, Linear -> ``[3, 1]``."""
+    sizes: list[int] = []
+    for i, child in enumerate(children):
+        if i == 0 or not _follows_a_layer(child):
+            sizes.append(1)
+        else:
+            sizes[-1] += 1
+    return sizes
+
+
+def _partition_whole_layers(costs: Sequence[float], n_parts: int, children: Sequence[nn.Module]) -> list[int]:
+    """:func:`partition` of ``costs`` that cuts between whole layers only, where there are enough."""
+    groups = whole_layers(children)
+    if len(groups) < n_parts:
+        return partition(costs, n_parts)
+    bounds = list(itertools.accumulate(groups, initial=0))
+    group_costs = [sum(costs[a:b]) for a, b in itertools.pairwise(bounds)]
+    counts = partition(group_costs, n_parts)
+    ends = list(itertools.accumulate(counts))
+    return [bounds[e] - bounds[e - c] for e, c in zip(ends, counts, strict=True)]
+
+
 def balance_by_params(model: nn.Sequential, n_stages: int) -> list[int]:
     """Balance ``model``'s children by parameter count.
 
     The cost of a child is ``1 + (number of parameter elements in it, recursively)``; the
     ``+1`` keeps parameter-free children (ReLU, pooling, Flatten) from costing exactly
     nothing, so they are spread rather than all piled onto one stage. Buffers are not
-    counted. Shared parameters are counted in every child that holds them.
+    counted. Shared parameters are counted in every child that holds them. Stages are cut
+    between whole layers (:func:`whole_layers`) where there are at least ``n_stages``.
 
     Returns:
         A balance: ``n_stages`` positive ints summing to ``len(model)``.
     """
-    costs = [1 + sum(p.numel() for p in child.parameters()) for _, child in sequential_children(model)]
-    return partition(costs, n_stages)
+    children = [child for _, child in sequential_children(model)]
+    costs = [1 + sum(p.numel() for p in child.parameters()) for child in children]
+    return _partition_whole_layers(costs, n_stages, children)
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -194,7 +240,8 @@ def balance_by_time(model: nn.Sequential, n_stages: int, example_input: Any,
     The model is left as it was: no optimizer step (parameters unchanged), gradients
     are taken with ``torch.autograd.grad`` so every ``.grad`` stays as it was (``None``
     on a fresh model), buffers such as BatchNorm running statistics are restored, each
-    submodule's train/eval flag is restored, and the RNG state is restored.
+    submodule's train/eval flag is restored, and the RNG state is restored. Stages are cut
+    between whole layers (:func:`whole_layers`) where there are at least ``n_stages``.
 
     Returns:
         A balance: ``n_stages`` positive ints summing to ``len(model)``.
@@ -230,7 +277,7 @@ def balance_by_time(model: nn.Sequential, n_stages: int, example_input: Any,
                 b.copy_(saved)
         for m, training in modes:
             m.training = training
-    return partition(costs, n_stages)
+    return _partition_whole_layers(costs, n_stages, children)
 
 
 def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
