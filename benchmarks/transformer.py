@@ -18,8 +18,10 @@ benchmark's ``RankPool``, gloo) against plain backprop in one process (1 thread)
 evaluated every ``--eval-every`` steps (evaluation untimed); reports the training time
 each needs to reach backprop's final test loss.
 
-    python benchmarks/transformer.py --quick      # smoke test: tiny model, 1 seed, ~30 s
-    python benchmarks/transformer.py              # dim 128, 4 layers, seq 64, batch 32, 300 steps, 3 seeds
+    python benchmarks/transformer.py --quick      # smoke test: tiny model, 1 seed, 20 steps (~15 s)
+    python benchmarks/transformer.py              # dim 128, 4 layers, seq 64, batch 16, 300 steps, 3 seeds
+                                                  # (30-100 s per run on one shared core: 24 runs, then the race)
+    python benchmarks/transformer.py --only "delayed;local" --best local --no-wallclock
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ from synthpipe.benchmark.launcher import RankContext, RankPool
 from synthpipe.models import char_gpt, lm_loss
 from synthpipe.text import VOCAB_SIZE, char_lm
 
-# Every update-unlocked source, as (label, gradients=, options); "synthetic" entries get the
-# recipe of SYNTH_RECIPES under their label.
+# Every update-unlocked source, as (label, gradients=, Trainer options); a "synthetic" entry's
+# "recipe" holds extra Synthesizer options (the token synthesizer; cDNI where the label says).
 SOURCES: list[tuple[str, str, dict[str, Any]]] = [
     ("cDNI (token)", "synthetic", {}),
     ("DNI (token)", "synthetic", {}),
@@ -58,7 +60,7 @@ class Spec:
     layers: int = 4
     heads: int = 4
     seq: int = 64
-    batch: int = 32
+    batch: int = 16
     steps: int = 300
     lr: float = 1e-3
     seed: int = 0
@@ -87,13 +89,15 @@ def model(spec: Spec) -> nn.Sequential:
 
 def trainer(spec: Spec, stages: list[nn.Module]) -> sp.Trainer:
     options = dict(spec.options)
+    recipe = options.pop("recipe", {})
     options.setdefault("progress", False)
     if spec.method in ("local", "interlocking"):
         options.setdefault("aux_head", sp.AuxHead("token", num_classes=VOCAB_SIZE))
     if spec.method == "synthetic":
         conditional = spec.label.startswith("cDNI")
         options.setdefault("synthesizer", sp.Synthesizer("token", conditional=conditional,
-                                                         num_classes=VOCAB_SIZE if conditional else None))
+                                                         num_classes=VOCAB_SIZE if conditional else None,
+                                                         **recipe))
     return sp.Trainer(stages, lm_loss, lambda ps: torch.optim.Adam(ps, lr=spec.lr), gradients=spec.method,
                       **options)
 
@@ -185,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--only", default="", help="comma-separated labels of the sources to run (default: all)")
+    p.add_argument("--only", default="", help="';'-separated labels of the sources to run (default: all)")
     p.add_argument("--no-wallclock", action="store_true", help="skip part 2")
     p.add_argument("--best", default="", help="the source for part 2 (default: part 1's best)")
     a = p.parse_args(argv)
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                    eval_every=10)
         seeds = 1
     torch.set_num_threads(1)
-    wanted = [s for s in SOURCES if not a.only or s[0] in a.only.split(",")]
+    wanted = [s for s in SOURCES if not a.only or s[0] in a.only.split(";")]
     runs = [("backprop", "backprop", {}), ("stage 0 frozen", "frozen", {}), *wanted]
     results: list[tuple[str, list[float]]] = []
     for label, method, options in runs:

@@ -579,3 +579,26 @@ def test_the_target_is_backprop_s_final_accuracy_minus_the_margin_and_ratios_are
     assert "time_to_target_s" not in by["local"]  # a failed row is left as it is
     assert set_target(rows, 0.6, 0.01) == 0.6 and by["cdni"]["epochs_to_target"] == 2  # a given target wins
     assert set_target(rows[1:], None, 0.01) is None  # no single-device row: no default target
+
+
+@pytest.mark.timeout(180)
+def test_the_transformer_benchmark_s_quick_run_reports_every_source_and_the_wall_clock_race() -> None:
+    """``benchmarks/transformer.py --quick``: a row per method with a finite loss, then the 2-rank race."""
+    import math
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "transformer.py")
+    done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        from transformer import SOURCES  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| (.+?) \| (\d+\.\d+) \| \d", done.stdout, re.M)}
+    expected = ["backprop", "stage 0 frozen", *[label for label, _, _ in SOURCES]]
+    assert [k for k in rows if k in expected] == expected, done.stdout
+    assert all(math.isfinite(rows[k]) and 0 < rows[k] < 10 for k in expected)
+    assert "| backprop, 1 process x 1 thread |" in done.stdout and ", 2 ranks x 1 thread |" in done.stdout
