@@ -47,6 +47,7 @@ SOURCES: list[tuple[str, str, dict[str, Any]]] = [
     ("DNI (token)", "synthetic", {}),
     ("delayed", "delayed", {}),
     ("delayed, predict", "delayed", {"staleness": "predict"}),
+    ("delayed, lr", "delayed", {"staleness": "lr"}),
     ("local", "local", {}),
     ("interlocking", "interlocking", {}),
 ]
