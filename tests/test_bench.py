@@ -657,3 +657,26 @@ def test_per_step_cuts_whole_layers_by_default_and_child_by_child_on_request() -
         assert all(isinstance(list(s.children())[-1], nn.ReLU) for s in stages[:-1])
     paper = ps.split(models.paper_mlp(), 4, "params")  # (the child-by-child balance cuts before a BatchNorm)
     assert any(isinstance(list(s.children())[0], nn.BatchNorm1d) for s in paper[1:])
+
+
+@pytest.mark.timeout(180)
+def test_the_transformer_benchmark_s_quick_run_reports_every_source_and_the_wall_clock_race() -> None:
+    """``benchmarks/transformer.py --quick``: a row per method with a finite loss, then the 2-rank race."""
+    import math
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "transformer.py")
+    done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        from transformer import SOURCES  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| (.+?) \| (\d+\.\d+) \| \d", done.stdout, re.M)}
+    expected = ["backprop", "stage 0 frozen", *[label for label, _, _ in SOURCES]]
+    assert [k for k in rows if k in expected] == expected, done.stdout
+    assert all(math.isfinite(rows[k]) and 0 < rows[k] < 10 for k in expected)
+    assert "| backprop, 1 process x 1 thread |" in done.stdout and ", 2 ranks x 1 thread |" in done.stdout
