@@ -85,7 +85,8 @@ def split(model: nn.Module, n_stages: int | None = None, balance: Sequence[int] 
     Args:
         model: an ``nn.Sequential`` (split by children) or any module (split by tracing).
         n_stages: number of stages; for a Sequential, the balance is then chosen ``by``
-            parameter count or measured time.
+            parameter count or measured time, between whole layers (a layer with the
+            norm, activation and dropout right after it) where there are enough.
         balance: children per stage for a Sequential, e.g. ``[2, 3, 1]``; positive and
             summing to ``len(model)``. Give exactly one of ``n_stages`` and ``balance``
             (or ``points``).
