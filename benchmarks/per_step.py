@@ -56,7 +56,7 @@ import synthpipe as sp
 from synthpipe import data, models
 from synthpipe.benchmark.machine import describe, summary_line
 from synthpipe.benchmark.workload import optimizer_factory
-from synthpipe.stages.balance import partition
+from synthpipe.stages.balance import param_costs, partition
 
 NUM_CLASSES = 10
 MLP_HEAD_HIDDEN = 128  # synthpipe train's --aux-head mlp
@@ -124,8 +124,7 @@ def split(model: nn.Module, n_stages: int, cut: str) -> list[nn.Module]:
     layers) or balanced child by child (``"params"``, which may cut between a Linear and
     its BatchNorm)."""
     if cut == "params":
-        costs = [1 + sum(p.numel() for p in c.parameters()) for c in model.children()]
-        return sp.split(model, balance=partition(costs, n_stages))
+        return sp.split(model, balance=partition(param_costs(model), n_stages))
     return sp.split(model, n_stages=n_stages)
 
 

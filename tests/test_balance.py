@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from synthpipe.stages.balance import balance_by_params, balance_by_time, block_sums, partition, whole_layers
+from synthpipe.stages.balance import (
+    balance_by_params,
+    balance_by_time,
+    block_sums,
+    param_costs,
+    partition,
+    whole_layers,
+)
 
 
 def brute_force_best(costs, n_parts):
@@ -179,8 +186,7 @@ def test_balance_cuts_between_whole_layers_only_where_it_can():
     # BatchNorm, as the costs alone would put it); kept whole, the cut falls after a ReLU.
     model = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU())],
                           nn.Linear(64, 2))
-    costs = [1 + sum(p.numel() for p in c.parameters()) for c in model]
-    assert partition(costs, 2) == [4, 6], "the unconstrained partition cuts before a BatchNorm"
+    assert partition(param_costs(model), 2) == [4, 6], "the unconstrained partition cuts before a BatchNorm"
     balance = balance_by_params(model, 2)
     assert balance == [6, 4] and isinstance(model[sum(balance[:1]) - 1], nn.ReLU)
     for n in (2, 3, 4):

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .materialize import on_meta
 
-__all__ = ["partition", "balance_by_params", "balance_by_time", "block_sums", "whole_layers"]
+__all__ = ["partition", "balance_by_params", "balance_by_time", "block_sums", "whole_layers", "param_costs"]
 
 
 def _check_costs(costs: Sequence[float], n_parts: int) -> list[float]:
@@ -159,6 +159,11 @@ def _partition_whole_layers(costs: Sequence[float], n_parts: int, children: Sequ
     return [bounds[e] - bounds[e - c] for e, c in zip(ends, counts, strict=True)]
 
 
+def param_costs(model: nn.Sequential) -> list[float]:
+    """Each child's cost for :func:`balance_by_params`: ``1 +`` its parameter elements."""
+    return [1 + sum(p.numel() for p in child.parameters()) for _, child in sequential_children(model)]
+
+
 def balance_by_params(model: nn.Sequential, n_stages: int) -> list[int]:
     """Balance ``model``'s children by parameter count.
 
@@ -172,8 +177,7 @@ def balance_by_params(model: nn.Sequential, n_stages: int) -> list[int]:
         A balance: ``n_stages`` positive ints summing to ``len(model)``.
     """
     children = [child for _, child in sequential_children(model)]
-    costs = [1 + sum(p.numel() for p in child.parameters()) for child in children]
-    return _partition_whole_layers(costs, n_stages, children)
+    return _partition_whole_layers(param_costs(model), n_stages, children)
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
