@@ -15,7 +15,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import synthpipe as sp
-from synthpipe.engine.data_parallel import layout, merge_cache_states, split_cache_state
+from synthpipe.engine.data_parallel import (
+    layout,
+    merge_cache_states,
+    merge_replay_states,
+    split_cache_state,
+    split_replay_state,
+)
 from synthpipe.engine.reference import evaluate_model
 from synthpipe.engine.sharding import shard
 
@@ -111,6 +117,27 @@ def test_target_caches_merge_into_the_global_batch_and_split_back():
         assert torch.equal(back["h"][0], halves[d][0]["h"][0])
     with pytest.raises(ValueError, match="batch of 4, which does not split into 3 equal shares"):
         split_cache_state(merged, 3, 0)
+
+
+def test_replay_buffers_merge_into_the_global_batch_and_split_back():
+    g = torch.Generator().manual_seed(1)
+    per_example = [torch.randn(4, 5, generator=g) for _ in range(2)]  # two kept targets, newest first
+    h = [torch.randn(4, 5, generator=g) for _ in range(2)]
+    halves = [[{"h": (h[k][i:i + 2],), "y": torch.arange(i, i + 2), "target": (per_example[k][i:i + 2] / 2,)}
+               for k in range(2)] for i in (0, 2)]
+    merged = merge_replay_states(halves)
+    assert len(merged) == 2 and set(merged[0]) == {"h", "y", "target"}
+    for k in range(2):
+        assert torch.equal(merged[k]["h"][0], h[k]) and torch.equal(merged[k]["y"], torch.arange(4))
+        assert torch.allclose(merged[k]["target"][0], per_example[k] / 4)
+    for d in range(2):
+        back = split_replay_state(merged, 2, d)
+        for k in range(2):
+            assert torch.equal(back[k]["h"][0], halves[d][k]["h"][0])
+            assert torch.allclose(back[k]["target"][0], halves[d][k]["target"][0])
+    assert merge_replay_states([[], []]) == []
+    with pytest.raises(ValueError, match=r"keep \[2, 1\] replayed targets"):
+        merge_replay_states([halves[0], halves[1][:1]])
 
 
 # -- multi-process ----------------------------------------------------------------------------

@@ -159,6 +159,7 @@ def test_wrong_override_type_is_named():
 @pytest.mark.parametrize("overrides, key", [
     ({"model": "resnet"}, "model"), ({"device": "tpu"}, "device"), ({"backend": "mpi"}, "backend"),
     ({"batch_size": 0}, "batch_size"), ({"failure_timeout": 0.5}, "failure_timeout"), ({"lr": -1.0}, "lr"),
+    ({"synth_replay": 0}, "synth_replay must be >= 1"),
     ({"checkpoint_every": 5}, "checkpoint_every needs a checkpoint directory"),
     ({"checkpoint": "ck", "checkpoint_every": 0}, "checkpoint_every must be >= 1"),
 ])

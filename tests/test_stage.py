@@ -68,7 +68,7 @@ def test_train_synthesizer_matches_mse_on_per_example_targets(kind):
 
 def test_train_synthesizer_skips_tensors_without_target_and_sums_the_rest():
     torch.manual_seed(0)
-    stage = Stage(0, 2, nn.Identity(), sgd, synthesizer=sp.Synthesizer("linear"), synth_optimizer=sgd)
+    stage = Stage(0, 2, nn.Identity(), sgd, synthesizer=sp.Synthesizer("linear", replay=1), synth_optimizer=sgd)
     h = (torch.randn(4, 3), torch.arange(4), torch.randn(4, 2))
     stage.ensure_synthesizer(h)
     randomise(stage.synth)
@@ -377,3 +377,99 @@ def test_train_synthesizer_feeds_the_quality_gate():
     assert float(stage.synth.quality[0]) > 0.5
     (grad,) = stage.synthetic_gradient((h,), None)
     assert F.cosine_similarity(grad.flatten(), target[0].flatten(), dim=0) > 0.9
+
+
+def _replay_stage(replay: int, **recipe) -> Stage:
+    torch.manual_seed(0)
+    synth = sp.Synthesizer("linear", conditional=True, num_classes=5, replay=replay, **recipe)
+    return Stage(0, 2, nn.Identity(), sgd, synthesizer=synth, synth_optimizer=sgd)
+
+
+def _batches(n: int):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(8, 6, generator=g), torch.randint(0, 5, (8,), generator=g),
+             torch.randn(8, 6, generator=g) / 8) for _ in range(n)]
+
+
+def _one_step(synth: nn.Module, opt: torch.optim.Optimizer, h, y, target) -> None:
+    (pred,) = synth((h,), y)
+    opt.zero_grad()
+    F.mse_loss(pred, per_example(target)).backward()
+    opt.step()
+
+
+def test_replay_revisits_the_last_targets_newest_first_and_keeps_replay_minus_one():
+    """replay=3: target t is regressed on at t, t + 1 and t + 2; the stage holds 2 triples."""
+    stage = _replay_stage(3)
+    batches = _batches(5)
+    stage.ensure_synthesizer((batches[0][0],))
+    randomise(stage.synth)
+    reference = copy.deepcopy(stage.synth)
+    ref_opt = sgd(reference.parameters())
+    for t, (h, y, target) in enumerate(batches):
+        stage.train_synthesizer((h,), y, (target,))
+        for s in range(t, max(t - 3, -1), -1):  # the new one, then the kept ones, newest first
+            _one_step(reference, ref_opt, *batches[s])
+        assert len(stage.replay_buffer) == min(t + 1, 2)
+        for p, q in zip(stage.synth.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_replay_one_keeps_nothing_and_steps_once():
+    stage = _replay_stage(1)
+    (h, y, target), = _batches(1)
+    stage.ensure_synthesizer((h,))
+    randomise(stage.synth)
+    reference = copy.deepcopy(stage.synth)
+    stage.train_synthesizer((h,), y, (target,))
+    _one_step(reference, sgd(reference.parameters()), h, y, target)
+    assert len(stage.replay_buffer) == 0
+    for p, q in zip(stage.synth.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_replay_keeps_copies_of_buffers_the_caller_reuses():
+    """A transport may receive the next target into the same buffer: the kept one must not change."""
+    stage, twin = _replay_stage(2), _replay_stage(2)
+    b0, b1 = _batches(2)
+    h, y, target = (t.clone() for t in b0)
+    stage.train_synthesizer((h,), y, (target,))
+    twin.train_synthesizer((b0[0],), b0[1], (b0[2],))
+    for buf, new in ((h, b1[0]), (y, b1[1]), (target, b1[2])):
+        buf.copy_(new)  # the caller reuses its buffers for the next batch
+    stage.train_synthesizer((h,), y, (target,))
+    twin.train_synthesizer((b1[0],), b1[1], (b1[2],))
+    for p, q in zip(stage.synth.parameters(), twin.synth.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+def test_replayed_targets_do_not_count_in_the_quality_and_the_schedule_steps_once_per_target():
+    torch.manual_seed(0)
+    synth = sp.Synthesizer("linear", replay=3, bound=1e6)
+    stage = Stage(0, 2, nn.Identity(), sgd, synthesizer=synth, synth_optimizer=sgd,
+                  synth_lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    for h, _, target in _batches(4):
+        stage.train_synthesizer((h,), None, (target,))
+    assert stage.synth.observed.tolist() == [4]  # 4 new targets, 9 regression steps
+    assert stage.synth_lr_scheduler.last_epoch == 4
+
+
+def test_the_replay_buffer_is_saved_and_a_resumed_stage_regresses_as_an_uninterrupted_one():
+    batches = _batches(4)
+    stage = _replay_stage(3)
+    for h, y, target in batches[:2]:
+        stage.train_synthesizer((h,), y, (target,))
+    state = copy.deepcopy(stage.state_dict())
+    assert len(state["synth_replay"]) == 2
+    resumed = _replay_stage(3)
+    resumed.load_state_dict(state)
+    assert len(resumed.replay_buffer) == 2
+    for h, y, target in batches[2:]:
+        stage.train_synthesizer((h,), y, (target,))
+        resumed.train_synthesizer((h,), y, (target,))
+    for p, q in zip(stage.synth.parameters(), resumed.synth.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    shorter = _replay_stage(2)  # a smaller replay keeps the newest of the saved ones
+    shorter.load_state_dict(state)
+    assert len(shorter.replay_buffer) == 1
+    torch.testing.assert_close(shorter.replay_buffer[0][2][0], state["synth_replay"][0]["target"][0])

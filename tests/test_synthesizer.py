@@ -482,7 +482,8 @@ def test_running_averages_are_saved_and_an_older_state_without_them_loads():
     ({"bound": 0}, "bound"), ({"bound": -1.0}, "bound"), ({"bound": float("inf")}, "bound"), ({"bound": True}, "bound"),
     ({"bound": "2"}, "bound"), ({"min_quality": 1.0}, "min_quality"), ({"min_quality": "0.1"}, "min_quality"),
     ({"target_momentum": 0}, "target_momentum"), ({"target_momentum": 1.5}, "target_momentum"),
-    ({"normalize": "yes"}, "normalize")])
+    ({"normalize": "yes"}, "normalize"), ({"replay": 0}, "replay"), ({"replay": 1.5}, "replay"),
+    ({"replay": True}, "replay")])
 def test_bad_bound_gate_and_normalisation_options_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         Synthesizer("linear", **options)

@@ -16,7 +16,9 @@ original names).
 
 A checkpoint is dp-neutral: :func:`merge_cache_states` turns the replicas' target caches
 (activations waiting for their synthesizer target) into one cache of the global batch,
-and :func:`split_cache_state` gives each replica of another ``dp`` its share.
+and :func:`split_cache_state` gives each replica of another ``dp`` its share. The
+synthesizers' replay buffers (the last targets they revisit) are merged and split the
+same way (:func:`merge_replay_states`, :func:`split_replay_state`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parameter import UninitializedParameter
 
-__all__ = ["Layout", "layout", "Replicas", "merge_cache_states", "split_cache_state", "mean_over_replicas"]
+__all__ = ["Layout", "layout", "Replicas", "merge_cache_states", "split_cache_state", "merge_replay_states",
+           "split_replay_state", "mean_over_replicas"]
 
 BUCKET_BYTES = 25 * 2**20  # per all-reduce, as DistributedDataParallel's default bucket_cap_mb
 
@@ -257,6 +260,38 @@ def split_cache_state(state: Any, size: int, index: int) -> Any:
         out.append({"step": e["step"], "h": tuple(part(t) for t in e["h"]), "y": part(e["y"]),
                     "target": target, "skipped": e["skipped"]})
     return out
+
+
+def _replay_entries(replay: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"step": i, "h": r["h"], "y": r["y"], "target": r["target"], "skipped": False}
+            for i, r in enumerate(replay)]
+
+
+def _replay_of(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"h": e["h"], "y": e["y"], "target": e["target"]} for e in entries]
+
+
+def merge_replay_states(states: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One synthesizer replay buffer for the global batch from the replicas' (replica order):
+    each kept ``{"h", "y", "target"}`` merged as :func:`merge_cache_states` merges an entry.
+
+    Raises:
+        ValueError: the replicas keep different numbers of targets.
+    """
+    if len({len(s) for s in states}) > 1:
+        raise ValueError(f"the replicas' synthesizers keep {[len(s) for s in states]} replayed targets; "
+                         f"they cannot be merged")
+    return _replay_of(merge_cache_states([_replay_entries(s) for s in states]))
+
+
+def split_replay_state(state: list[dict[str, Any]], size: int, index: int) -> list[dict[str, Any]]:
+    """Replica ``index`` of ``size``'s share of a global-batch replay buffer (inverse of
+    :func:`merge_replay_states`).
+
+    Raises:
+        ValueError: a kept batch does not divide into ``size`` equal chunks.
+    """
+    return _replay_of(split_cache_state(_replay_entries(state), size, index))
 
 
 def mean_over_replicas(logs: Sequence[dict[int, dict[str, Any]]], pp: int) -> list[dict[int, dict[str, Any]]]:

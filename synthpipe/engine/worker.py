@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..stages.input_synth import InputSynthesizer
 from ..stages.stage import Stage, all_finite, as_tuple, restore_training_modes, training_modes
 from .config import TrainConfig
-from .data_parallel import Replicas, merge_cache_states, split_cache_state
+from .data_parallel import Replicas, merge_cache_states, merge_replay_states, split_cache_state, split_replay_state
 from .history import StepLog
 from .metrics import Timers
 from .reference import batch_metrics, mean_metrics
@@ -460,10 +460,11 @@ class PipelineWorker:
         """
         state = self.state_dict()
         if self.replicas is not None:
-            caches = self.replicas.gather_object(state["cache"])
-            if caches is None:
+            shares = self.replicas.gather_object((state["cache"], state["stage"]["synth_replay"]))
+            if shares is None:
                 return []
-            state["cache"] = merge_cache_states(caches)
+            state["cache"] = merge_cache_states([cache for cache, _ in shares])
+            state["stage"]["synth_replay"] = merge_replay_states([replay for _, replay in shares])
         return [(self.rank, state)]
 
     def prepare_load(self, read: Callable[[int], dict[str, Any]],
@@ -479,6 +480,8 @@ class PipelineWorker:
         try:
             if self.replicas is not None:
                 state["cache"] = split_cache_state(state["cache"], self.replicas.size, self.replicas.index)
+                state["stage"]["synth_replay"] = split_replay_state(state["stage"].get("synth_replay", []),
+                                                                    self.replicas.size, self.replicas.index)
             ready = self.stage.prepare_load(state["stage"])
             self.source.check_state(state["cache"])
         except (ValueError, KeyError) as e:

@@ -127,6 +127,9 @@ class JobConfig(TrainConfig):
         conditional: condition the synthesizers on one-hot labels (cDNI); needs labelled
             data. Flags ``--conditional`` / ``--no-conditional``.
         synth_lr: Adam learning rate of the synthesizers. Flag ``--synth-lr``.
+        synth_replay: regression steps per target: each target also trains the synthesizer
+            in the next ``synth_replay - 1`` steps (1: once, as in the DNI paper). Flag
+            ``--synth-replay``.
 
     Placement:
         device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU),
@@ -179,6 +182,7 @@ class JobConfig(TrainConfig):
     synthesizer: str = "linear"
     conditional: bool = True
     synth_lr: float = 1e-3
+    synth_replay: int = 2
     # placement
     device: str = "auto"
     backend: Optional[str] = None
@@ -213,7 +217,7 @@ class JobConfig(TrainConfig):
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or auto); got {self.backend!r}")
-        for name in ("num_samples", "batch_size", "n_stages", "threads"):
+        for name in ("num_samples", "batch_size", "n_stages", "threads", "synth_replay"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("depth", "hidden", "features", "max_steps", "checkpoint_every"):
@@ -447,6 +451,8 @@ LAUNCHER_FLAGS: tuple[Flag, ...] = (
     Flag("conditional", "--conditional", "condition synthesizers on labels (cDNI)", boolean=True,
          group="synthesizer"),
     Flag("synth_lr", "--synth-lr", "Adam learning rate of the synthesizers", float, metavar="LR",
+         group="synthesizer"),
+    Flag("synth_replay", "--synth-replay", "regression steps per synthesizer target", int, metavar="K",
          group="synthesizer"),
     Flag("device", "--device", "device of every rank", str, DEVICES, group="placement"),
     Flag("backend", "--backend", "process-group backend", _optional(str, ("auto",)), metavar="{gloo,nccl,auto}",

@@ -452,7 +452,7 @@ def _build(cfg: JobConfig, world: int, rank: int) -> _Job:
     stages = sp.split(model, balance=balance) if balance is not None else \
         sp.split(model, n_stages=cfg.n_stages, by="params")
     synthesizer = sp.Synthesizer(cfg.synthesizer, conditional=cfg.conditional,
-                                 num_classes=num_classes if cfg.conditional else None)
+                                 num_classes=num_classes if cfg.conditional else None, replay=cfg.synth_replay)
     if cfg.log_dir is not None:
         from ..engine.tensorboard import require_tensorboard
         try:

@@ -18,6 +18,7 @@ tuples of the same length with ``None`` where no gradient flows.
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -148,6 +149,9 @@ class Stage:
         self.synthetic_scale = synthetic_scale
         self.synth: BoundarySynthesizer | None = None
         self.synth_optimizer: torch.optim.Optimizer | None = None
+        # The last (h, y, target) regressed on, newest first, revisited by the next
+        # regression steps (the recipe's replay - 1 of them; copies, owned here).
+        self.replay_buffer: deque[tuple[tuple, Any, tuple]] = deque()
         # Data parallelism's hook (set by the engine; this module stays free of it): called as
         # replicate(synthesizer, its optimizer, fresh) for every synthesizer built, ``fresh``
         # when built from an activation (False: about to be loaded from a checkpoint).
@@ -314,11 +318,34 @@ class Stage:
 
     def train_synthesizer(self, h: Sequence[torch.Tensor], y: torch.Tensor | None,
                           target: Sequence[torch.Tensor | None]) -> float:
-        """One regression step of M_r: MSE between ``M_r(h, y)`` and ``B * target``.
+        """Regress M_r on a new target: MSE between ``M_r(h, y)`` and ``B * target``.
 
         ``target`` is the (true or bootstrapped) gradient of the batch-mean loss with
-        respect to ``h``. Returns the MSE (sum over the boundary's tensors).
+        respect to ``h``. One regression step on it, then one on each of the recipe's
+        last ``replay - 1`` targets (:attr:`replay_buffer`, newest first), which then
+        keeps this one too; the synthesizer's LR schedule advances once. Returns the MSE
+        of the new target before its step (sum over the boundary's tensors).
         """
+        loss = self._regress(h, y, target, observe=True)
+        if loss is None:
+            return 0.0  # (no tensor of the boundary got a gradient: nothing to learn or keep)
+        assert self.recipe is not None  # (the regression built the synthesizer)
+        keep = self.recipe.replay - 1
+        for old_h, old_y, old_target in list(self.replay_buffer)[:keep]:
+            self._regress(old_h, old_y, old_target, observe=False)
+        if keep:
+            # Copies: a transport may reuse the buffers the target and activation arrived in.
+            self.replay_buffer.appendleft((tuple(_copy(t) for t in h), _copy(y), tuple(_copy(t) for t in target)))
+        while len(self.replay_buffer) > keep:
+            self.replay_buffer.pop()
+        if self.synth_lr_scheduler is not None and self.synth_optimizer is not None:
+            _step_scheduler(self.synth_lr_scheduler)
+        return loss
+
+    def _regress(self, h: Sequence[torch.Tensor], y: torch.Tensor | None,
+                 target: Sequence[torch.Tensor | None], observe: bool) -> float | None:
+        """One regression step of M_r on ``(h, y, target)``; ``observe``: fold it into the running
+        averages. Returns the MSE before the step (``None``: no tensor had a target)."""
         h = self._synth_input(h)
         synth = self.ensure_synthesizer(h)
         with self._synth_autocast():
@@ -344,15 +371,14 @@ class Stage:
                 total += error
                 outs.append(p)
                 grads.append(d.mul_(2.0 / n))
-            synth.observe(target, errors)  # (the bound's and the quality gate's running averages)
+            if observe:
+                synth.observe(target, errors)  # (the bound's and the quality gate's running averages)
         if not outs:
-            return 0.0
+            return None
         if self.synth_optimizer is not None:
             self.synth_optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(outs, grads)
             self.synth_optimizer.step()
-            if self.synth_lr_scheduler is not None:
-                _step_scheduler(self.synth_lr_scheduler)
         return total
 
     # -- backward and update ------------------------------------------------------
@@ -482,6 +508,7 @@ class Stage:
             "synth": self.synth.state_dict() if self.synth is not None else None,
             "synth_optimizer": self.synth_optimizer.state_dict() if self.synth_optimizer else None,
             "synth_optimizer_class": _class_name(self.synth_optimizer),
+            "synth_replay": [{"h": h, "y": y, "target": t} for h, y, t in self.replay_buffer],
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "synth_lr_scheduler": self.synth_lr_scheduler.state_dict() if self.synth_lr_scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -545,6 +572,10 @@ class Stage:
         # A checkpoint from before the first synthetic gradient has no synthesizer: the
         # stage builds a fresh one from its next activation, as that run did.
         self.synth, self.synth_optimizer, self.synth_lr_scheduler = prepared
+        keep = self.recipe.replay - 1 if self.recipe is not None else 0
+        self.replay_buffer = deque((tuple(_on(t, self.device) for t in r["h"]), _on(r["y"], self.device),
+                                    tuple(_on(t, self.device) for t in r["target"]))
+                                   for r in state.get("synth_replay", [])[:keep])
 
 
 def _class_name(obj: Any) -> str | None:
@@ -633,6 +664,15 @@ def running_statistics(module: nn.Module) -> list[torch.Tensor]:
 def _tracking_norms(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
     """The BatchNorm / InstanceNorm layers of ``module`` that track running statistics."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def _copy(t: Any) -> Any:
+    """A detached copy of a tensor (anything else as it is)."""
+    return t.detach().clone() if torch.is_tensor(t) else t
+
+
+def _on(t: Any, device: torch.device) -> Any:
+    return t.to(device) if torch.is_tensor(t) else t
 
 
 def _labels_on(y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
