@@ -631,6 +631,8 @@ def test_per_step_differences_are_paired_by_seed_and_marks_use_the_best_source()
     assert mk["best"] == "delayed" and mk["best_diff"] == pytest.approx(-0.25) and mk["best_within_1"]
     assert mk["cdni_within_2"] and ps.marks([rows["backprop"], dict(rows["cdni"], mean_diff=-2.01)])[
         "cdni_within_2"] is False
+    warm = dict(rows["cdni"], source="cdni:warmup", mean_diff=+1.0)  # locked in its first steps: never "best"
+    assert ps.marks([*rows.values(), warm])["best"] == "delayed"
 
 
 def test_per_step_quick_runs_every_source_for_backprop_s_steps(tmp_path, capsys) -> None:
