@@ -526,6 +526,8 @@ class Synthesizer:
             ``replay - 1`` last (activation, labels, target) triples for it; 1: each target
             once, as in the DNI paper. The running averages (bound, gate) see only new
             targets, so the quality stays measured on targets the model has not fitted.
+            (Stage boundaries only: :class:`~synthpipe.TemporalTrainer` regresses each
+            truncation boundary's target once.)
         **options: passed to the model's constructor (``rank``, ``hidden``, ``depth``, ...).
 
     Every model's output layer starts at zero, so the first synthetic gradients are zero.
