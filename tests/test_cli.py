@@ -493,3 +493,16 @@ def test_time_to_target_reads_the_first_evaluation_at_or_above_it():
     assert [(p["epoch"], p["steps"], p["time"]) for p in curve] == [(1, 62, 10.0), (2, 124, 19.0), (3, 186, 28.5)]
     assert time_to_target(curve, 0.80)["epoch"] == 2
     assert time_to_target(curve, 0.82) is None
+
+
+def test_synth_replay_reaches_every_stage_s_synthesizer_recipe():
+    from synthpipe.launch.train import _build
+    cfg = load_config(None, {"model": "paper_mlp", "data": "synthetic", "num_samples": 64, "gradients": "synthetic",
+                             "synth_replay": 3, "n_stages": 2, "device": "cpu", "compare_backprop": False,
+                             "progress": False})
+    job = _build(cfg, world=1, rank=0)
+    try:
+        recipes = [stage.recipe for stage in job.trainer.runner.stages[:-1]]
+        assert recipes and all(r.replay == 3 for r in recipes)
+    finally:
+        job.trainer.close()
