@@ -151,7 +151,7 @@ class Stage:
         self.synth_optimizer: torch.optim.Optimizer | None = None
         # The last (h, y, target) regressed on, newest first, revisited by the next
         # regression steps (the recipe's replay - 1 of them; copies, owned here).
-        self.replay_buffer: deque[tuple[tuple, Any, tuple]] = deque()
+        self.replay_buffer: deque[tuple[tuple, Any, tuple]] = deque(maxlen=_replay_kept(synthesizer))
         # Data parallelism's hook (set by the engine; this module stays free of it): called as
         # replicate(synthesizer, its optimizer, fresh) for every synthesizer built, ``fresh``
         # when built from an activation (False: about to be loaded from a checkpoint).
@@ -329,15 +329,11 @@ class Stage:
         loss = self._regress(h, y, target, observe=True)
         if loss is None:
             return 0.0  # (no tensor of the boundary got a gradient: nothing to learn or keep)
-        assert self.recipe is not None  # (the regression built the synthesizer)
-        keep = self.recipe.replay - 1
-        for old_h, old_y, old_target in list(self.replay_buffer)[:keep]:
+        for old_h, old_y, old_target in self.replay_buffer:
             self._regress(old_h, old_y, old_target, observe=False)
-        if keep:
-            # Copies: a transport may reuse the buffers the target and activation arrived in.
+        if self.replay_buffer.maxlen:  # (appending drops the oldest)
+            # Copies: a kept target must not change with whatever the caller later does to its tensors.
             self.replay_buffer.appendleft((tuple(_copy(t) for t in h), _copy(y), tuple(_copy(t) for t in target)))
-        while len(self.replay_buffer) > keep:
-            self.replay_buffer.pop()
         if self.synth_lr_scheduler is not None and self.synth_optimizer is not None:
             _step_scheduler(self.synth_lr_scheduler)
         return loss
@@ -572,10 +568,10 @@ class Stage:
         # A checkpoint from before the first synthetic gradient has no synthesizer: the
         # stage builds a fresh one from its next activation, as that run did.
         self.synth, self.synth_optimizer, self.synth_lr_scheduler = prepared
-        keep = self.recipe.replay - 1 if self.recipe is not None else 0
-        self.replay_buffer = deque((tuple(_on(t, self.device) for t in r["h"]), _on(r["y"], self.device),
-                                    tuple(_on(t, self.device) for t in r["target"]))
-                                   for r in state.get("synth_replay", [])[:keep])
+        keep = _replay_kept(self.recipe)  # (the newest ones, where the checkpoint kept more)
+        self.replay_buffer = deque(((tuple(_on(t, self.device) for t in r["h"]), _on(r["y"], self.device),
+                                     tuple(_on(t, self.device) for t in r["target"]))
+                                    for r in state.get("synth_replay", [])[:keep]), maxlen=keep)
 
 
 def _class_name(obj: Any) -> str | None:
@@ -664,6 +660,11 @@ def running_statistics(module: nn.Module) -> list[torch.Tensor]:
 def _tracking_norms(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
     """The BatchNorm / InstanceNorm layers of ``module`` that track running statistics."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def _replay_kept(recipe: Synthesizer | None) -> int:
+    """How many past targets a stage keeps for its synthesizer to revisit."""
+    return recipe.replay - 1 if recipe is not None else 0
 
 
 def _copy(t: Any) -> Any:
