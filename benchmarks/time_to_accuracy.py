@@ -11,8 +11,8 @@ accuracy, samples/s and peak memory per rank; plots ``accuracy_vs_time.png`` and
 The same code as ``synthpipe bench --no-throughput`` (torch schedules then use m = 4
 unless given ``--microbatches``); every ``synthpipe bench`` option works:
 
-    python benchmarks/time_to_accuracy.py --quick            # ~3 min on 2 cores (hidden 512, depth 4, 5 epochs)
-    python benchmarks/time_to_accuracy.py                    # ~12 min (hidden 1024, depth 6, 20k samples, 5 epochs)
+    python benchmarks/time_to_accuracy.py --quick            # ~3 min on 2 cores (hidden 512, depth 5, 5 epochs)
+    python benchmarks/time_to_accuracy.py                    # ~12 min (hidden 1024, depth 7, 20k samples, 5 epochs)
     python benchmarks/time_to_accuracy.py --conv-sources delayed:predict,local --conv-epochs 10
 """
 import sys

@@ -9,7 +9,7 @@ so a model can be split into pipeline stages at any child boundary.
   a linear classifier), adapted to 1-D signals such as MNIST-1D (B, 40).
 * :func:`deep_mlp` — a deep, wide Linear+ReLU stack for throughput benchmarks.
 * :func:`wide_mlp` — the convergence workload: a wide, deep BN-MLP for MNIST-1D
-  (40 -> 1024 x 6 -> 10), heavy enough that splitting it pays off.
+  (40 -> 1024 x 7 -> 10), heavy enough that splitting it pays off.
 * :func:`char_gpt` — a small causal transformer (GPT) for character-level language
   modelling, as a flat Sequential of blocks: (B, T) int64 tokens -> (B, T, V) logits.
   :func:`lm_loss` is its token cross-entropy.
@@ -100,12 +100,16 @@ def deep_mlp(in_features: int = 1024, hidden: int = 1024, depth: int = 8,
     return nn.Sequential(*layers)
 
 
-def wide_mlp(in_features: int = 40, num_classes: int = 10, hidden: int = 1024, depth: int = 6) -> nn.Sequential:
-    """The convergence workload: :func:`paper_mlp` made wide and deep (default 40 -> 1024 x 6 -> 10).
+def wide_mlp(in_features: int = 40, num_classes: int = 10, hidden: int = 1024, depth: int = 7) -> nn.Sequential:
+    """The convergence workload: :func:`paper_mlp` made wide and deep (default 40 -> 1024 x 7 -> 10).
 
     Shapes: (B, in_features) -> ``depth`` x (Linear -> BatchNorm1d -> ReLU), each (B, hidden)
-    -> Linear -> (B, num_classes). Children: ``3 * depth + 1``, so it splits at any layer;
-    the hidden blocks cost the same, so an even split balances. Trained on MNIST-1D with
+    -> Linear -> (B, num_classes). Children: ``3 * depth + 1``, so it splits at any layer.
+    The first block (``in_features`` -> ``hidden``) is small; the other ``depth - 1`` cost
+    the same, so a pipeline balances when its stage count divides ``depth - 1``. The
+    default 7 gives 6 equal blocks, which split evenly into 2, 3 or 6 stages (with 6 the
+    2-stage split is 2 blocks against 3, and no 2-stage pipeline could pass 1.67x one
+    device). Trained on MNIST-1D with
     20,000 generated samples (``mnist1d(num_samples=20000)``) it goes well past the paper
     MLP's accuracy on the default 5,000.
 

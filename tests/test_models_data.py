@@ -83,11 +83,21 @@ def test_models_are_trainable_on_cpu():
 def test_wide_mlp_is_a_flat_wide_bn_mlp():
     model = wide_mlp()
     assert isinstance(model, nn.Sequential) and _children_are_leaves(model)
-    assert [type(c) for c in model] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 6 + [nn.Linear]
+    assert [type(c) for c in model] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 7 + [nn.Linear]
     assert model[0].in_features == 40 and model[-1].out_features == 10
     assert all(m.out_features == 1024 for m in model if isinstance(m, nn.Linear) and m is not model[-1])
     assert model(torch.randn(4, 40)).shape == (4, 10)
     assert len(wide_mlp(hidden=8, depth=2)) == 7
+
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_wide_mlp_default_splits_into_balanced_stages(n_stages):
+    # 6 equal hidden blocks after the small first one: 2 and 3 stages get the same
+    # parameters to within the first block and the classifier (with depth 6, 2 stages
+    # got 2.15M against 3.17M, which caps any 2-stage pipeline at 1.67x one device)
+    import synthpipe as sp
+    sizes = [sum(p.numel() for p in s.parameters()) for s in sp.split(wide_mlp(), n_stages=n_stages)]
+    assert len(sizes) == n_stages and max(sizes) / min(sizes) < 1.05, sizes
     with pytest.raises(ValueError, match="depth"):
         wide_mlp(depth=0)
 

@@ -127,7 +127,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     c.add_argument("--conv-hidden", type=int, default=None,
                    help=f"width (default 1024, quick {QUICK_CONV['hidden']})")
     c.add_argument("--conv-depth", type=int, default=None,
-                   help=f"hidden blocks (default 6, quick {QUICK_CONV['depth']})")
+                   help=f"hidden blocks (default 7, quick {QUICK_CONV['depth']})")
     c.add_argument("--conv-batch", type=int, default=256)
     c.add_argument("--conv-samples", type=int, default=None,
                    help=f"MNIST-1D samples, train + test (default 20000, quick {QUICK_CONV['samples']})")

@@ -193,7 +193,7 @@ class BenchConfig:
     throughput: bool = True
     converge: bool = True
     conv_workload: Workload = dataclasses.field(default_factory=lambda: Workload(
-        model="wide_mlp", in_features=40, hidden=1024, depth=6, batch=256, data="mnist1d", num_samples=20000))
+        model="wide_mlp", in_features=40, hidden=1024, depth=7, batch=256, data="mnist1d", num_samples=20000))
     conv_epochs: int = 5
     conv_target: float | None = None
     conv_margin: float = 0.01
@@ -415,7 +415,7 @@ def model_children(w: Workload) -> int:
 
 
 # the quick preset's time-to-accuracy workload (the command line's quick defaults read it too)
-QUICK_CONV = {"hidden": 512, "depth": 4, "samples": 20000, "epochs": 5}
+QUICK_CONV = {"hidden": 512, "depth": 5, "samples": 20000, "epochs": 5}
 
 
 def quick_config(**overrides: Any) -> BenchConfig:

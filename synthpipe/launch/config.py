@@ -75,11 +75,11 @@ class JobConfig(TrainConfig):
 
     Model:
         model: ``"wide_mlp"`` (the convergence workload: a wide, deep BN-MLP,
-            40 -> 1024 x 6 -> 10), ``"paper_mlp"`` (the DNI paper's MLP: Linear-BN-ReLU
+            40 -> 1024 x 7 -> 10), ``"paper_mlp"`` (the DNI paper's MLP: Linear-BN-ReLU
             blocks), ``"paper_cnn"`` (the paper's small CNN, 1-D) or ``"deep_mlp"`` (a
             deep Linear-ReLU stack for speed tests). Flag ``--model``.
         depth: hidden blocks (``wide_mlp``/``paper_mlp``/``deep_mlp`` ``depth``,
-            ``paper_cnn`` ``blocks``); ``None``: the model's default (6, 3, 2 and 8).
+            ``paper_cnn`` ``blocks``); ``None``: the model's default (7, 3, 2 and 8).
             Flag ``--depth``.
         hidden: width (``wide_mlp``/``paper_mlp``/``deep_mlp`` ``hidden``, ``paper_cnn``
             ``channels``); ``None``: the model's default (1024, 256, 64 and 1024).
