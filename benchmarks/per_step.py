@@ -18,12 +18,14 @@ synthesizer, the project's defaults otherwise: ``delay`` 2 modelled in one proce
 ``replay`` 2); ``cdni:replay1`` (each target regressed on once, as in the DNI paper);
 ``cdni:warmup`` (the first 60 steps wait for the true gradient, as backprop: not
 update-unlocked during them, so not counted as cDNI for the marks);
-``delayed`` (``delay`` 1, PipeDream's schedule) and ``delayed:predict`` (weight
-prediction); ``local:linear``, ``local:mlp``, ``interlocking:linear`` and
-``interlocking:mlp`` (the auxiliary head's kind; the MLP head has 128 hidden units, as in
-``synthpipe train``). The seed seeds torch (model and head initialisation) and the
-batch order; the data are generated once per workload (``--data-seed``), the same for
-every seed, so that a seed's difference to backprop is a paired comparison.
+``delayed`` (``delay`` 1, PipeDream's schedule), ``delayed:predict`` (weight
+prediction, the default look-ahead of 3 x the stage's staleness) and ``delayed:predict1``
+(``predict_ahead=1``: exactly the staleness ahead, as SpecTrain); ``local:linear``,
+``local:mlp``, ``interlocking:linear`` and ``interlocking:mlp`` (the auxiliary head's
+kind; the MLP head has 128 hidden units, as in ``synthpipe train``). The seed seeds
+torch (model and head initialisation) and the batch order; the data are generated once
+per workload (``--data-seed``), the same for every seed, so that a seed's difference to
+backprop is a paired comparison.
 
 Prints, per workload and stage count, a markdown table: each source's mean final
 accuracy over the seeds, its min-max, its mean difference to backprop with the same
@@ -111,6 +113,8 @@ SOURCES: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
     "delayed": ("`delayed`", lambda: {"gradients": "delayed"}),
     "delayed:predict": ("`delayed`, `staleness=\"predict\"`", lambda: {"gradients": "delayed",
                                                                        "staleness": "predict"}),
+    "delayed:predict1": ("`delayed`, `staleness=\"predict\"`, `predict_ahead=1`", lambda: {
+        "gradients": "delayed", "staleness": "predict", "predict_ahead": 1.0}),
     "local:linear": ("`local`, linear heads", lambda: {
         "gradients": "local", "aux_head": sp.AuxHead("linear", num_classes=NUM_CLASSES)}),
     "local:mlp": ("`local`, MLP heads", lambda: {

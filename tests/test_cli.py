@@ -67,7 +67,7 @@ ALL_FLAGS = ["--model", "deep_mlp", "--depth", "4", "--hidden", "32", "--data", 
              "--checkpoint-every", "4", "--export", "m.pt", "--no-compare", "--no-progress", "--output", "out",
              "--log-every", "5", "--prefetch", "3", "--lr-schedule", "cosine", "--lr-warmup-steps", "2",
              "--precision", "bf16", "--synth-precision", "bf16", "--clip-grad-norm", "1.5", "--tensorboard", "tb",
-             "--staleness", "none", "--p-update", "0.5", "--p-update-seed", "3",
+             "--staleness", "none", "--predict-ahead", "none", "--p-update", "0.5", "--p-update-seed", "3",
              "--no-synthetic-inputs", "--input-synth-hidden", "64", "--aux-head", "mlp"]
 EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samples=300, features=16, batch_size=32,
                 epochs=2, max_steps=7, lr=0.01, seed=5, n_stages=3, balance=[3, 3, 3], split_by="time",
@@ -78,7 +78,7 @@ EXPECTED = dict(model="deep_mlp", depth=4, hidden=32, data="synthetic", num_samp
                 backend="gloo", threads=2, checkpoint="ck", checkpoint_every=4, resume="old", export="m.pt",
                 compare_backprop=False, progress=False, output="out", log_every=5, prefetch=3,
                 lr_schedule="cosine", lr_warmup_steps=2, precision="bf16", synth_precision="bf16", clip_grad_norm=1.5,
-                log_dir="tb", staleness=None, p_update=0.5, p_update_seed=3,
+                log_dir="tb", staleness=None, predict_ahead=None, p_update=0.5, p_update_seed=3,
                 synthetic_inputs=False, input_synth_hidden=64, aux_head="mlp")
 
 

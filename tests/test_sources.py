@@ -11,6 +11,7 @@ import torch.nn as nn
 import synthpipe as sp
 from synthpipe.engine.config import TrainConfig
 from synthpipe.engine.sources import make_source
+from synthpipe.engine.sources.delayed import DEFAULT_PREDICT_AHEAD
 from synthpipe.engine.step import StageStep
 from synthpipe.stages.stage import NonFiniteError, Stage
 
@@ -235,17 +236,37 @@ def test_delayed_staleness_lr_scales_each_stages_step_by_its_staleness():
     assert not torch.allclose(plain.state_dict()["0.weight"], scaled.state_dict()["0.weight"])
 
 
-def test_delayed_predict_runs_the_forward_on_weights_extrapolated_along_the_last_update():
-    trainer = trainer_for(2, "delayed", model=nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5)),
-                          optimizer=sgd, staleness="predict")
-    batches = make_batches(n=4)
-    trainer.fit(batches[:3])
+@pytest.mark.parametrize("n_stages,predict_ahead,updates_ahead", [
+    (2, 1.0, 1.0),  # SpecTrain: lag 1, where the weights will be when the gradient lands
+    (2, None, DEFAULT_PREDICT_AHEAD),  # the default look-ahead: 3 x lag
+    (3, 1.5, 3.0),  # stage 0 of 3: lag 2
+])
+def test_delayed_predict_runs_the_forward_on_weights_extrapolated_along_the_last_update(
+        n_stages, predict_ahead, updates_ahead):
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5))
+    trainer = trainer_for(n_stages, "delayed", model=model, optimizer=sgd, staleness="predict",
+                          predict_ahead=predict_ahead)
+    batches = make_batches(n=5)
+    trainer.fit(batches[:4])
     source, stage = trainer.runner.sources[0], trainer.runner.stages[0]
+    assert source.ahead == updates_ahead
     name, weight = next(iter(stage.module.named_parameters()))
     velocity = source.velocity[name].clone()
     assert velocity.abs().sum() > 0
     params = source.forward_parameters(99)
-    assert torch.allclose(params[name], weight.detach() + 1 * velocity)  # lag 1: one update ahead
+    assert torch.allclose(params[name], weight.detach() + updates_ahead * velocity, atol=1e-6)
+    assert not torch.allclose(params[name], weight.detach() + (updates_ahead + 1) * velocity, atol=1e-6)
+
+
+def test_predict_ahead_is_refused_without_predict_and_when_not_a_positive_number():
+    with pytest.raises(ValueError, match=r"predict_ahead=2 sets how far staleness='predict' looks ahead, "
+                                         r"but staleness='lr'"):
+        TrainConfig(gradients="delayed", staleness="lr", predict_ahead=2)
+    with pytest.raises(ValueError, match=r"predict_ahead=1.0 .* but staleness=None"):
+        TrainConfig(gradients="delayed", predict_ahead=1.0)
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "3"):
+        with pytest.raises(ValueError, match="predict_ahead must be a positive, finite number"):
+            TrainConfig(gradients="delayed", staleness="predict", predict_ahead=bad)
 
 
 def test_a_nonfinite_delayed_gradient_is_named_and_skip_leaves_the_stage_untouched():

@@ -43,8 +43,15 @@ class TrainConfig:
             ``(N-1) * delay + 1``, or the trainer is refused.
         staleness: a correction of ``delayed``'s stale gradients: ``"lr"`` scales stage
             r's learning rate by 1 / (1 + its staleness in steps); ``"predict"`` runs its
-            forwards on weights extrapolated that many updates ahead along the last one.
+            forwards on weights extrapolated ahead along the last update (``predict_ahead``).
             ``None``: no correction (and the only value other sources take).
+        predict_ahead: with ``staleness="predict"``, how far ahead stage r's forward weights
+            are extrapolated, in units of its staleness ``lag_r``: the forward of step t runs
+            on ``W + predict_ahead * lag_r * (W - W_before)``. 1: where the weights will be
+            when the gradient is applied (SpecTrain, PipeMare); above 1 the gradient is also
+            taken further along the update, a look-ahead like Nesterov momentum's. ``None``:
+            ``synthpipe.engine.sources.delayed.DEFAULT_PREDICT_AHEAD`` (3, measured best: docs/guide.md, "Which gradient
+            source?"). Refused without ``staleness="predict"``.
         nonfinite: ``"raise"`` stops on a NaN/inf loss or synthetic gradient; ``"skip"``
             drops that step's update (and its target) and goes on.
         failure_timeout: seconds after which a silent rank is declared dead.
@@ -87,6 +94,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_inflight: int = 4
     staleness: Optional[str] = None
+    predict_ahead: Optional[float] = None
     nonfinite: str = "raise"
     failure_timeout: float = 30.0
     stall_warning: Optional[float] = 300.0
@@ -109,6 +117,14 @@ class TrainConfig:
         if self.staleness is not None and self.staleness not in corrections:
             raise ValueError(f"staleness={self.staleness!r} is not a correction of gradients={self.gradients!r} "
                              f"(its corrections: {', '.join(map(repr, corrections)) or 'none'})")
+        if self.predict_ahead is not None:
+            if self.staleness != "predict":
+                raise ValueError(f"predict_ahead={self.predict_ahead!r} sets how far staleness='predict' looks "
+                                 f"ahead, but staleness={self.staleness!r}")
+            if (isinstance(self.predict_ahead, bool) or not isinstance(self.predict_ahead, (int, float))
+                    or not 0 < self.predict_ahead < math.inf):
+                raise ValueError(f"predict_ahead must be a positive, finite number (in units of each stage's "
+                                 f"staleness), got {self.predict_ahead!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         # Step counts index steps: 1.5 would silently never match a step id.

@@ -90,7 +90,8 @@ def _split_fingerprint(stages: Sequence[nn.Module]) -> list[list[tuple[str, tupl
 
 
 # The options that decide each stage's update rule; the others (progress, prefetch, ...) may differ.
-_RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "staleness", "nonfinite",
+_RULE_OPTIONS = ("gradients", "delay", "synthetic_scale", "warmup_steps", "max_inflight", "staleness", "predict_ahead",
+                 "nonfinite",
                  "precision", "synth_precision", "clip_grad_norm", "p_update", "p_update_seed")
 
 
