@@ -50,8 +50,9 @@ class TrainConfig:
             on ``W + predict_ahead * lag_r * (W - W_before)``. 1: where the weights will be
             when the gradient is applied (SpecTrain, PipeMare); above 1 the gradient is also
             taken further along the update, a look-ahead like Nesterov momentum's. ``None``:
-            ``synthpipe.engine.sources.delayed.DEFAULT_PREDICT_AHEAD`` (3, measured best: docs/guide.md, "Which gradient
-            source?"). Refused without ``staleness="predict"``.
+            ``DEFAULT_PREDICT_AHEAD`` of ``synthpipe.engine.sources.delayed`` (3, measured
+            best: docs/guide.md, "Which gradient source?"). Refused without
+            ``staleness="predict"``.
         nonfinite: ``"raise"`` stops on a NaN/inf loss or synthetic gradient; ``"skip"``
             drops that step's update (and its target) and goes on.
         failure_timeout: seconds after which a silent rank is declared dead.
