@@ -230,7 +230,7 @@ class Delayed(GradientSource):
     def _step(self, param_grads: dict[str, torch.Tensor | None]) -> None:
         stage = self.stage
         named = list(stage.module.named_parameters())
-        if self.config.staleness == "predict":  # keep W_before (in place: one pass)
+        if self.ahead:  # "predict" with some staleness: keep W_before (in place: one pass)
             if self._before is None:
                 self._before = {n: torch.empty_like(p.detach()) for n, p in named}
             torch._foreach_copy_([self._before[n] for n, _ in named], [p.detach() for _, p in named])
