@@ -14,8 +14,9 @@ Workloads:
   batch 128, fused Adam 1e-3, 8 epochs.
 
 Sources: ``backprop``; ``cdni`` (``gradients="synthetic"``, a conditional linear
-synthesizer, the project's defaults otherwise: ``delay`` 2 modelled in one process,
-``replay`` 2); ``cdni:replay1`` (each target regressed on once, as in the DNI paper);
+synthesizer with its softmax-classifier term, the project's defaults otherwise: ``delay``
+2 modelled in one process, ``replay`` 2); ``cdni:plain`` (``classifier=False``: the linear
+map alone, the default before); ``cdni:replay1`` (each target regressed on once, as in the DNI paper);
 ``cdni:warmup`` (the first 60 steps wait for the true gradient, as backprop: not
 update-unlocked during them, so not counted as cDNI for the marks);
 ``delayed`` (``delay`` 1, PipeDream's schedule), ``delayed:predict`` (weight
@@ -101,9 +102,12 @@ WORKLOADS = {
 # name -> (what the tables call it, Trainer options)
 SOURCES: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
     "backprop": ("backprop", lambda: {"gradients": "backprop"}),
-    "cdni": ("cDNI (`synthetic`, linear)", lambda: {
+    "cdni": ("cDNI (`synthetic`, linear + classifier term)", lambda: {
         "gradients": "synthetic",
         "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES)}),
+    "cdni:plain": ("cDNI, `classifier=False` (the linear map alone)", lambda: {
+        "gradients": "synthetic",
+        "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES, classifier=False)}),
     "cdni:replay1": ("cDNI, `replay=1` (each target once)", lambda: {
         "gradients": "synthetic",
         "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES, replay=1)}),

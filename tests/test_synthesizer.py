@@ -354,13 +354,16 @@ def test_custom_callable_kind():
 
 
 def test_options_a_kind_does_not_take_are_refused_when_the_recipe_is_made():
-    with pytest.raises(ValueError, match=r"the linear synthesizer takes no option 'hidden'; its options are none"):
+    with pytest.raises(ValueError,
+                       match=r"the linear synthesizer takes no option 'hidden'; its options are \['classifier'\]"):
         Synthesizer("linear", hidden=64)
     with pytest.raises(ValueError, match=r"the lowrank synthesizer takes no option 'rnak'; its options are \['rank'\]"):
         Synthesizer("lowrank", rnak=8)
     with pytest.raises(ValueError, match=r"the auto synthesizer takes no option 'rank'"):
         Synthesizer("auto", rank=8)
     Synthesizer("auto", hidden=8, kernel_size=3)  # options of the kinds auto may pick
+    with pytest.raises(ValueError, match=r"the linear synthesizer's classifier must be True or False, got 1"):
+        Synthesizer("linear", classifier=1)
 
 
 def test_a_kind_that_cannot_take_the_boundary_names_it():
@@ -588,3 +591,59 @@ def test_a_resnet_style_conv1d_model_on_mnist1d_gets_conv_synthesizers_from_auto
     assert len(losses) == 3 * len(batches)
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
+
+
+def test_the_classifier_term_is_only_built_for_a_conditional_linear_synthesizer():
+    h = torch.randn(6, 12)
+    conditional = Synthesizer("linear", conditional=True, num_classes=5).build(0, [h]).parts[0]
+    assert conditional.read is not None and conditional.back is not None
+    assert conditional.read.weight.shape == (5, 12) and conditional.back.weight.shape == (12, 5)
+    assert Synthesizer("linear").build(0, [h]).parts[0].read is None  # no labels: no p - y
+    plain = Synthesizer("linear", conditional=True, num_classes=5, classifier=False).build(0, [h]).parts[0]
+    assert plain.read is None and plain.back is None
+    n_plain = sum(p.numel() for p in plain.parameters())
+    assert sum(p.numel() for p in conditional.parameters()) == n_plain + 2 * 5 * 12 + 5
+
+
+def test_the_classifier_term_starts_at_zero_and_follows_p_minus_y():
+    torch.manual_seed(0)
+    h, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    part = Synthesizer("linear", conditional=True, num_classes=5, normalize=False).build(0, [h]).parts[0]
+    assert torch.equal(part(h, y), torch.zeros_like(h))  # A and W start at zero
+    with torch.no_grad():
+        part.back.weight.normal_()
+    p = torch.softmax(part.read(h), dim=1)
+    expected = (p - torch.nn.functional.one_hot(y, 5).float()) @ part.back.weight.t()
+    torch.testing.assert_close(part(h, y), expected)
+
+
+def test_the_classifier_term_fits_a_gradient_a_linear_map_cannot():
+    """Targets shaped like a softmax head's input gradient, ``U^T (softmax(U h) - y)``: the
+    regression fits them with the classifier term far better than without it."""
+    torch.manual_seed(0)
+    features, classes = 16, 4
+    head = torch.randn(classes, features) * 2
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = torch.randn(64, features)
+        y = torch.randint(0, classes, (64,))
+        target = (torch.softmax(h @ head.t(), 1) - torch.nn.functional.one_hot(y, classes).float()) @ head
+        return h, y, target
+
+    def fitted_error(classifier: bool) -> float:
+        torch.manual_seed(1)
+        part = Synthesizer("linear", conditional=True, num_classes=classes, normalize=False,
+                           classifier=classifier).build(0, [torch.zeros(2, features)]).parts[0]
+        opt = torch.optim.Adam(part.parameters(), lr=1e-2)
+        for _ in range(1500):
+            h, y, target = batch()
+            loss = (part(h, y) - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        h, y, target = batch()
+        with torch.no_grad():
+            return float((part(h, y) - target).pow(2).mean() / target.pow(2).mean())
+
+    with_term, without = fitted_error(True), fitted_error(False)
+    assert with_term < 0.5 * without, (with_term, without)
