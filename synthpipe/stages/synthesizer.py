@@ -310,9 +310,6 @@ def _options_of(kind: str) -> list[str]:
     return [n for n in inspect.signature(_BUILDERS[kind]).parameters if n not in ("shape", "num_classes")]
 
 
-_SWITCHES = ("classifier",)  # the options that are on or off, not sizes
-
-
 def _check_options(kind: str, options: dict[str, Any]) -> None:
     """Options no model of ``kind`` takes are an error now, not at the first step."""
     kinds = ("conv", "token", "linear") if kind == "auto" else (kind,)
@@ -321,8 +318,11 @@ def _check_options(kind: str, options: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"the {kind} synthesizer takes no option {', '.join(map(repr, unknown))}; its options are "
                          f"{sorted(known) or 'none'}")
+    # The options whose default is True or False are switches; the others are sizes.
+    switches = {n for k in kinds for n, p in inspect.signature(_BUILDERS[k]).parameters.items()
+                if isinstance(p.default, bool)}
     for name, value in options.items():  # sizes: whole numbers (depth 0 is a plain linear map)
-        if name in _SWITCHES:
+        if name in switches:
             if not isinstance(value, bool):
                 raise ValueError(f"the {kind} synthesizer's {name} must be True or False, got {value!r}")
             continue
