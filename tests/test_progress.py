@@ -65,3 +65,16 @@ def test_a_fit_into_a_log_file_writes_plain_lines(capsys) -> None:
     assert len(lines) == 2, lines  # the epoch line and the final progress line, not 25 redraws
     assert lines[0].startswith("epoch 0: 25 steps")
     assert lines[1].startswith("synthpipe synthetic x2: step 25/25 (100%)") and "loss=" in lines[1]
+
+
+def test_synthpipe_train_s_backprop_baseline_writes_plain_lines_into_a_log(capsys) -> None:
+    from synthpipe.launch import train
+    from synthpipe.launch.config import JobConfig
+
+    cfg = JobConfig(model="paper_mlp", num_samples=600, batch_size=64, progress=True)
+    train_set, test_set = train.build_data(cfg)
+    result = train.train_backprop(cfg, train_set, test_set, steps=12, device=torch.device("cpu"))
+    assert result["steps"] == 12
+    err = capsys.readouterr().err  # (not a terminal: no tqdm redraws)
+    assert "\r" not in err
+    assert err.splitlines() == [next(line for line in err.splitlines() if line.startswith("backprop x1: step 12/12"))]

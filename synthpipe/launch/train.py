@@ -290,7 +290,8 @@ def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, de
     run is evaluated, for the time to a target accuracy.
     """
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+
+    from ..engine.progress import open_bar
 
     in_features, num_classes = data_shape(cfg)
     model = build_model(cfg, in_features, num_classes or NUM_CLASSES).to(device)
@@ -310,8 +311,8 @@ def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, de
         curve.append({"epoch": epoch, "steps": step, "time": elapsed, "accuracy": metrics["accuracy"]})
 
     model.train()
-    with tqdm(total=steps, disable=not cfg.progress, unit="step", desc="backprop x1", dynamic_ncols=True,
-              file=sys.stderr, leave=False) as bar:
+    bar = open_bar(steps, 0, cfg.progress, "backprop x1")  # (log lines, not a bar, off a terminal)
+    try:
         while step < steps and len(loader) > 0:
             start = time.perf_counter()
             for x, y in loader:
@@ -326,6 +327,8 @@ def train_backprop(cfg: JobConfig, train_set: Any, test_set: Any, steps: int, de
             elapsed += time.perf_counter() - start
             epoch += 1
             evaluate()
+    finally:
+        bar.close()
     if not curve:
         evaluate()
     return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "steps": step, "time": elapsed,
