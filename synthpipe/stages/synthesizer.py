@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Tensors", "KINDS", "per_example", "per_batch", "one_hot_labels", "LinearSynth", "LowRankSynth", "MLPSynth",
-           "ConvSynth", "TokenSynth", "LINEAR_WARN_PARAMS", "LINEAR_MAX_PARAMS", "BoundarySynthesizer", "Synthesizer"]
+           "ConvSynth", "TokenSynth", "CRITIC_SEED", "LINEAR_WARN_PARAMS", "LINEAR_MAX_PARAMS", "BoundarySynthesizer",
+           "Synthesizer"]
 
 Tensors = tuple  # tuple[Tensor | None, ...]; kept loose for the optional entries
 
@@ -32,6 +33,7 @@ DEFAULT_NORMALIZE = True  # measured: better cDNI per step on every MLP workload
 DEFAULT_BOUND: float | None = None
 DEFAULT_MIN_QUALITY: float | None = None
 DEFAULT_CLASSIFIER = True  # measured: cDNI per step, paper MLP 4 stages -5.0 -> -3.4 points, wide MLP 3: -8.1 -> -6.6
+CRITIC_SEED = 0  # the critic term's fixed start (LinearSynth(critic=...))
 DEFAULT_REPLAY = 2  # measured: cDNI per step, paper MLP -3.8 -> -1.4 points at 2 stages, wide MLP at 3 -13.8 -> -7.7
 
 
@@ -144,10 +146,20 @@ class LinearSynth(_Conditioned):
     minus the labels), which a map linear in ``z`` cannot follow: it vanishes on the
     examples the network already classifies right. The term costs ``2 * C`` weights
     per feature for ``C`` classes.
+
+    ``critic=k`` (off by default: 0) adds the input gradient of a one-hidden-layer ReLU
+    classifier of ``z``, ``K (1[U z + a > 0] * ((softmax(Q relu(U z + a) + q) - y) Q))``,
+    the shape a true gradient has behind later ReLU layers (which inputs pass depends on
+    ``z``). ``U``, ``a``, ``Q`` and ``q`` (``k`` units) start random from a fixed seed
+    (:data:`CRITIC_SEED`, the global random state untouched), ``K`` at zero; all are
+    fitted by the regression. It costs ``2 * k`` weights per feature, plus ``k * (C + 1)``.
+
+    Raises:
+        ValueError: ``critic`` without labels (an unconditional synthesizer).
     """
 
     def __init__(self, shape: Sequence[int], num_classes: int | None = None,
-                 classifier: bool = DEFAULT_CLASSIFIER):
+                 classifier: bool = DEFAULT_CLASSIFIER, critic: int = 0):
         super().__init__(num_classes)
         self.shape = tuple(shape)
         features = int(torch.Size(self.shape).numel())
@@ -157,6 +169,20 @@ class LinearSynth(_Conditioned):
         if classifier and num_classes:
             self.read = _zero_(nn.Linear(features, num_classes))
             self.back = _zero_(nn.Linear(num_classes, features, bias=False))
+        self.critic_in: nn.Linear | None = None
+        self.critic_head: nn.Linear | None = None
+        self.critic_back: nn.Linear | None = None
+        if critic:
+            if not num_classes:
+                raise ValueError("the critic term needs labels: conditional=True and num_classes")
+            # A random start (the critic's units must differ), but a fixed one: the same in
+            # every process whatever the global random state, which is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(CRITIC_SEED)
+                self.critic_in = nn.Linear(features, critic)
+                self.critic_head = nn.Linear(critic, num_classes)
+                self.critic_back = nn.Linear(critic, features, bias=False)
+            _zero_(self.critic_back)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         z = h.flatten(1)
@@ -166,6 +192,12 @@ class LinearSynth(_Conditioned):
         out = self.out(torch.cat([z, labels], dim=1))
         if self.read is not None and self.back is not None:
             out = out + self.back(torch.softmax(self.read(z), dim=1) - labels)
+        if self.critic_in is not None and self.critic_head is not None and self.critic_back is not None:
+            # The input gradient of the critic's cross-entropy, in its own units (back-mapped
+            # by a fitted K instead of U^T): (1[u > 0] * ((p - y) Q)) with u = U z + a.
+            units = self.critic_in(z)
+            p = torch.softmax(self.critic_head(torch.relu(units)), dim=1)
+            out = out + self.critic_back(((p - labels) @ self.critic_head.weight) * (units > 0).to(z.dtype))
         return out.view_as(h)
 
 
@@ -326,7 +358,7 @@ def _check_options(kind: str, options: dict[str, Any]) -> None:
             if not isinstance(value, bool):
                 raise ValueError(f"the {kind} synthesizer's {name} must be True or False, got {value!r}")
             continue
-        least = 0 if name == "depth" else 1
+        least = 0 if name in ("depth", "critic") else 1  # (critic=0: no critic term)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"the {kind} synthesizer's {name} must be a whole number >= {least}, got {value!r}")
 
@@ -530,9 +562,11 @@ class Synthesizer:
     Args:
         kind: ``"linear"`` (option ``classifier``: with ``conditional``, add the term shaped
             like a softmax classifier's input gradient, :class:`LinearSynth`; on by
-            default), ``"lowrank"`` (option ``rank``), ``"mlp"`` (options ``hidden``,
-            ``depth``), ``"conv"`` ((B, C, L), (B, C, H, W) or (B, C, D, H, W) activations;
-            ``hidden``, ``depth``, ``kernel_size``), ``"token"`` (3-D activations; ``hidden``,
+            default; option ``critic``: the hidden units of a ReLU classifier whose input
+            gradient is added as well, 0 (the default) for none), ``"lowrank"`` (option
+            ``rank``), ``"mlp"`` (options ``hidden``, ``depth``), ``"conv"`` ((B, C, L),
+            (B, C, H, W) or (B, C, D, H, W) activations; ``hidden``, ``depth``,
+            ``kernel_size``), ``"token"`` (3-D activations; ``hidden``,
             ``depth``), ``"auto"`` (conv for a convolution's feature maps of any rank and for
             other 4-D activations, token for other 3-D ones, linear otherwise), or a callable
             ``(boundary_index, example_activation) -> nn.Module`` for a custom model whose
@@ -583,6 +617,9 @@ class Synthesizer:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if isinstance(kind, str):
             _check_options(kind, options)
+        if options.get("critic") and not conditional:
+            raise ValueError(f"the critic term (critic={options['critic']}) is a classifier's input gradient and "
+                             f"needs the labels: pass conditional=True and num_classes")
         if kind in ("conv", "auto") and "kernel_size" in options and options["kernel_size"] % 2 == 0:
             raise ValueError(f"the conv synthesizer's kernel_size must be odd (it keeps the spatial size "
                              f"with padding kernel_size // 2), got {options['kernel_size']}")
