@@ -16,7 +16,9 @@ Workloads:
 Sources: ``backprop``; ``cdni`` (``gradients="synthetic"``, a conditional linear
 synthesizer with its softmax-classifier term, the project's defaults otherwise: ``delay``
 2 modelled in one process, ``replay`` 2); ``cdni:plain`` (``classifier=False``: the linear
-map alone, the default before); ``cdni:replay1`` (each target regressed on once, as in the DNI paper);
+map alone, the default before); ``cdni:critic`` (``critic=256``: the input gradient of a
+ReLU critic with 256 units added, off by default); ``cdni:replay1`` (each target regressed
+on once, as in the DNI paper);
 ``cdni:warmup`` (the first 60 steps wait for the true gradient, as backprop: not
 update-unlocked during them, so not counted as cDNI for the marks);
 ``delayed`` (``delay`` 1, PipeDream's schedule), ``delayed:predict`` (weight
@@ -108,6 +110,9 @@ SOURCES: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
     "cdni:plain": ("cDNI, `classifier=False` (the linear map alone)", lambda: {
         "gradients": "synthetic",
         "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES, classifier=False)}),
+    "cdni:critic": ("cDNI, `critic=256` (plus a ReLU critic's input gradient)", lambda: {
+        "gradients": "synthetic",
+        "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES, critic=256)}),
     "cdni:replay1": ("cDNI, `replay=1` (each target once)", lambda: {
         "gradients": "synthetic",
         "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES, replay=1)}),
