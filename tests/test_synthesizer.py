@@ -1,6 +1,8 @@
 """Tests for synthpipe.stages.synthesizer (the synthetic-gradient models M_r)."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import pytest
 import torch
 import torch.nn as nn
@@ -617,6 +619,25 @@ def test_the_classifier_term_starts_at_zero_and_follows_p_minus_y():
     torch.testing.assert_close(part(h, y), expected)
 
 
+def fitted_error(batch: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], features: int,
+                 classes: int, **options: Any) -> float:
+    """The error left, as a fraction of the targets' power, after 1500 Adam steps of a
+    conditional linear synthesizer (``options``) regressed on ``batch()``'s targets."""
+    torch.manual_seed(1)
+    part = Synthesizer("linear", conditional=True, num_classes=classes, normalize=False,
+                       **options).build(0, [torch.zeros(2, features)]).parts[0]
+    opt = torch.optim.Adam(part.parameters(), lr=1e-2)
+    for _ in range(1500):
+        h, y, target = batch()
+        loss = (part(h, y) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    h, y, target = batch()
+    with torch.no_grad():
+        return float((part(h, y) - target).pow(2).mean() / target.pow(2).mean())
+
+
 def test_the_classifier_term_fits_a_gradient_a_linear_map_cannot():
     """Targets shaped like a softmax head's input gradient, ``U^T (softmax(U h) - y)``: the
     regression fits them with the classifier term far better than without it."""
@@ -630,22 +651,8 @@ def test_the_classifier_term_fits_a_gradient_a_linear_map_cannot():
         target = (torch.softmax(h @ head.t(), 1) - torch.nn.functional.one_hot(y, classes).float()) @ head
         return h, y, target
 
-    def fitted_error(classifier: bool) -> float:
-        torch.manual_seed(1)
-        part = Synthesizer("linear", conditional=True, num_classes=classes, normalize=False,
-                           classifier=classifier).build(0, [torch.zeros(2, features)]).parts[0]
-        opt = torch.optim.Adam(part.parameters(), lr=1e-2)
-        for _ in range(1500):
-            h, y, target = batch()
-            loss = (part(h, y) - target).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        h, y, target = batch()
-        with torch.no_grad():
-            return float((part(h, y) - target).pow(2).mean() / target.pow(2).mean())
-
-    with_term, without = fitted_error(True), fitted_error(False)
+    with_term = fitted_error(batch, features, classes, classifier=True)
+    without = fitted_error(batch, features, classes, classifier=False)
     assert with_term < 0.5 * without, (with_term, without)
 
 
@@ -700,22 +707,8 @@ def test_the_critic_term_fits_the_gradient_behind_a_relu_layer_better_than_the_c
         (target,) = torch.autograd.grad(loss, z)
         return h, y, target
 
-    def fitted_error(critic: int) -> float:
-        torch.manual_seed(1)
-        part = Synthesizer("linear", conditional=True, num_classes=classes, normalize=False,
-                           critic=critic).build(0, [torch.zeros(2, features)]).parts[0]
-        opt = torch.optim.Adam(part.parameters(), lr=1e-2)
-        for _ in range(1500):
-            h, y, target = batch()
-            loss = (part(h, y) - target).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        h, y, target = batch()
-        with torch.no_grad():
-            return float((part(h, y) - target).pow(2).mean() / target.pow(2).mean())
-
-    with_critic, without = fitted_error(32), fitted_error(0)
+    with_critic = fitted_error(batch, features, classes, critic=32)
+    without = fitted_error(batch, features, classes, critic=0)
     assert with_critic < 0.5 * without, (with_critic, without)
 
 
