@@ -22,6 +22,22 @@ def test_each_kind_gives_logits_of_the_shape_the_loss_takes(kind, hidden, exampl
         assert tuple(head((torch.randn(2, 4, 6),)).shape) == (2, 4, 3)
 
 
+@pytest.mark.parametrize("hidden", [None, 8])
+def test_the_token_head_reads_the_stream_through_a_layernorm(hidden):
+    # A residual stream grown tenfold gives the same logits, so a local loss cannot be
+    # lowered by growing what the next stage reads; a plain linear map's logits grow with it.
+    torch.manual_seed(0)
+    h = torch.randn(4, 9, 6)
+    head = sp.AuxHead("token", num_classes=3, hidden=hidden).build(0, (h,))
+    assert isinstance(head.norm, torch.nn.LayerNorm) and head.norm.normalized_shape == (6,)
+    torch.testing.assert_close(head((10 * h,)), head((h,)), atol=1e-4, rtol=1e-4)
+    plain = head.net(10 * h) - head.net(h)
+    assert plain.abs().max() > 0.1
+    # Two tensors of a boundary are joined first, then normalised together.
+    pair = sp.AuxHead("token", num_classes=3).build(0, (h[..., :2], h[..., 2:]))
+    assert pair.norm.normalized_shape == (6,)
+
+
 def test_integer_boundary_tensors_are_left_out():
     example = (torch.randn(4, 6), torch.ones(4, 6, dtype=torch.long))
     head = sp.AuxHead("linear", num_classes=3).build(0, example)

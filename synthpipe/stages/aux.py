@@ -44,14 +44,18 @@ class _Pooled(nn.Module):
 
 
 class _PerToken(nn.Module):
-    """(B, T, D_i) -> (B, T, C): the same map at every position (T may change per step)."""
+    """(B, T, D_i) -> (B, T, C): a LayerNorm over the concatenated D, then the same map at
+    every position (T may change per step)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, width: int, net: nn.Module):
         super().__init__()
+        # A transformer's own LM head reads its residual stream through a final norm. Without
+        # one the local loss can be lowered by growing the stream the next stage reads.
+        self.norm = nn.LayerNorm(width)
         self.net = net
 
     def forward(self, h: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.net(torch.cat(list(h), dim=-1))
+        return self.net(self.norm(torch.cat(list(h), dim=-1)))
 
 
 def _mlp(width: int, num_classes: int, hidden: int | None) -> nn.Module:
@@ -68,8 +72,9 @@ class AuxHead:
             through one hidden layer of ``hidden`` units and a ReLU), ``"pool"`` (the mean
             over every dimension after the channel dimension, for (B, C, L) or
             (B, C, H, W) feature maps, then a linear map, or an MLP with ``hidden``),
-            or ``"token"`` (a (B, T, D) sequence -> (B, T, C) logits, the same linear
-            map at every position, or an MLP with ``hidden``).
+            or ``"token"`` (a (B, T, D) sequence -> (B, T, C) logits: a LayerNorm over
+            D, as before a transformer's own LM head, then the same linear map at every
+            position, or an MLP with ``hidden``).
         num_classes: C, the size of the logits the trainer's ``loss_fn`` takes.
         hidden: hidden units (required for ``"mlp"``; optional for ``"pool"`` and ``"token"``).
 
@@ -120,7 +125,8 @@ class AuxHead:
             if any(t.dim() != 3 for t in h) or len({t.shape[:2] for t in h}) != 1:
                 raise ValueError(f"stage {stage}: the token auxiliary head needs (B, T, D) activations with "
                                  f"the same B and T, got {shapes}")
-            head: nn.Module = _PerToken(_mlp(sum(t.shape[-1] for t in h), self.num_classes, self.hidden))
+            width = sum(t.shape[-1] for t in h)
+            head: nn.Module = _PerToken(width, _mlp(width, self.num_classes, self.hidden))
         elif self.kind == "pool":
             head = _Pooled(_mlp(sum(t.shape[1] for t in h), self.num_classes, self.hidden))
         else:
