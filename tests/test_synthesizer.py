@@ -419,7 +419,11 @@ def test_a_normalising_synthesizer_ignores_the_activation_scale(kind, shape):
     plain = _randomised(make(kind, conditional=True, normalize=False).build(0, (h,)))
     normed = _randomised(make(kind, conditional=True, normalize=True).build(0, (h,)))
     (small,), (large,) = normed((h,), y), normed((1000 * h + 3,), y)
-    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-4)
+    # (A token prediction is then divided by each position's scale, as behind a LayerNorm.)
+    if kind == "token":
+        torch.testing.assert_close(small, large * 1000, rtol=1e-3, atol=1e-3)
+    else:
+        torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-4)
     (a,), (b,) = plain((h,), y), plain((1000 * h,), y)
     assert not torch.allclose(a, b)  # the plain model's prediction follows the scale
 
@@ -617,6 +621,65 @@ def test_the_classifier_term_starts_at_zero_and_follows_p_minus_y():
     p = torch.softmax(part.read(h), dim=1)
     expected = (p - torch.nn.functional.one_hot(y, 5).float()) @ part.back.weight.t()
     torch.testing.assert_close(part(h, y), expected)
+
+
+def test_the_token_classifier_term_is_built_for_a_conditional_token_synthesizer_and_its_cost():
+    h = torch.randn(6, 7, 12)
+    part = Synthesizer("token", conditional=True, num_classes=5, hidden=16).build(0, [h]).parts[0]
+    assert part.read.weight.shape == (5, 12) and part.back.weight.shape == (12, 5)
+    assert Synthesizer("token", hidden=16).build(0, [h]).parts[0].read is None  # no labels: no p - y
+    plain = Synthesizer("token", conditional=True, num_classes=5, hidden=16,
+                        classifier=False).build(0, [h]).parts[0]
+    assert plain.read is None and plain.back is None
+    assert sum(p.numel() for p in part.parameters()) == sum(p.numel() for p in plain.parameters()) + 2 * 5 * 12 + 5
+    with pytest.raises(ValueError, match="classifier"):
+        Synthesizer("token", conditional=True, num_classes=5, classifier=1)
+
+
+def test_the_token_classifier_term_is_a_layernormed_heads_input_gradient():
+    """With the MLP part zero and ``W = V^T``, the boundary's token prediction is exactly
+    autograd's input gradient of a softmax head read through a LayerNorm (the term's
+    projection and the division by each position's scale together)."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 8) * 3 + 1
+    y = torch.randint(0, 4, (3, 5))
+    synth = Synthesizer("token", conditional=True, num_classes=4, hidden=16).build(0, [h])
+    part = synth.parts[0]
+    assert torch.equal(synth((h,), y)[0], torch.zeros_like(h))  # starts at zero
+    with torch.no_grad():
+        part.read.weight.normal_()
+        part.read.bias.normal_()
+        part.back.weight.copy_(part.read.weight.t())
+    x = h.clone().requires_grad_()
+    logits = part.read(torch.nn.functional.layer_norm(x, (8,)))
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 4), y.reshape(-1), reduction="sum")
+    (expected,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(synth((h,), y)[0], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_token_prediction_is_divided_by_each_positions_scale(conditional):
+    """A stream grown c-fold (at one position, or everywhere) gets a prediction c times
+    smaller there, as the true gradient behind a LayerNorm; other positions keep theirs."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 6, 12)
+    y = labels(4) if conditional else None
+    synth = make("token", conditional=conditional).build(0, [h])
+    with torch.no_grad():
+        for p in synth.parameters():
+            p.normal_()
+    base = synth((h,), y)[0]
+    close = dict(rtol=1e-4, atol=1e-4 * float(base.abs().max()))  # (LayerNorm's eps: not exact)
+    torch.testing.assert_close(synth((10 * h,), y)[0], base / 10, **close)
+    grown = h.clone()
+    grown[:, 2] *= 5
+    pred = synth((grown,), y)[0]
+    torch.testing.assert_close(pred[:, 2], base[:, 2] / 5, **close)
+    torch.testing.assert_close(pred[:, [0, 1, 3, 4, 5]], base[:, [0, 1, 3, 4, 5]])
+    # Without normalisation the model sees the stream as it is and is not rescaled.
+    raw = make("token", conditional=conditional, normalize=False).build(0, [h])
+    raw.load_state_dict(synth.state_dict())
+    torch.testing.assert_close(raw((h,), y)[0], raw.parts[0](h, y))
 
 
 def fitted_error(batch: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], features: int,

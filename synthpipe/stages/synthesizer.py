@@ -294,12 +294,22 @@ class TokenSynth(_Conditioned):
     """(B, T, D) -> (B, T, D): the same MLP at every position (T may change per step).
 
     Labels may be per sequence, (B,), broadcast over T, or per token, (B, T).
+
+    Conditional, with ``classifier`` (the default), the prediction also has the form of
+    the input gradient of a softmax head read through a LayerNorm, as a transformer's own
+    LM head reads its residual stream: ``P(x) W (softmax(V x + c) - y)`` at every
+    position, for the layer-normalised activation ``x`` (over D) and one-hot labels
+    ``y``, where ``P(x) v = v - mean(v) - x * mean(v * x)`` is what the LayerNorm lets
+    through. ``V``, ``c`` and ``W`` start at zero and are fitted by the regression. It
+    costs ``2 * C`` weights per feature. (Through :class:`BoundarySynthesizer` with
+    ``normalize``, the whole prediction is then divided by the activation's own scale,
+    the rest of that LayerNorm's input gradient.)
     """
 
     per_token_labels = True
 
     def __init__(self, shape: Sequence[int], num_classes: int | None = None,
-                 hidden: int = 256, depth: int = 1):
+                 hidden: int = 256, depth: int = 1, classifier: bool = DEFAULT_CLASSIFIER):
         super().__init__(num_classes)
         if len(shape) != 2:
             raise ValueError(f"the token synthesizer needs 3-D (B, T, D) activations, got a per-example shape "
@@ -312,15 +322,25 @@ class TokenSynth(_Conditioned):
             width = hidden
         self.hidden = nn.Sequential(*layers)
         self.out = _zero_(nn.Linear(width, dim))
+        self.read: nn.Module | None = None
+        self.back: nn.Module | None = None
+        if classifier and num_classes:
+            self.read = _zero_(nn.Linear(dim, num_classes))
+            self.back = _zero_(nn.Linear(num_classes, dim, bias=False))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         z = h
         labels = self._labels(y, h)
-        if labels is not None:
-            if labels.dim() == 2:  # per sequence: broadcast over positions
-                labels = labels[:, None, :].expand(-1, h.shape[1], -1)
-            z = torch.cat([z, labels], dim=-1)
-        return self.out(self.hidden(z))
+        if labels is None:
+            return self.out(self.hidden(z))
+        if labels.dim() == 2:  # per sequence: broadcast over positions
+            labels = labels[:, None, :].expand(-1, h.shape[1], -1)
+        out = self.out(self.hidden(torch.cat([z, labels], dim=-1)))
+        if self.read is not None and self.back is not None:
+            x = F.layer_norm(h, h.shape[-1:])  # (h itself where the boundary normalises it already)
+            v = self.back(torch.softmax(self.read(x), dim=-1) - labels)
+            out = out + v - v.mean(-1, keepdim=True) - x * (v * x).mean(-1, keepdim=True)
+        return out
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -417,6 +437,9 @@ def _auto_kind(t: torch.Tensor, module: nn.Module | None = None) -> str:
     return {4: "conv", 3: "token"}.get(t.dim(), "linear")
 
 
+LAYER_NORM_EPS = 1e-5  # F.layer_norm's default, so token_scale is the scale it divides by
+
+
 def normalize_input(t: torch.Tensor, part: nn.Module) -> torch.Tensor:
     """Parameter-free layer normalisation of one boundary tensor, as a synthesizer sees it.
 
@@ -426,8 +449,20 @@ def normalize_input(t: torch.Tensor, part: nn.Module) -> torch.Tensor:
     synthesizer's own prediction and the prediction grows with it.
     """
     if isinstance(part, TokenSynth):
-        return F.layer_norm(t, t.shape[-1:])
+        return F.layer_norm(t, t.shape[-1:], eps=LAYER_NORM_EPS)
     return F.layer_norm(t, t.shape[1:])
+
+
+def token_scale(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) -> (B, T, 1): each position's standard deviation over D, as a LayerNorm
+    computes it (population variance plus :data:`LAYER_NORM_EPS`).
+
+    A residual stream reaches every later layer of a pre-norm transformer through a
+    LayerNorm, so its true gradient is divided by this scale: when a stage grows its
+    output, the gradient coming back shrinks. The token model's normalised prediction is
+    divided by it too, so that a growing stream is not pushed on as hard as before.
+    """
+    return (t.var(-1, unbiased=False, keepdim=True) + LAYER_NORM_EPS).sqrt()
 
 
 class BoundarySynthesizer(nn.Module):
@@ -440,7 +475,8 @@ class BoundarySynthesizer(nn.Module):
     Args:
         parts, shapes: one sub-model and per-example shape per boundary tensor (``None``
             for a tensor that gets no gradient).
-        normalize: the sub-models see :func:`normalize_input` of their tensor.
+        normalize: the sub-models see :func:`normalize_input` of their tensor; a token
+            model's prediction is then divided by :func:`token_scale` of it.
         bound: :meth:`bound_` scales a prediction whose RMS exceeds ``bound`` times the
             running RMS of the targets seen by :meth:`observe`; ``None``: no bound.
         min_quality: :meth:`bound_` zeroes the predictions of a tensor until the running
@@ -490,8 +526,16 @@ class BoundarySynthesizer(nn.Module):
     def forward(self, h: Sequence[torch.Tensor], y: torch.Tensor | None = None) -> Tensors:
         if len(h) != len(self.parts):
             raise ValueError(f"synthesizer was built for {len(self.parts)} boundary tensors, got {len(h)}")
-        return tuple(part(normalize_input(t, part) if self.normalize else t, y) if has else None
+        return tuple(self._predict(part, t, y) if has else None
                      for part, has, t in zip(self.parts, self.has_part, h, strict=True))
+
+    def _predict(self, part: nn.Module, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if not self.normalize:
+            return part(t, y)
+        pred = part(normalize_input(t, part), y)
+        if isinstance(part, TokenSynth):
+            pred = pred / token_scale(t)  # the following LayerNorm's scale (see token_scale)
+        return pred
 
     @torch.no_grad()
     def observe(self, targets: Sequence[torch.Tensor | None], errors: Sequence[float | None]) -> None:
@@ -567,7 +611,9 @@ class Synthesizer:
             ``rank``), ``"mlp"`` (options ``hidden``, ``depth``), ``"conv"`` ((B, C, L),
             (B, C, H, W) or (B, C, D, H, W) activations; ``hidden``, ``depth``,
             ``kernel_size``), ``"token"`` (3-D activations; ``hidden``,
-            ``depth``), ``"auto"`` (conv for a convolution's feature maps of any rank and for
+            ``depth``, ``classifier``: with ``conditional``, add the term shaped like the
+            input gradient of a LayerNorm'd softmax head, :class:`TokenSynth`; on by
+            default), ``"auto"`` (conv for a convolution's feature maps of any rank and for
             other 4-D activations, token for other 3-D ones, linear otherwise), or a callable
             ``(boundary_index, example_activation) -> nn.Module`` for a custom model whose
             ``forward(h, y)`` returns the per-example gradient of one tensor.
@@ -575,7 +621,9 @@ class Synthesizer:
         num_classes: number of label classes for the one-hot encoding.
         normalize: the built-in models see each activation layer-normalised (no
             parameters; per example, per position for ``"token"``), so a prediction does not
-            grow with the activation's scale (see :func:`normalize_input`). A custom
+            grow with the activation's scale (see :func:`normalize_input`); a ``"token"``
+            prediction is divided by each position's scale, as a following LayerNorm
+            divides the true gradient (:func:`token_scale`). A custom
             callable's model always sees the activation as it is.
         bound: a prediction whose RMS exceeds ``bound`` times the running RMS of the
             targets it was trained on is scaled down to that (one factor per batch, so the
