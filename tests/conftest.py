@@ -1,7 +1,9 @@
-"""Shared test settings: one torch thread per process, as every rank of a multi-process test uses."""
+"""Shared test settings: one torch thread per process, as every rank of a multi-process test
+uses, and Ctrl-C delivered as a terminal delivers it."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
@@ -16,3 +18,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_as_in_a_terminal():
+    # A suite started in the background (`cmd &` in a script) inherits SIGINT ignored, and
+    # the engine then rightly leaves Ctrl-C alone; the Ctrl-C tests, and the processes they
+    # start, need it delivered as a terminal would.
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

@@ -757,6 +757,27 @@ def test_without_a_checkpoint_sigterm_and_ctrl_c_are_left_alone():
     assert all(h is signal.default_int_handler for h in batches.interrupt)  # Ctrl-C raises as usual
 
 
+def test_an_ignored_ctrl_c_stays_ignored_with_a_checkpoint(tmp_path):
+    # A job started with SIGINT ignored (in the background, under nohup) keeps it so.
+    import signal
+
+    class Watching(list):
+        def __iter__(self):
+            for b in super().__iter__():
+                seen.append(signal.getsignal(signal.SIGINT))
+                yield b
+    seen: list = []
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        t = trainer()
+        t.fit(Watching(make_batches(3)), checkpoint=str(tmp_path))
+        assert seen and all(h is signal.SIG_IGN for h in seen)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert t.stopped is None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def stop_across_ranks(rank: int, directory: str, batches: list) -> dict:
 
     import torch.distributed as dist
