@@ -329,13 +329,12 @@ class TokenSynth(_Conditioned):
             self.back = _zero_(nn.Linear(num_classes, dim, bias=False))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        z = h
         labels = self._labels(y, h)
         if labels is None:
-            return self.out(self.hidden(z))
+            return self.out(self.hidden(h))
         if labels.dim() == 2:  # per sequence: broadcast over positions
             labels = labels[:, None, :].expand(-1, h.shape[1], -1)
-        out = self.out(self.hidden(torch.cat([z, labels], dim=-1)))
+        out = self.out(self.hidden(torch.cat([h, labels], dim=-1)))
         if self.read is not None and self.back is not None:
             x = F.layer_norm(h, h.shape[-1:])  # (h itself where the boundary normalises it already)
             v = self.back(torch.softmax(self.read(x), dim=-1) - labels)
