@@ -88,10 +88,12 @@ def test_input_synthesizer_regression_lowers_its_error_on_a_fixed_target():
 
 
 def test_forward_unlocked_training_learns_mnist1d():
-    """The paper's feed-forward complete unlock: every stage on a predicted input and a synthetic gradient."""
+    """The paper's feed-forward complete unlock: every stage on a predicted input and a synthetic gradient.
+
+    (128 hidden units, not the paper's 256: half the time, and 66-67% on seeds 0 and 1.)"""
     train, test = data.mnist1d(num_samples=10000)
     torch.manual_seed(0)
-    trainer = sp.Trainer(sp.split(models.paper_mlp(depth=3), n_stages=3), nn.CrossEntropyLoss(),
+    trainer = sp.Trainer(sp.split(models.paper_mlp(hidden=128, depth=3), n_stages=3), nn.CrossEntropyLoss(),
                          lambda p: torch.optim.Adam(p, lr=1e-3),
                          synthesizer=sp.Synthesizer("linear", conditional=True, num_classes=10),
                          gradients="synthetic", synthetic_inputs=True, progress=False)
