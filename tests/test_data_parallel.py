@@ -413,3 +413,33 @@ def test_the_launcher_accepts_a_multiple_of_the_stages_and_refuses_the_rest():
     train.preflight(load_config(None, {"n_stages": 2}), 4)  # 2 pipelines of 2 stages
     with pytest.raises(train.LaunchError, match="the job has 4 processes but the model has 3 stages"):
         train.preflight(load_config(None, {"n_stages": 3}), 4)
+
+
+HEAD3 = sp.AuxHead("linear", num_classes=3)
+OWN_UPDATES = [("delayed", {}), ("delayed", {"staleness": "predict"}), ("interlocking", {"aux_head": HEAD3}),
+               ("local", {"aux_head": HEAD3})]
+
+
+def fit_source(rank: int, batches: list, gradients: str, options: dict) -> dict:
+    trainer = trainer_for(make_model(), gradients=gradients, **options)
+    history = trainer.fit(batches)
+    out = {"state": trainer.state_dict(), "losses": [s["loss"] for s in history.steps]}
+    trainer.close()
+    return out
+
+
+@pytest.mark.parametrize("gradients,options", OWN_UPDATES,
+                         ids=[f"{g}-{'-'.join(o) or 'plain'}" for g, o in OWN_UPDATES])
+def test_every_source_at_dp2_pp2_equals_the_reference_trainer_on_the_global_batch(gradients, options):
+    """Replicas of a stage average their gradients before every update, also where the
+    source runs the update itself (delayed, interlocking): they never drift apart."""
+    batches = make_batches(12)
+    results = run_ranks(fit_source, DP * PP, batches, gradients, options)
+    reference = trainer_for(make_model(), gradients=gradients, **options)
+    history = reference.fit(global_batches(batches))
+    expected = reference.state_dict()
+    assert any(not torch.equal(expected[k], make_model().state_dict()[k]) for k in expected if k.startswith("0.")), \
+        "stage 0 never trained"
+    for rank, r in enumerate(results):
+        assert_states_close(r["state"], expected, atol=1e-5)
+        assert r["losses"] == pytest.approx([s["loss"] for s in history.steps], abs=1e-5), f"rank {rank}"

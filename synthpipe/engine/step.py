@@ -236,6 +236,13 @@ class StageStep:
         """Send the input gradient of ``step`` to stage r - 1 (where there is one and the source sends back)."""
         self._send_back(step, grads, skipped)
 
+    def reduce(self, step: int, ok: bool) -> bool:
+        """Average the stage's gradients over its replicas (a source's own update); ``False``: skip it."""
+        if self.reduce_gradients is None:
+            return ok
+        with self.timers.section("reduce", step):
+            return self.reduce_gradients(ok)
+
     def _send_back(self, step: int, grads: tuple, skipped: bool) -> None:
         if self.has_previous and self.source_sends_back:
             with self.timers.section("send", step):

@@ -92,6 +92,14 @@ class StepRunner(Protocol):
     def send_back(self, step: int, grads: tuple, skipped: bool) -> None:
         """Send the input gradient of ``step`` to stage r - 1 (where this source sends any)."""
 
+    def reduce(self, step: int, ok: bool) -> bool:
+        """Average the stage's parameter gradients over its data-parallel replicas before an update.
+
+        A source that runs the update itself calls it once per update, on every replica
+        alike (``ok=False``: this replica has no gradient to give, and every replica then
+        skips the update). Returns whether the update goes ahead; with one replica, ``ok``.
+        """
+
 
 class GradientSource:
     """The gradient source of one stage (one instance per stage, never shared).

@@ -200,10 +200,8 @@ class Delayed(GradientSource):
                     runner.links.wait_received(due.step)
             self._backward(runner, due)
         del self.flights[due.step]
-        if due.param_grads is None:
-            return  # skipped: no update (its forward's running statistics stay: that forward is long done)
-        with runner.timers.section("update", begun.step):
-            self._step(due.param_grads)
+        # skipped (param_grads None): no update (its forward's running statistics stay: that forward is long done)
+        self._step(runner, begun.step, due.param_grads)
 
     def _backward(self, runner: "StepRunner", flight: _InFlight) -> None:
         """Backpropagate ``flight``'s gradient through its own forward; send its input gradient back."""
@@ -227,15 +225,26 @@ class Delayed(GradientSource):
         flight.params = flight.inputs = flight.outputs = None
         flight.grads = None
 
-    def _step(self, param_grads: dict[str, torch.Tensor | None]) -> None:
+    def _step(self, runner: "StepRunner", step: int, param_grads: dict[str, torch.Tensor | None] | None) -> None:
+        """The optimizer step on ``param_grads`` (``None``: none this step), averaged over the replicas."""
         stage = self.stage
         named = list(stage.module.named_parameters())
+        for name, p in named:
+            p.grad = None if param_grads is None else param_grads[name]
+        # (every replica reduces at every due step, even one with nothing to give: none waits alone)
+        if not runner.reduce(step, param_grads is not None):
+            for _, p in named:
+                p.grad = None
+            return
+        with runner.timers.section("update", step):
+            self._optimizer_step(named)
+
+    def _optimizer_step(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        stage = self.stage
         if self.ahead:  # "predict" with some staleness: keep W_before (in place: one pass)
             if self._before is None:
                 self._before = {n: torch.empty_like(p.detach()) for n, p in named}
             torch._foreach_copy_([self._before[n] for n, _ in named], [p.detach() for _, p in named])
-        for name, p in named:
-            p.grad = param_grads[name]
         with self._scaled_lr():
             stage.step()
 

@@ -87,6 +87,7 @@ class Interlocking(AuxHeadState, GradientSource):
         assert downstream is not None, "interlocking waits for the next stage's gradient of every step"
         hop, skipped = downstream
         if local is None:
+            runner.reduce(step, False)  # (with the other replicas, which then skip the update too)
             return  # skipped (and said so) in early
         if not skipped and not all_finite(hop):
             if self.config.nonfinite == "raise":
@@ -95,6 +96,7 @@ class Interlocking(AuxHeadState, GradientSource):
             skipped = True
         if skipped:  # as in backprop: the next stage skipped this step, so does this one
             stage.undo_forward()
+            runner.reduce(step, False)
             return
         grads = tuple(_add(a, b) for a, b in zip(local, hop, strict=False)) if hop else local
         with runner.timers.section("backward", step):
@@ -105,6 +107,9 @@ class Interlocking(AuxHeadState, GradientSource):
             params = [p for p in stage.module.parameters() if p.requires_grad]
             if pairs and params:  # (the parameters only: the input gradient went back in early)
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=params)
+        if not runner.reduce(step, True):  # another replica skips this step: so does this one
+            stage.undo_forward()
+            return
         with runner.timers.section("update", step):
             stage.step()
 

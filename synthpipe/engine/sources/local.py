@@ -51,6 +51,8 @@ class AuxLoss:
             self.head = self.recipe.build(self.stage.index, h)
         params = list(self.head.parameters())
         self.optimizer = self.stage.optimizer_factory(params) if params else None
+        if self.stage.replicate is not None:  # data parallel: replica 0's head, gradients averaged
+            self.stage.replicate(self.head, self.optimizer, True)
         self.shapes = [tuple(t.shape[1:]) for t in h]
         self.dtype = h[0].dtype
 
@@ -123,6 +125,8 @@ class AuxLoss:
             self.head = self.optimizer = self.shapes = self.dtype = None
         else:
             self.head, self.optimizer, self.shapes, self.dtype = prepared
+            if self.stage.replicate is not None:  # (loaded alike on every replica: no broadcast)
+                self.stage.replicate(self.head, self.optimizer, False)
 
 
 def check_aux_head(name: str, config: Any, aux_head: Any) -> None:
