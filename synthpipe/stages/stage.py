@@ -267,7 +267,13 @@ class Stage:
                          ) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None, Any]:
         """A synthesizer built by the recipe from ``example``, its optimizer and that one's scheduler."""
         assert self.recipe is not None
-        synth = self.recipe.build(self.index, example, module=self.module)
+        # Drawn from a generator of its own, seeded by the process's seed and the stage: built
+        # lazily, at a point that differs between one process and a rank, it must neither take
+        # other numbers there nor shift the random numbers the stages draw next (dropout).
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((torch.initial_seed() + 104729 * (self.index + 1)) % 2 ** 63)
+            synth = self.recipe.build(self.index, example, module=self.module)
         params = list(synth.parameters())
         optimizer = self.synth_optimizer_factory(params) if params else None
         return synth, optimizer, _scheduler(self.synth_lr_scheduler_factory, optimizer, f"{self.name}'s synthesizer")
