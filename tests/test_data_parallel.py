@@ -417,7 +417,7 @@ def test_the_launcher_accepts_a_multiple_of_the_stages_and_refuses_the_rest():
 
 HEAD3 = sp.AuxHead("linear", num_classes=3)
 OWN_UPDATES = [("delayed", {}), ("delayed", {"staleness": "predict"}), ("interlocking", {"aux_head": HEAD3}),
-               ("local", {"aux_head": HEAD3})]
+               ("local", {"aux_head": HEAD3}), ("corrected", {"synth_lr": 1e-2})]
 
 
 def fit_source(rank: int, batches: list, gradients: str, options: dict) -> dict:
@@ -432,7 +432,7 @@ def fit_source(rank: int, batches: list, gradients: str, options: dict) -> dict:
                          ids=[f"{g}-{'-'.join(o) or 'plain'}" for g, o in OWN_UPDATES])
 def test_every_source_at_dp2_pp2_equals_the_reference_trainer_on_the_global_batch(gradients, options):
     """Replicas of a stage average their gradients before every update, also where the
-    source runs the update itself (delayed, interlocking): they never drift apart."""
+    source runs the update itself (delayed, corrected, interlocking): they never drift apart."""
     batches = make_batches(12)
     results = run_ranks(fit_source, DP * PP, batches, gradients, options)
     reference = trainer_for(make_model(), gradients=gradients, **options)

@@ -1,4 +1,4 @@
-"""The gradient sources delayed, local and interlocking (engine/sources), in one process and across ranks."""
+"""The gradient sources delayed, corrected, local and interlocking (engine/sources), in one process and across ranks."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import synthpipe as sp
 from synthpipe.engine.config import TrainConfig
-from synthpipe.engine.sources import make_source
+from synthpipe.engine.sources import SOURCES, make_source
 from synthpipe.engine.sources.delayed import DEFAULT_PREDICT_AHEAD
 from synthpipe.engine.step import StageStep
 from synthpipe.stages.stage import NonFiniteError, Stage
@@ -175,11 +175,12 @@ def test_delayed_on_a_transformer_matches_one_step_stale_adam_by_hand():
     assert not any(torch.equal(p, q) for p, q in zip(s0.parameters(), initial.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("gradients", ["delayed", "corrected"])
 @pytest.mark.parametrize("n_stages,delay", [(3, 1), (3, 2), (4, 1)])
-def test_delayed_weight_versions_are_bounded_and_counted(n_stages, delay):
+def test_delayed_weight_versions_are_bounded_and_counted(n_stages, delay, gradients):
     model = nn.Sequential(*[nn.Sequential(nn.Linear(12, 12), nn.Tanh()) for _ in range(n_stages - 1)],
                           nn.Linear(12, 5))
-    trainer = trainer_for(n_stages, "delayed", model=model, delay=delay, max_inflight=(n_stages - 1) * delay + 1)
+    trainer = trainer_for(n_stages, gradients, model=model, delay=delay, max_inflight=(n_stages - 1) * delay + 1)
     sources = trainer.runner.sources
     peaks: list[list[int]] = [[] for _ in sources]
     stashes: list[set[int]] = [set() for _ in sources]  # the weight tensors each forward ran on
@@ -205,6 +206,8 @@ def test_delayed_weight_versions_are_bounded_and_counted(n_stages, delay):
         assert sources[r].in_flight() == lag and sources[r].versions() == 0  # drained: gradients, no weights
         # a version whose backward is done is refilled by a later stash, never allocated anew
         assert len(stashes[r]) == lag + 1 == sources[r].held_versions()
+        if gradients == "corrected":  # the (h, y) awaiting their true gradient: one per step in flight
+            assert len(sources[r].cache) == lag and sources[r].applied == {}
 
 
 def test_delayed_refuses_too_small_a_max_inflight_and_other_options_by_name():
@@ -289,6 +292,126 @@ def test_a_nonfinite_delayed_gradient_is_named_and_skip_leaves_the_stage_untouch
     flight.grads, flight.outputs = (torch.full((16, 24), float("nan")),), (torch.zeros(16, 24),)
     with pytest.raises(NonFiniteError, match="stage 0: the delayed gradient is not finite at step 0"):
         raising.fit(batches[1:2], epochs=2)
+
+
+# -- corrected --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_corrected_with_no_staleness_equals_backprop_exactly(n_stages):
+    batches = make_batches()
+    corrected = trainer_for(n_stages, "corrected", delay=0)
+    corrected.fit(batches)
+    backprop = trainer_for(n_stages, "backprop")
+    backprop.fit(batches)
+    a, b = corrected.state_dict(), backprop.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "delay=0 must be backprop, bit for bit"
+
+
+def test_corrected_with_a_zero_synthetic_gradient_is_delayed_bit_for_bit():
+    """A synthesizer that predicts nothing leaves only the correction: the true gradient, delayed.
+    (SGD: Adam would count the first ``lag`` zero-gradient steps, which ``delayed`` does not take.)"""
+    batches = make_batches(n=10)
+    corrected = trainer_for(3, "corrected", optimizer=sgd, synthetic_scale=0.0)
+    corrected.fit(batches)
+    delayed = trainer_for(3, "delayed", optimizer=sgd)
+    delayed.fit(batches)
+    a, b = corrected.state_dict(), delayed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    synth = corrected.runner.stages[0].synth
+    assert synth is not None and any(p.abs().sum() > 0 for p in synth.parameters()), "M_0 trained on the way"
+
+
+def test_corrected_steps_on_the_prediction_now_and_on_its_error_when_the_true_gradient_arrives():
+    """Two stages, SGD, delay 1, written out by hand: stage 0's update at step t is
+    J_t^T s_t + J_{t-1}^T (g_{t-1} - s_{t-1}), each J through the weights of that step's forward,
+    and its synthesizer regresses at step t on the true gradient of step t - 1."""
+    torch.manual_seed(0)
+    f0, f1 = nn.Linear(12, 8), nn.Sequential(nn.Tanh(), nn.Linear(8, 5))
+    batches = make_batches(n=6)
+    g = torch.Generator().manual_seed(5)
+    predictions = [torch.randn(16, 8, generator=g) * 0.01 for _ in batches]  # s_t, one per step
+    trainer = sp.Trainer([copy.deepcopy(f0), copy.deepcopy(f1)], nn.CrossEntropyLoss(), sgd, gradients="corrected",
+                         progress=False)
+    stage0 = trainer.runner.stages[0]
+    asked: list[int] = []
+    regressed: list[torch.Tensor] = []
+    stage0.synthetic_gradient = lambda outputs, y: (predictions[len(asked)], asked.append(0))[:1]  # type: ignore
+    stage0.train_synthesizer = lambda h, y, target: (regressed.append(target[0].clone()), 0.0)[1]  # type: ignore
+    trainer.fit(batches)
+    w0, w1 = copy.deepcopy(f0), copy.deepcopy(f1)
+    pending = None  # (x, weights of its forward, s, dL/dh) of the step whose correction comes next
+    true_grads = []
+    for (x, y), s in zip(batches, predictions, strict=True):
+        stashed = copy.deepcopy(w0)
+        h = stashed(x)
+        hd = h.detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(w1(hd), y)
+        w1.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in w1.parameters():
+                p -= 0.1 * p.grad
+        stashed.zero_grad()
+        h.backward(s)
+        update = [p.grad.clone() for p in stashed.parameters()]
+        if pending is not None:
+            px, pw, ps, pg = pending
+            pw.zero_grad()
+            pw(px).backward(pg - ps)
+            update = [u + q.grad for u, q in zip(update, pw.parameters(), strict=True)]
+        with torch.no_grad():
+            for p, u in zip(w0.parameters(), update, strict=True):
+                p -= 0.1 * u
+        pending = (x, stashed, s, hd.grad)
+        true_grads.append(hd.grad)
+    for stage, expected in zip(trainer.runner.stages, (w0, w1), strict=False):
+        assert_states_close(stage.module.state_dict(), expected.state_dict(), atol=1e-6)
+    assert len(asked) == len(batches)
+    assert len(regressed) == len(batches) - 1  # the last step's target trains M_0 at the next step
+    for got, want in zip(regressed, true_grads, strict=False):
+        assert torch.allclose(got, want, atol=1e-7)
+
+
+def test_corrected_sends_the_true_input_gradient_upstream():
+    """Stage 1 of 3 steps on its synthetic gradient, yet what reaches stage 0 is J^T g, the
+    two backward passes through the same kept graph adding up: stage 0's targets are true."""
+    batches = make_batches(n=6)
+    corrected = trainer_for(3, "corrected")
+    stage1 = corrected.runner.stages[1]
+    sent: list[tuple[int, torch.Tensor]] = []
+    original = corrected.runner.sources[0].received
+
+    def received(step, grads, skipped):
+        sent.append((step, grads[0].clone()))
+        original(step, grads, skipped)
+    corrected.runner.sources[0].received = received
+    kept: dict[int, tuple] = {}
+    source1 = corrected.runner.sources[1]
+    backward = source1._backward
+
+    def spy(runner, flight):
+        # recompute, on a copy of the stashed weights, J^T g for the true g before the source subtracts s
+        params = {n: t.detach().clone().requires_grad_(True) for n, t in flight.params.items()}
+        x = flight.inputs[0].detach().clone().requires_grad_(True)
+        out = torch.func.functional_call(stage1.module, params, (x,))
+        (want,) = torch.autograd.grad(out, x, flight.grads[0])
+        kept[flight.step] = want
+        backward(runner, flight)
+    source1._backward = spy
+    corrected.fit(batches)
+    assert [s for s, _ in sent] == list(range(len(batches)))
+    assert source1.applied == {} and len(kept) == len(batches)
+    for step, got in sent:
+        assert torch.allclose(got, kept[step], atol=1e-6), f"step {step}"
+    assert any(p.abs().sum() > 0 for p in stage1.synth.parameters()), "stage 1 stepped on a real prediction"
+
+
+def test_corrected_refuses_fp16_and_too_small_a_max_inflight_by_name():
+    with pytest.raises(ValueError, match=r"3 stages and delay=2 keeps up to 5 weight versions.*max_inflight=4"):
+        trainer_for(3, "corrected", delay=2)
+    with pytest.raises(ValueError, match=r"gradients='corrected' keeps each step's graph for two backward passes"):
+        SOURCES["corrected"].check(TrainConfig(gradients="corrected", precision="fp16"), 2)
+    SOURCES["corrected"].check(TrainConfig(gradients="corrected", precision="bf16"), 2)
 
 
 # -- local ------------------------------------------------------------------------------------
@@ -434,7 +557,8 @@ def fit_and_state(rank: int, n_stages: int, gradients: str, batches: list, dropo
 
 @pytest.mark.parametrize("gradients,options", [("delayed", {}), ("delayed", {"delay": 2, "max_inflight": 5,
                                                                             "staleness": "predict"}),
-                                               ("interlocking", {})])
+                                               ("interlocking", {}), ("corrected", {}), ("synthetic", {"delay": 2}),
+                                               ("corrected", {"delay": 2, "max_inflight": 5})])
 def test_across_ranks_equals_the_single_process_trainer(gradients, options):
     batches = make_batches(n=5)
     dropout = 0.2  # (the same masks in one process as on its rank: only one stage draws random numbers)
@@ -451,7 +575,7 @@ def test_across_ranks_equals_the_single_process_trainer(gradients, options):
 # -- checkpoints ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gradients,options", [("delayed", {}), ("delayed", {"staleness": "predict"}),
-                                               ("local", {}), ("interlocking", {})])
+                                               ("local", {}), ("interlocking", {}), ("corrected", {})])
 def test_every_source_resumes_exactly_and_exports_the_original_names(tmp_path, gradients, options):
     batches = make_batches(n=10)
     straight = trainer_for(3, gradients, **options)
@@ -462,8 +586,12 @@ def test_every_source_resumes_exactly_and_exports_the_original_names(tmp_path, g
     again = trainer_for(3, gradients, **options).load(str(tmp_path))
     again.fit(batches, max_steps=10)
     assert_states_close(everything(again), everything(straight), atol=1e-6)
-    if gradients != "delayed":
+    if gradients in ("local", "interlocking"):
         assert any("/source/aux/head/" in k for k in everything(again)), "the auxiliary heads are saved"
+    if gradients == "corrected":
+        assert any("/source/targets/" in k for k in everything(again)), "the awaited true targets are saved"
+        assert_states_close(again.runner.stages[0].synth.state_dict(), straight.runner.stages[0].synth.state_dict(),
+                            atol=1e-6)
     again.export(str(tmp_path / "model.pt"))
     model = make_model()
     model.load_state_dict(torch.load(tmp_path / "model.pt"))  # strict: the original names, no heads
@@ -501,7 +629,8 @@ def test_delayed_resumes_exactly_across_ranks(tmp_path):
         assert result["outstanding"] == 0, f"rank {r}: the drain left gradient messages in flight"
 
 
-@pytest.mark.parametrize("saved,loaded", [("delayed", "local"), ("local", "synthetic"), ("synthetic", "delayed")])
+@pytest.mark.parametrize("saved,loaded", [("delayed", "local"), ("local", "synthetic"), ("synthetic", "delayed"),
+                                         ("delayed", "corrected"), ("corrected", "delayed")])
 def test_a_checkpoint_of_another_source_is_refused_by_name(tmp_path, saved, loaded):
     first = trainer_for(2, saved)
     first.fit(make_batches(n=2))

@@ -119,6 +119,8 @@ class GradientSource:
         staleness_modes: the ``staleness=`` corrections the source takes (none by default).
         sporadic_updates: the engine's own update runs every step, so ``p_update < 1`` can
             skip it (``False``: refused).
+        uses_synthesizer: the stages step on their synthesizers' predictions (the
+            ``synthesizer=`` recipe, conditional on the labels for cDNI, means something).
     """
 
     name: ClassVar[str] = ""
@@ -128,6 +130,7 @@ class GradientSource:
     default_delay: ClassVar[Optional[int]] = None
     staleness_modes: ClassVar[tuple[str, ...]] = ()
     sporadic_updates: ClassVar[bool] = False
+    uses_synthesizer: ClassVar[bool] = False
     replicas: Any = None
     """Set by a data-parallel runner: the stage's :class:`~synthpipe.engine.data_parallel.Replicas`.
     A source whose work differs between replicas (how many targets it trains on) agrees

@@ -30,6 +30,7 @@ class Synthetic(GradientSource):
     """A synthesizer's prediction now; the gradient that comes back trains it."""
 
     sporadic_updates = True
+    uses_synthesizer = True
 
     def __init__(self, stage: Stage, config: Any):
         super().__init__(stage, config)
