@@ -124,6 +124,12 @@ SOURCES: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
                                                                        "staleness": "predict"}),
     "delayed:predict1": ("`delayed`, `staleness=\"predict\"`, `predict_ahead=1`", lambda: {
         "gradients": "delayed", "staleness": "predict", "predict_ahead": 1.0}),
+    "corrected": ("`corrected` (cDNI now, the true gradient's correction when it arrives)", lambda: {
+        "gradients": "corrected",
+        "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES)}),
+    "corrected:predict": ("`corrected`, `staleness=\"predict\"`", lambda: {
+        "gradients": "corrected", "staleness": "predict",
+        "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES)}),
     "local:linear": ("`local`, linear heads", lambda: {
         "gradients": "local", "aux_head": sp.AuxHead("linear", num_classes=NUM_CLASSES)}),
     "local:mlp": ("`local`, MLP heads", lambda: {

@@ -50,6 +50,8 @@ SOURCES: list[tuple[str, str, dict[str, Any]]] = [
     ("delayed, lr", "delayed", {"staleness": "lr"}),
     ("local", "local", {}),
     ("interlocking", "interlocking", {}),
+    ("corrected (token)", "corrected", {}),
+    ("corrected, predict", "corrected", {"staleness": "predict"}),
 ]
 
 
@@ -94,8 +96,8 @@ def trainer(spec: Spec, stages: list[nn.Module]) -> sp.Trainer:
     options.setdefault("progress", False)
     if spec.method in ("local", "interlocking"):
         options.setdefault("aux_head", sp.AuxHead("token", num_classes=VOCAB_SIZE))
-    if spec.method == "synthetic":
-        conditional = spec.label.startswith("cDNI")
+    if spec.method in ("synthetic", "corrected"):
+        conditional = spec.label.startswith("cDNI") or "conditional" in spec.label
         options.setdefault("synthesizer", sp.Synthesizer("token", conditional=conditional,
                                                          num_classes=VOCAB_SIZE if conditional else None,
                                                          **recipe))

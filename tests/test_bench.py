@@ -538,7 +538,15 @@ def test_time_to_accuracy_sources_parse_by_name_and_refuse_unknown_ones() -> Non
     assert Source.parse("local:mlp").name == "local-mlp" and Source.parse("interlocking").aux_head == "linear"
     cdni = Source.parse("cdni:lowrank:8")
     assert cdni.gradients == "synthetic" and cdni.variant is not None and cdni.name == "cdni-lowrank8"
+    assert Source.parse("corrected:predict") == Source("corrected", staleness="predict")
+    from synthpipe.benchmark.bench import converge_jobs
+    from synthpipe.benchmark.config import BenchConfig
+    jobs = {j.name: j for j in converge_jobs(BenchConfig(conv_sources=[Source.parse("corrected")]), {})}
+    corrected = jobs["corrected"]  # steps on a conditional linear synthesizer, as the cDNI default does
+    assert (corrected.gradients, corrected.synth, corrected.conditional) == ("corrected", "linear", True)
+    assert "corrected synthetic gradients" in corrected.label()
     for bad, message in (("delayed:nesterov", "staleness correction is one of lr, predict"),
+                         ("corrected:nesterov", "corrected's staleness correction is one of lr, predict"),
                          ("local:conv", "the auxiliary head is one of linear, mlp"),
                          ("pipedream", "unknown gradient source 'pipedream'")):
         with pytest.raises(ValueError, match=message):

@@ -126,6 +126,9 @@ def converge_jobs(cfg: BenchConfig, best_m: dict[str, int]) -> list[JobSpec]:
             jobs.append(JobSpec(src.name, "synthpipe", ranks=cfg.ranks, gradients="synthetic", synth=v.synth,
                                 synth_rank=v.rank, conditional=v.mode == "cdni", max_inflight=cfg.max_inflight,
                                 **common))
+        elif src.gradients == "corrected":  # (the conditional linear synthesizer, cDNI's default)
+            jobs.append(JobSpec(src.name, "synthpipe", ranks=cfg.ranks, gradients="corrected", synth="linear",
+                                conditional=True, staleness=src.staleness, max_inflight=cfg.max_inflight, **common))
         else:
             jobs.append(JobSpec(src.name, "synthpipe", ranks=cfg.ranks, gradients=src.gradients,
                                 staleness=src.staleness, aux_head=src.aux_head, max_inflight=cfg.max_inflight,

@@ -25,7 +25,7 @@ VARIANT_MODES = ("dni", "cdni")
 # conv and token kinds need image or sequence activations, which these MLPs never have).
 VARIANT_SYNTHS = ("linear", "lowrank", "mlp")
 # The gradient sources the time-to-accuracy runs take besides the synthetic variants.
-SOURCE_NAMES = ("delayed", "local", "interlocking")
+SOURCE_NAMES = ("delayed", "corrected", "local", "interlocking")
 STALENESS = ("lr", "predict")
 AUX_KINDS = ("linear", "mlp")
 
@@ -111,13 +111,13 @@ class Variant:
 @dataclasses.dataclass
 class Source:
     """A gradient source of the time-to-accuracy runs: a synthetic :class:`Variant`, or
-    ``delayed`` (with an optional staleness correction), ``local`` or ``interlocking``
-    (with an auxiliary head kind).
+    ``delayed`` or ``corrected`` (with an optional staleness correction), ``local`` or
+    ``interlocking`` (with an auxiliary head kind).
 
     Attributes:
-        gradients: ``"synthetic"``, ``"delayed"``, ``"local"`` or ``"interlocking"``.
+        gradients: ``"synthetic"``, ``"delayed"``, ``"corrected"``, ``"local"`` or ``"interlocking"``.
         variant: the synthetic variant (``gradients="synthetic"`` only).
-        staleness: ``delayed``'s correction, ``None``, ``"lr"`` or ``"predict"``.
+        staleness: ``delayed``'s and ``corrected``'s correction, ``None``, ``"lr"`` or ``"predict"``.
         aux_head: ``"linear"`` or ``"mlp"`` (``local`` and ``interlocking``).
     """
 
@@ -137,7 +137,9 @@ class Source:
     @classmethod
     def parse(cls, text: str) -> "Source":
         """``"cdni"``, ``"dni:lowrank:32"`` (see :meth:`Variant.parse`), ``"delayed"``,
-        ``"delayed:lr"``, ``"delayed:predict"``, ``"local"``, ``"local:mlp"``, ``"interlocking"``.
+        ``"delayed:lr"``, ``"delayed:predict"``, ``"corrected"`` (a conditional linear synthesizer's
+        step now, the true gradient's correction later; ``"corrected:predict"``), ``"local"``,
+        ``"local:mlp"``, ``"interlocking"``.
 
         Raises ``ValueError`` naming ``text`` for anything else.
         """
@@ -150,10 +152,10 @@ class Source:
                              f"{', '.join(VARIANT_MODES + SOURCE_NAMES)}")
         if len(rest) > 1:
             raise ValueError(f"source {text!r}: expected name[:option]")
-        if head == "delayed":
+        if head in ("delayed", "corrected"):
             if rest and rest[0] not in STALENESS:
-                raise ValueError(f"source {text!r}: delayed's staleness correction is one of {', '.join(STALENESS)}")
-            return cls("delayed", staleness=rest[0] if rest else None)
+                raise ValueError(f"source {text!r}: {head}'s staleness correction is one of {', '.join(STALENESS)}")
+            return cls(head, staleness=rest[0] if rest else None)
         if rest and rest[0] not in AUX_KINDS:
             raise ValueError(f"source {text!r}: the auxiliary head is one of {', '.join(AUX_KINDS)}")
         return cls(head, aux_head=rest[0] if rest else "linear")

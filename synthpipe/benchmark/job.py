@@ -102,6 +102,9 @@ class JobSpec:
                 return f"synthpipe backprop (naive model parallel{dp})"
             if self.gradients == "delayed":
                 return "synthpipe delayed gradients" + (f" (staleness={self.staleness})" if self.staleness else "")
+            if self.gradients == "corrected":
+                return ("synthpipe corrected synthetic gradients (cDNI now, the true gradient's correction later"
+                        + (f", staleness={self.staleness})" if self.staleness else ")"))
             if self.gradients in ("local", "interlocking"):
                 return f"synthpipe {self.gradients} ({self.aux_head} auxiliary head)"
             kind = self.synth + (f"-r{self.synth_rank}" if self.synth == "lowrank" else "")

@@ -100,7 +100,7 @@ def preflight(cfg: JobConfig, world: int) -> None:
     if cfg.num_samples < 10:
         raise LaunchError(f"num_samples must be at least 10 (80/20 train/test split); got {cfg.num_samples}")
     _, num_classes = data_shape(cfg)
-    if cfg.conditional and cfg.gradients == "synthetic" and num_classes is None:
+    if cfg.conditional and steps_on_synthesizer(cfg) and num_classes is None:
         raise LaunchError(f"a conditional synthesizer (cDNI) needs class labels, but data {cfg.data!r} has none; "
                           "pass --no-conditional for plain DNI")
     device = resolve_device(cfg)
@@ -173,11 +173,19 @@ def build_data(cfg: JobConfig) -> tuple[Any, Any]:
     return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
 
 
+def steps_on_synthesizer(cfg: JobConfig) -> bool:
+    """Does ``cfg``'s gradient source step on synthesizers (``synthetic``, ``corrected``)?"""
+    from ..engine.sources import SOURCES
+
+    source = SOURCES.get(cfg.gradients)
+    return source is not None and source.uses_synthesizer
+
+
 def check_labels(cfg: JobConfig, dataset: Any, num_classes: int | None) -> None:
     """The data must yield integer labels in range when the synthesizer is conditional."""
     import torch
 
-    if not (cfg.conditional and cfg.gradients == "synthetic"):
+    if not (cfg.conditional and steps_on_synthesizer(cfg)):
         return
     tensors = getattr(dataset, "tensors", None)
     if tensors is None or len(tensors) < 2:
@@ -264,6 +272,8 @@ def method_name(cfg: JobConfig) -> str:
         return "pipeline backprop"
     if cfg.gradients == "synthetic":
         return "cDNI" if cfg.conditional else "DNI"
+    if cfg.gradients == "corrected":
+        return "corrected " + ("cDNI" if cfg.conditional else "DNI") + (f" ({cfg.staleness})" if cfg.staleness else "")
     return cfg.gradients + (f" ({cfg.staleness})" if cfg.staleness else "")
 
 
