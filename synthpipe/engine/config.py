@@ -25,14 +25,16 @@ class TrainConfig:
             :mod:`synthpipe.engine.sources`: ``"synthetic"`` (DNI/cDNI: update at once with
             M_r's prediction), ``"backprop"`` (wait for the true gradient: exact, locked
             model parallelism), ``"delayed"`` (the true gradient, applied when it arrives,
-            with stashed weights), ``"local"`` (a local loss through an auxiliary head;
+            with stashed weights), ``"corrected"`` (M_r's prediction now, plus its error
+            against the true gradient when that arrives), ``"local"`` (a local loss through an auxiliary head;
             nothing travels back), ``"interlocking"`` (local losses, one hop back), and
             any other registered there (docs/guide.md, "Which gradient source?").
         delay: ``synthetic``: train the synthesizers at step t on exactly the targets of
             step t - delay; ``None``: in a multi-process run, use targets as they arrive
             (fastest, not deterministic); in a single process, model ``DEFAULT_DELAY``.
             ``delayed``: the per-hop delay, stage r applying at step t the gradient of
-            step t - (N-1-r) * delay (``None``: 1, PipeDream's schedule; 0: backprop).
+            step t - (N-1-r) * delay (``None``: 1, PipeDream's schedule; 0: backprop);
+            ``corrected``: the same, for the correction (and the synthesizer's target).
             ``local``, ``interlocking``: refused (nothing waits for a delayed gradient).
         synthetic_scale: factor on the synthetic gradient before it is applied.
         warmup_steps: the first steps use true gradients (locked) while targets already

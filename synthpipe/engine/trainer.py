@@ -137,8 +137,8 @@ class Trainer:
         loss_fn: ``loss_fn(output, target)``, a batch mean (e.g. ``nn.CrossEntropyLoss()``).
         optimizer: ``params -> Optimizer`` for each stage (default Adam, lr 1e-3).
         synthesizer: recipe for the synthesizers of boundaries 0..N-2 (default ``"linear"``).
-        gradients: ``"synthetic"``, ``"backprop"``, ``"delayed"``, ``"local"`` or
-            ``"interlocking"``; see :class:`TrainConfig`.
+        gradients: ``"synthetic"``, ``"backprop"``, ``"delayed"``, ``"corrected"``, ``"local"``
+            or ``"interlocking"``; see :class:`TrainConfig`.
         synth_optimizer: ``params -> Optimizer`` for each synthesizer (default Adam).
         synth_lr: learning rate of the default synthesizer optimizer (default 1e-3).
         device: this process's device (default: ``cuda:LOCAL_RANK`` if CUDA, else CPU).
