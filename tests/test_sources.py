@@ -73,10 +73,11 @@ def _tensors(x: Any, prefix: str = "") -> dict:
 
 # -- delayed ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("gradients", ["delayed", "corrected"])
 @pytest.mark.parametrize("n_stages", [2, 3])
-def test_delayed_with_no_staleness_equals_backprop_exactly(n_stages):
+def test_delayed_with_no_staleness_equals_backprop_exactly(n_stages, gradients):
     batches = make_batches()
-    delayed = trainer_for(n_stages, "delayed", delay=0)
+    delayed = trainer_for(n_stages, gradients, delay=0)
     delayed.fit(batches)
     backprop = trainer_for(n_stages, "backprop")
     backprop.fit(batches)
@@ -84,6 +85,19 @@ def test_delayed_with_no_staleness_equals_backprop_exactly(n_stages):
     assert all(torch.equal(a[k], b[k]) for k in a), "delay=0 must be backprop, bit for bit"
     assert_states_close(a, plain_backprop(make_model(), batches, adam), atol=1e-6)
     assert [s.versions() for s in delayed.runner.sources[:-1]] == [0] * (n_stages - 1)
+
+
+def last_stage_sgd_step(last: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The last stage's step by hand: backprop its loss on ``h``, SGD at 0.1; returns dL/dh."""
+    hd = h.detach().requires_grad_(True)
+    loss = nn.functional.cross_entropy(last(hd), y)
+    last.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in last.parameters():
+            p -= 0.1 * p.grad
+    assert hd.grad is not None
+    return hd.grad
 
 
 def test_delayed_applies_the_gradient_of_its_own_earlier_step_through_the_weights_that_step_used():
@@ -100,13 +114,7 @@ def test_delayed_applies_the_gradient_of_its_own_earlier_step_through_the_weight
     for x, y in batches:
         h = w0(x)  # stage 0's forward, its current weights
         stashed = copy.deepcopy(w0)
-        hd = h.detach().requires_grad_(True)
-        loss = nn.functional.cross_entropy(w1(hd), y)
-        w1.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            for p in w1.parameters():
-                p -= 0.1 * p.grad
+        grad = last_stage_sgd_step(w1, h, y)
         if pending is not None:  # stage 0: the gradient of the step before, through that step's weights
             px, pw, pg = pending
             pw.zero_grad()
@@ -114,7 +122,7 @@ def test_delayed_applies_the_gradient_of_its_own_earlier_step_through_the_weight
             with torch.no_grad():
                 for p, q in zip(w0.parameters(), pw.parameters(), strict=False):
                     p -= 0.1 * q.grad
-        pending = (x, stashed, hd.grad)
+        pending = (x, stashed, grad)
     for stage, expected in zip(trainer.runner.stages, (w0, w1), strict=False):
         assert_states_close(stage.module.state_dict(), expected.state_dict(), atol=1e-6)
 
@@ -296,17 +304,6 @@ def test_a_nonfinite_delayed_gradient_is_named_and_skip_leaves_the_stage_untouch
 
 # -- corrected --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n_stages", [2, 3])
-def test_corrected_with_no_staleness_equals_backprop_exactly(n_stages):
-    batches = make_batches()
-    corrected = trainer_for(n_stages, "corrected", delay=0)
-    corrected.fit(batches)
-    backprop = trainer_for(n_stages, "backprop")
-    backprop.fit(batches)
-    a, b = corrected.state_dict(), backprop.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a), "delay=0 must be backprop, bit for bit"
-
-
 def test_corrected_with_a_zero_synthetic_gradient_is_delayed_bit_for_bit():
     """A synthesizer that predicts nothing leaves only the correction: the true gradient, delayed.
     (SGD: Adam would count the first ``lag`` zero-gradient steps, which ``delayed`` does not take.)"""
@@ -344,13 +341,7 @@ def test_corrected_steps_on_the_prediction_now_and_on_its_error_when_the_true_gr
     for (x, y), s in zip(batches, predictions, strict=True):
         stashed = copy.deepcopy(w0)
         h = stashed(x)
-        hd = h.detach().requires_grad_(True)
-        loss = nn.functional.cross_entropy(w1(hd), y)
-        w1.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            for p in w1.parameters():
-                p -= 0.1 * p.grad
+        grad = last_stage_sgd_step(w1, h, y)
         stashed.zero_grad()
         h.backward(s)
         update = [p.grad.clone() for p in stashed.parameters()]
@@ -362,8 +353,8 @@ def test_corrected_steps_on_the_prediction_now_and_on_its_error_when_the_true_gr
         with torch.no_grad():
             for p, u in zip(w0.parameters(), update, strict=True):
                 p -= 0.1 * u
-        pending = (x, stashed, s, hd.grad)
-        true_grads.append(hd.grad)
+        pending = (x, stashed, s, grad)
+        true_grads.append(grad)
     for stage, expected in zip(trainer.runner.stages, (w0, w1), strict=False):
         assert_states_close(stage.module.state_dict(), expected.state_dict(), atol=1e-6)
     assert len(asked) == len(batches)
