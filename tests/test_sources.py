@@ -398,8 +398,11 @@ def test_corrected_sends_the_true_input_gradient_upstream():
 
 
 def test_corrected_refuses_fp16_and_too_small_a_max_inflight_by_name():
-    with pytest.raises(ValueError, match=r"3 stages and delay=2 keeps up to 5 weight versions.*max_inflight=4"):
+    with pytest.raises(ValueError, match=r"gradients='corrected' with 3 stages and delay=2 keeps up to 5 weight "
+                                         r"versions.*max_inflight=4"):
         trainer_for(3, "corrected", delay=2)
+    with pytest.raises(ValueError, match="warmup_steps=3 has no meaning for gradients='corrected'"):
+        trainer_for(2, "corrected", warmup_steps=3)
     with pytest.raises(ValueError, match=r"gradients='corrected' keeps each step's graph for two backward passes"):
         SOURCES["corrected"].check(TrainConfig(gradients="corrected", precision="fp16"), 2)
     SOURCES["corrected"].check(TrainConfig(gradients="corrected", precision="bf16"), 2)

@@ -117,11 +117,11 @@ class Delayed(GradientSource):
         need = (n_stages - 1) * d + 1
         if need > config.max_inflight:
             raise ValueError(
-                f"gradients='delayed' with {n_stages} stages and delay={d} keeps up to {need} weight versions on "
+                f"gradients={cls.name!r} with {n_stages} stages and delay={d} keeps up to {need} weight versions on "
                 f"stage 0 (one per step in flight: (n_stages - 1) * delay + 1), but max_inflight="
                 f"{config.max_inflight}; pass max_inflight={need} or more, or a smaller delay")
         if config.warmup_steps:
-            raise ValueError(f"warmup_steps={config.warmup_steps} has no meaning for gradients='delayed' "
+            raise ValueError(f"warmup_steps={config.warmup_steps} has no meaning for gradients={cls.name!r} "
                              f"(it warms up synthesizers): leave it 0")
 
     def waits(self, step: int) -> bool:
