@@ -23,7 +23,10 @@ on once, as in the DNI paper);
 update-unlocked during them, so not counted as cDNI for the marks);
 ``delayed`` (``delay`` 1, PipeDream's schedule), ``delayed:predict`` (weight
 prediction, the default look-ahead of 3 x the stage's staleness) and ``delayed:predict1``
-(``predict_ahead=1``: exactly the staleness ahead, as SpecTrain); ``local:linear``,
+(``predict_ahead=1``: exactly the staleness ahead, as SpecTrain); ``corrected`` (cDNI's
+synthesizer stepped on now, its error against the true gradient added when that arrives),
+``corrected:replay1`` (each true target regressed on once) and ``corrected:predict``
+(with ``delayed``'s weight prediction); ``local:linear``,
 ``local:mlp``, ``interlocking:linear`` and ``interlocking:mlp`` (the auxiliary head's
 kind; the MLP head has 128 hidden units, as in ``synthpipe train``). The seed seeds
 torch (model and head initialisation) and the batch order; the data are generated once
@@ -127,6 +130,9 @@ SOURCES: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
     "corrected": ("`corrected` (cDNI now, the true gradient's correction when it arrives)", lambda: {
         "gradients": "corrected",
         "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES)}),
+    "corrected:replay1": ("`corrected`, `replay=1` (each true target once)", lambda: {
+        "gradients": "corrected",
+        "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES, replay=1)}),
     "corrected:predict": ("`corrected`, `staleness=\"predict\"`", lambda: {
         "gradients": "corrected", "staleness": "predict",
         "synthesizer": sp.Synthesizer("linear", conditional=True, num_classes=NUM_CLASSES)}),
