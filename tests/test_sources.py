@@ -397,6 +397,39 @@ def test_corrected_sends_the_true_input_gradient_upstream():
     assert any(p.abs().sum() > 0 for p in stage1.synth.parameters()), "stage 1 stepped on a real prediction"
 
 
+def test_a_nonfinite_synthetic_gradient_under_corrected_is_named_or_skipped_alone():
+    """``raise`` names the stage and step and leaves the stage as before the step; ``skip``
+    drops that step's synthetic part only: the run equals one whose prediction there was zero."""
+    batches = make_batches(n=5)
+
+    def run(nonfinite: str, bad: torch.Tensor) -> sp.Trainer:
+        trainer = trainer_for(2, "corrected", optimizer=sgd, nonfinite=nonfinite)
+        stage0 = trainer.runner.stages[0]
+        honest = stage0.synthetic_gradient
+        calls: list[int] = []
+
+        def synthetic_gradient(outputs, y):
+            calls.append(0)
+            return (bad.expand_as(outputs[0]),) if len(calls) == 3 else honest(outputs, y)
+        stage0.synthetic_gradient = synthetic_gradient  # type: ignore[method-assign]
+        return trainer
+
+    raising = run("raise", torch.tensor(float("nan")))
+    raising.fit(batches[:2])
+    stats = {k: v.clone() for k, v in raising.runner.stages[0].module.state_dict().items()}
+    with pytest.raises(NonFiniteError, match="stage 0: the synthetic gradient is not finite at step 2"):
+        raising.fit(batches[2:3], epochs=2)  # (the second epoch: step 2)
+    after = raising.runner.stages[0].module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items()), "the stage is as it was before step 2"
+    skipped = run("skip", torch.tensor(float("nan")))
+    skipped.fit(batches)
+    zero = run("raise", torch.tensor(0.0))
+    zero.fit(batches)
+    a, b = skipped.state_dict(), zero.state_dict()
+    assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_corrected_refuses_fp16_and_too_small_a_max_inflight_by_name():
     with pytest.raises(ValueError, match=r"gradients='corrected' with 3 stages and delay=2 keeps up to 5 weight "
                                          r"versions.*max_inflight=4"):

@@ -78,8 +78,9 @@ class Corrected(Delayed):
             synthetic = stage.synthetic_gradient(begun.outputs, begun.y)
         if not all_finite(synthetic):
             if self.config.nonfinite == "raise":
+                stage.undo_forward()  # (the stage as it was before this step)
                 raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
-            synthetic = tuple(None for _ in synthetic)
+            synthetic = tuple(None for _ in synthetic)  # "skip": this step's synthetic part only
         now = self._synthetic_backward(runner, current, synthetic)
         due = self.flights.get(step - self.lag)
         correction: dict[str, torch.Tensor | None] | None = None
@@ -129,9 +130,6 @@ class Corrected(Delayed):
         trained = train_due_synthesizer(self.stage, self.cache, step, self.lag, self.config.max_inflight,
                                         wait_target)
         return {} if trained is None else {f"synth_loss/{self.stage.index}": trained}
-
-    def in_flight(self) -> int:
-        return len(self.flights)
 
     def state_dict(self) -> Any:
         state = super().state_dict()
