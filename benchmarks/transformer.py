@@ -97,7 +97,7 @@ def trainer(spec: Spec, stages: list[nn.Module]) -> sp.Trainer:
     if spec.method in ("local", "interlocking"):
         options.setdefault("aux_head", sp.AuxHead("token", num_classes=VOCAB_SIZE))
     if spec.method in ("synthetic", "corrected"):
-        conditional = spec.label.startswith("cDNI") or "conditional" in spec.label
+        conditional = spec.label.startswith("cDNI")
         options.setdefault("synthesizer", sp.Synthesizer("token", conditional=conditional,
                                                          num_classes=VOCAB_SIZE if conditional else None,
                                                          **recipe))

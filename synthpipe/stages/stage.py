@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -59,6 +60,24 @@ class NonFiniteError(FloatingPointError):
 
 class StageInputError(ValueError):
     """A stage could not take the tensors it was given."""
+
+
+SYNTH_SEED_SALT = 104729  # (distinct salts: a stage's synthesizer and its head draw different numbers)
+HEAD_SEED_SALT = 7919
+
+
+@contextmanager
+def stage_seeded(stage: "Stage", salt: int) -> Iterator[None]:
+    """Run the block on a generator of its own, seeded by ``torch.initial_seed()``, ``salt`` and the stage.
+
+    For what a stage builds lazily (a synthesizer, an auxiliary head): that happens at a
+    point of the run that differs between one process and a rank, so it must draw the same
+    numbers in both and leave the random stream the stages use (dropout) as it was.
+    """
+    devices = [stage.device] if stage.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((torch.initial_seed() + salt * (stage.index + 1)) % 2 ** 63)
+        yield
 
 
 def adam(lr: float = 1e-3) -> OptimizerFactory:
@@ -267,12 +286,7 @@ class Stage:
                          ) -> tuple[BoundarySynthesizer, torch.optim.Optimizer | None, Any]:
         """A synthesizer built by the recipe from ``example``, its optimizer and that one's scheduler."""
         assert self.recipe is not None
-        # Drawn from a generator of its own, seeded by the process's seed and the stage: built
-        # lazily, at a point that differs between one process and a rank, it must neither take
-        # other numbers there nor shift the random numbers the stages draw next (dropout).
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed((torch.initial_seed() + 104729 * (self.index + 1)) % 2 ** 63)
+        with stage_seeded(self, SYNTH_SEED_SALT):
             synth = self.recipe.build(self.index, example, module=self.module)
         params = list(synth.parameters())
         optimizer = self.synth_optimizer_factory(params) if params else None

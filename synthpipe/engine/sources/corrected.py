@@ -82,17 +82,8 @@ class Corrected(Delayed):
                 raise NonFiniteError(nonfinite_message(stage, "the synthetic gradient", step))
             synthetic = tuple(None for _ in synthetic)  # "skip": this step's synthetic part only
         now = self._synthetic_backward(runner, current, synthetic)
-        due = self.flights.get(step - self.lag)
-        correction: dict[str, torch.Tensor | None] | None = None
-        if due is not None:
-            if not due.done:
-                if not due.ready:
-                    with runner.timers.section("wait", step):
-                        runner.links.wait_received(due.step)
-                self._backward(runner, due)
-            del self.flights[due.step]
-            correction = due.param_grads
-        self._step(runner, step, _sum(now, correction))
+        due = self._take_due(runner, step)
+        self._step(runner, step, _sum(now, None if due is None else due.param_grads))
 
     def _synthetic_backward(self, runner: "StepRunner", flight: _InFlight,
                             synthetic: tuple) -> dict[str, torch.Tensor | None]:

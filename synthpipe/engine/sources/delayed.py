@@ -191,17 +191,23 @@ class Delayed(GradientSource):
         current.inputs, current.outputs = begun.inputs, begun.outputs
         if downstream is not None:  # (no staleness: the runner waited for this step's gradient)
             current.grads, current.skipped = (None if downstream[1] else tuple(downstream[0])), downstream[1]
-        due = self.flights.get(begun.step - self.lag)
+        due = self._take_due(runner, begun.step)
         if due is None:
             return  # the first lag steps of a run: no gradient is due yet
-        if not due.done:  # (done: backpropagated when the last fit ended)
-            if not due.ready:
-                with runner.timers.section("wait", begun.step):
-                    runner.links.wait_received(due.step)
-            self._backward(runner, due)
-        del self.flights[due.step]
         # skipped (param_grads None): no update (its forward's running statistics stay: that forward is long done)
         self._step(runner, begun.step, due.param_grads)
+
+    def _take_due(self, runner: "StepRunner", step: int) -> _InFlight | None:
+        """The step due at ``step`` (``step - lag``), backpropagated and out of flight; ``None``: none yet."""
+        due = self.flights.get(step - self.lag)
+        if due is None:
+            return None
+        if not due.done:  # (done: backpropagated when the last fit ended)
+            if not due.ready:  # (its message reaches received(), which finds it in flight)
+                with runner.timers.section("wait", step):
+                    runner.links.wait_received(due.step)
+            self._backward(runner, due)
+        return self.flights.pop(due.step)
 
     def _backward(self, runner: "StepRunner", flight: _InFlight) -> None:
         """Backpropagate ``flight``'s gradient through its own forward; send its input gradient back."""
@@ -236,16 +242,11 @@ class Delayed(GradientSource):
             for _, p in named:
                 p.grad = None
             return
-        with runner.timers.section("update", step):
-            self._optimizer_step(named)
-
-    def _optimizer_step(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-        stage = self.stage
         if self.ahead:  # "predict" with some staleness: keep W_before (in place: one pass)
             if self._before is None:
                 self._before = {n: torch.empty_like(p.detach()) for n, p in named}
             torch._foreach_copy_([self._before[n] for n, _ in named], [p.detach() for _, p in named])
-        with self._scaled_lr():
+        with runner.timers.section("update", step), self._scaled_lr():
             stage.step()
 
     @contextmanager

@@ -18,7 +18,16 @@ from typing import Any
 import torch
 
 from ...stages.aux import AuxHead, floating
-from ...stages.stage import Stage, StageInputError, _check_optimizer_state, _class_name, all_finite, describe
+from ...stages.stage import (
+    HEAD_SEED_SALT,
+    Stage,
+    StageInputError,
+    _check_optimizer_state,
+    _class_name,
+    all_finite,
+    describe,
+    stage_seeded,
+)
 from .base import GradientSource, register
 
 __all__ = ["AuxLoss", "AuxHeadState", "Local"]
@@ -43,11 +52,7 @@ class AuxLoss:
         self.dtype: torch.dtype | None = None
 
     def _build(self, h: tuple) -> None:
-        # Drawn from a generator of its own, seeded by the process's seed and the stage: the
-        # head starts the same in one process and on its rank, whatever else drew before.
-        devices = [self.stage.device] if self.stage.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed((torch.initial_seed() + 7919 * (self.stage.index + 1)) % 2 ** 63)
+        with stage_seeded(self.stage, HEAD_SEED_SALT):  # (the same head in one process and on its rank)
             self.head = self.recipe.build(self.stage.index, h)
         params = list(self.head.parameters())
         self.optimizer = self.stage.optimizer_factory(params) if params else None
